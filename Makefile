@@ -1,0 +1,76 @@
+# CRM 2.0 platform: the commands a newcomer needs are `make demo` and `make test`.
+# Every target installs what it needs first (make setup is idempotent and fast when
+# nothing changed).
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PY := .venv/bin/python
+export PATH := $(HOME)/.local/bin:$(PATH)
+
+# Our Python code (mypy strict, ruff). Generated protobuf code is excluded from ruff
+# (it is checked for staleness instead) and type-checked through its .pyi stubs.
+PY_SRC := libs/crm_common/src libs/crm_devstack/src services/assignment/src tools
+
+.PHONY: help setup lock proto proto-check docs docs-check lint fmt typecheck buf-lint \
+        stack-up stack-down check pytest test demo bench clean
+
+help:
+	@echo "make demo   - start the platform locally and play a short call-center scenario"
+	@echo "make test   - lint, type-check, generated-code checks and the whole test suite"
+	@echo "make bench  - benchmarks (ratios against baselines measured in the same run)"
+	@echo "make proto  - regenerate Python code from proto/;  make docs - API reference"
+	@echo "make lock   - re-pin dependencies into requirements.lock"
+
+setup:
+	@tools/setup.sh
+
+lock:
+	@tools/lock.sh
+
+proto: setup
+	$(PY) tools/gen_proto.py
+
+proto-check: setup
+	$(PY) tools/gen_proto.py --check
+
+docs: setup
+	$(PY) tools/gen_docs.py
+
+docs-check: setup
+	$(PY) tools/gen_docs.py --check
+
+buf-lint: setup
+	cd proto && ../.venv/bin/buf lint && echo "buf: lint ok"
+
+lint: setup
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+
+fmt: setup
+	.venv/bin/ruff format .
+	.venv/bin/ruff check --fix .
+
+typecheck: setup
+	.venv/bin/mypy $(PY_SRC)
+
+stack-up: setup
+	$(PY) -m crm_devstack up
+
+stack-down: setup
+	$(PY) -m crm_devstack down
+
+check: lint typecheck buf-lint proto-check docs-check
+
+pytest: stack-up
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test: setup check pytest
+
+demo: setup stack-up
+	$(PY) -m crm_demo
+
+bench: setup stack-up
+	$(PY) -m crm_bench
+
+clean: stack-down
+	rm -rf .stack .bench .demo
