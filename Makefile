@@ -67,10 +67,10 @@ pytest: stack-up
 test: setup check pytest
 
 demo: setup stack-up
-	$(PY) -m crm_demo
+	PYTHONPATH=tools $(PY) -m crm_tools.demo
 
 bench: setup stack-up
-	$(PY) -m crm_bench
+	PYTHONPATH=tools $(PY) -m crm_tools.bench
 
 clean: stack-down
 	rm -rf .stack .bench .demo

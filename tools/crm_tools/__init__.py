@@ -1,0 +1,1 @@
+"""Developer tools of the workspace: the local demo and the benchmarks."""

@@ -1,0 +1,96 @@
+"""Run platform services as child processes and wait for them to be healthy.
+
+Shared by the demo and the benchmarks: a service is started exactly as in production
+(`python -m crm_<svc> serve`, configured by CRM_<SVC>_* environment variables), and is
+ready when the standard gRPC health service answers SERVING.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+@dataclass
+class ServiceProc:
+    """A service process started by ``start_service``."""
+
+    name: str
+    port: int
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self, timeout: float = 20.0) -> int:
+        """SIGTERM (graceful drain), SIGKILL after ``timeout``; returns the exit code."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        return self.popen.returncode
+
+
+def run_module(module: str, args: list[str], env: dict[str, str], log_path: Path) -> None:
+    """Run ``python -m module args`` to completion (e.g. migrations); raise on failure."""
+    with log_path.open("ab") as log:
+        res = subprocess.run(
+            [sys.executable, "-m", module, *args],
+            env={**os.environ, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            check=False,
+        )
+    if res.returncode != 0:
+        raise RuntimeError(f"`{module} {' '.join(args)}` failed; see {log_path}")
+
+
+def start_service(
+    name: str, module: str, port: int, env: dict[str, str], log_path: Path
+) -> ServiceProc:
+    """Start ``python -m module serve`` in its own session, logging to ``log_path``."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = log_path.open("ab")
+    popen = subprocess.Popen(
+        [sys.executable, "-m", module, "serve"],
+        env={**os.environ, **env},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,  # Ctrl-C goes to us; we stop children gracefully
+    )
+    log.close()
+    return ServiceProc(name=name, port=port, popen=popen, log_path=log_path, env=env)
+
+
+async def wait_serving(proc: ServiceProc, timeout: float = 60.0) -> None:
+    """Poll the health service until it answers SERVING (or the process dies)."""
+    deadline = time.monotonic() + timeout
+    async with grpc.aio.insecure_channel(proc.target) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() < deadline:
+            if proc.popen.poll() is not None:
+                code = proc.popen.returncode
+                raise RuntimeError(f"{proc.name} exited with {code}; see {proc.log_path}")
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                resp = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"{proc.name} not SERVING after {timeout:.0f}s; see {proc.log_path}")
