@@ -12,7 +12,7 @@ export PATH := $(HOME)/.local/bin:$(PATH)
 PY_SRC := libs/crm_common/src libs/crm_devstack/src services/assignment/src tools
 
 .PHONY: help setup lock proto proto-check docs docs-check lint fmt typecheck buf-lint \
-        stack-up stack-down check pytest test demo bench clean
+        stack-up stack-down k8s-check check pytest test demo bench clean
 
 help:
 	@echo "make demo   - start the platform locally and play a short call-center scenario"
@@ -59,7 +59,10 @@ stack-up: setup
 stack-down: setup
 	$(PY) -m crm_devstack down
 
-check: lint typecheck buf-lint proto-check docs-check
+k8s-check: setup
+	$(PY) tools/k8s_check.py
+
+check: lint typecheck buf-lint proto-check docs-check k8s-check
 
 pytest: stack-up
 	$(PY) -m pytest $(PYTEST_ARGS)

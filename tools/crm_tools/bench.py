@@ -97,7 +97,7 @@ async def bench_noop(concurrency: int, seconds: float) -> Measure:
     try:
         await wait_serving(proc)
         async with grpc.aio.insecure_channel(proc.target) as ch:
-            ping = ch.unary_unary(NOOP_METHOD)
+            ping = ch.unary_unary(NOOP_METHOD, None, None)
             payload = b"x" * 64
 
             async def call(_: int) -> None:
@@ -147,7 +147,7 @@ def clue(i: int, run: str) -> pb.CreateClueRequest:
 
 
 async def bench_clue(
-    stub: pb_grpc.AssignmentServiceStub, concurrency: int, seconds: float
+    stub: pb_grpc.AssignmentServiceAsyncStub, concurrency: int, seconds: float
 ) -> Measure:
     async def call(i: int) -> None:
         await stub.CreateClue(clue(i, "clue"))
@@ -155,7 +155,9 @@ async def bench_clue(
     return await closed_loop("CreateClue", call, concurrency, seconds)
 
 
-async def bench_flow(stub: pb_grpc.AssignmentServiceStub, agents: int, seconds: float) -> Measure:
+async def bench_flow(
+    stub: pb_grpc.AssignmentServiceAsyncStub, agents: int, seconds: float
+) -> Measure:
     """Agents stream offers and accept+complete at once; a producer keeps the queue fed
     with ``agents`` clues in flight. A flow's latency runs from CreateClue to Complete."""
     base = 5000

@@ -23,6 +23,7 @@ import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeAlias
 
 import grpc
 from crm.assignment.v1 import assignment_pb2 as pb
@@ -34,8 +35,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from crm_tools.procs import ServiceProc, run_module, start_service, wait_serving
 
-SALE = common_pb2.BUSINESS_LINE_SALE
-AFTER_SALE = common_pb2.BUSINESS_LINE_AFTER_SALE
+Line: TypeAlias = common_pb2.BusinessLine.ValueType
+SALE: Line = common_pb2.BUSINESS_LINE_SALE
+AFTER_SALE: Line = common_pb2.BUSINESS_LINE_AFTER_SALE
 LINE_NAMES = {SALE: "SALE", AFTER_SALE: "AFTER_SALE"}
 STATUS = {v: k.removeprefix("STATUS_") for k, v in pb.Status.items()}
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,7 +57,7 @@ AFTER_SALE_CONFIG: dict[str, object] = {"accept_timeout_s": 3, "default_priority
 class AgentSpec:
     id: int
     name: str
-    line: int
+    line: Line
     cities: list[str]
     brands: list[str]
     capacity: int = 1
@@ -100,7 +102,7 @@ def ts(seconds_from_now: float) -> Timestamp:
 
 
 async def agent_loop(
-    stub: pb_grpc.AssignmentServiceStub,
+    stub: pb_grpc.AssignmentServiceAsyncStub,
     spec: AgentSpec,
     tally: Tally,
     rng: random.Random,
@@ -112,12 +114,15 @@ async def agent_loop(
     stopper = asyncio.create_task(stop.wait())
     try:
         while not stop.is_set():
-            nxt = asyncio.create_task(anext(aiter(stream)))  # type: ignore[arg-type]
+            nxt: asyncio.Task[object] = asyncio.create_task(stream.read())
             done, _ = await asyncio.wait({nxt, stopper}, return_when=asyncio.FIRST_COMPLETED)
             if nxt not in done:
                 nxt.cancel()
                 break
-            offer = nxt.result().offer
+            msg = nxt.result()
+            if not isinstance(msg, pb.StreamOffersResponse):
+                break  # end of stream
+            offer = msg.offer
             task = offer.task
             tally.offers[spec.line] += 1
             window = offer.deadline.ToNanoseconds() / 1e9 - time.time()
@@ -172,13 +177,16 @@ async def agent_loop(
 
 
 async def send_clues(
-    stub: pb_grpc.AssignmentServiceStub, tally: Tally, rng: random.Random, count: int
+    stub: pb_grpc.AssignmentServiceAsyncStub, tally: Tally, rng: random.Random, count: int
 ) -> None:
     phones = [f"138{rng.randrange(10**8):08d}" for _ in range(count)]
+    lines = [SALE if i % 3 else AFTER_SALE for i in range(count)]
     for i in range(count):
-        # every fifth clue repeats an earlier customer: it merges into the open task
-        phone = phones[i - 3] if i % 5 == 4 else phones[i]
-        line = SALE if i % 3 else AFTER_SALE
+        # every fifth clue repeats the previous customer (same line, moments later):
+        # it merges into that customer's open task
+        dup = i % 5 == 4
+        phone = phones[i - 1] if dup else phones[i]
+        line = lines[i - 1] if dup else lines[i]
         brand = rng.choice(BRANDS)
         resp = await stub.CreateClue(
             pb.CreateClueRequest(
@@ -208,7 +216,7 @@ async def send_clues(
         await asyncio.sleep(rng.uniform(0.1, 0.4))
 
 
-async def wait_drained(stub: pb_grpc.AssignmentServiceStub, timeout: float) -> bool:
+async def wait_drained(stub: pb_grpc.AssignmentServiceAsyncStub, timeout: float) -> bool:
     """True once no task waits, is offered or in progress (revisits included)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -262,7 +270,7 @@ async def scenario(svc: ServiceProc, etcd: str, prefix: str, seed: int, clues: i
 
 
 async def report(
-    stub: pb_grpc.AssignmentServiceStub, tally: Tally, t_change: float, drained: bool
+    stub: pb_grpc.AssignmentServiceAsyncStub, tally: Tally, t_change: float, drained: bool
 ) -> None:
     print("\n=== summary ===")
     before = [w for t, w in tally.offer_windows if t < t_change]
@@ -325,9 +333,9 @@ async def amain(args: argparse.Namespace) -> int:
     out.mkdir(exist_ok=True)
     say("starting the local stack (MariaDB, Redis, etcd, Tansu) if needed")
     stack = await asyncio.to_thread(up)
-    await asyncio.to_thread(drop_database, "crm_demo")
-    db_url = await asyncio.to_thread(create_database, "crm_demo")
-    prefix = "/crm/demo/config"
+    await asyncio.to_thread(drop_database, args.name)
+    db_url = await asyncio.to_thread(create_database, args.name)
+    prefix = f"/crm/{args.name}/config"
     for key, value in (("SALE", SALE_CONFIG), ("AFTER_SALE", AFTER_SALE_CONFIG)):
         await put_json(stack.etcd_endpoint, f"{prefix}/assignment/{key}", value)
     port = free_port()
@@ -340,9 +348,9 @@ async def amain(args: argparse.Namespace) -> int:
         "CRM_ASSIGNMENT_CONFIG_PREFIX": prefix,
         "CRM_ASSIGNMENT_RECYCLE_POLL_S": "0.25",
     }
-    log = out / "assignment.log"
+    log = out / f"{args.name}-assignment.log"
     log.write_bytes(b"")
-    say("migrating the crm_demo database")
+    say(f"migrating the {args.name} database")
     await asyncio.to_thread(run_module, "crm_assignment", ["migrate"], env, log)
     say(f"starting the assignment service on 127.0.0.1:{port} (logs: {log})")
     svc = start_service("assignment", "crm_assignment", port, env, log)
@@ -375,6 +383,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--seed", type=int, default=7, help="random seed of the scenario")
     ap.add_argument("--clues", type=int, default=24, help="how many clues arrive")
+    ap.add_argument("--name", default="crm_demo", help="database name and etcd prefix")
     args = ap.parse_args()
     return asyncio.run(amain(args))
 

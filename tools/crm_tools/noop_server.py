@@ -13,7 +13,8 @@ import signal
 import sys
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer  # == health.aio.HealthServicer (no stubs)
 
 NOOP_METHOD = "/crm.bench.Noop/Ping"
 
@@ -28,7 +29,7 @@ async def serve(port: int) -> None:
         "crm.bench.Noop", {"Ping": grpc.unary_unary_rpc_method_handler(_echo)}
     )
     server.add_generic_rpc_handlers((handler,))
-    hs = health.aio.HealthServicer()
+    hs = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(hs, server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
