@@ -9,7 +9,9 @@ export PATH := $(HOME)/.local/bin:$(PATH)
 
 # Our Python code (mypy strict, ruff). Generated protobuf code is excluded from ruff
 # (it is checked for staleness instead) and type-checked through its .pyi stubs.
-PY_SRC := libs/crm_common/src libs/crm_devstack/src services/assignment/src tools
+PY_SRC := libs/crm_common/src libs/crm_devstack/src services/assignment/src \
+          services/recommendation/src services/scheduler/src services/bilog/src \
+          operator/src tools
 
 .PHONY: help setup lock proto proto-check docs docs-check lint fmt typecheck buf-lint \
         stack-up stack-down k8s-check check pytest test demo bench clean
