@@ -30,7 +30,7 @@ from crm_common.errors import (
 from crm_common.interceptors import REQUEST_ID_KEY, insecure_channel
 from crm_common.logs import configure_logging, method_var, request_id_var
 from crm_common.metrics import RpcMetrics
-from crm_common.server import GrpcServer
+from crm_common.server import LIVENESS_SERVICE, GrpcServer
 from crm_common.settings import ServiceSettings
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -486,6 +486,8 @@ async def test_health_follows_the_readiness_checks(start_server: StartServer) ->
     assert await health_status(running.channel) == not_serving
     assert await health_status(running.channel, SERVICE) == not_serving
     assert not running.server.ready
+    # liveness is independent of dependencies: a dependency outage must not restart pods
+    assert await health_status(running.channel, LIVENESS_SERVICE) == serving
 
     running.dependency.up = True
 
@@ -498,6 +500,7 @@ async def test_health_follows_the_readiness_checks(start_server: StartServer) ->
     running.dependency.up = False
     await eventually(lambda: status_is(not_serving))
     assert await running.server.check_readiness() == {"db": "ConnectionError: db down"}
+    assert await health_status(running.channel, LIVENESS_SERVICE) == serving
 
 
 async def test_hanging_readiness_check_times_out() -> None:

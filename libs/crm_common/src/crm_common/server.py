@@ -39,6 +39,7 @@ from crm_common.settings import ServiceSettings
 
 __all__ = [
     "DEFAULT_SERVER_OPTIONS",
+    "LIVENESS_SERVICE",
     "AddServicer",
     "GrpcServer",
     "ReadinessCheck",
@@ -69,6 +70,10 @@ DEFAULT_SERVER_OPTIONS: tuple[tuple[str, Any], ...] = (
     # Fail loudly when the port is taken instead of sharing it.
     ("grpc.so_reuseport", 0),
 )
+
+LIVENESS_SERVICE = "liveness"
+"""Health name that is SERVING while the process serves at all, whatever its
+dependencies: the one a liveness probe checks (a MySQL outage must not restart pods)."""
 
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -148,6 +153,7 @@ class GrpcServer:
         self._health = HealthServicer()
         for name in ("", *self.service_names):
             await self._health.set(name, _NOT_SERVING)
+        await self._health.set(LIVENESS_SERVICE, _SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         if callable(self._servicers):
             self._servicers(server)
