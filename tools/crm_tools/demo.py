@@ -279,6 +279,7 @@ async def report(
     recycled = 0
     per_line: dict[str, Counter[str]] = defaultdict(Counter)
     token = ""
+    sample = 0
     while True:
         page = await stub.ListTasks(
             pb.ListTasksRequest(page=common_pb2.PageRequest(page_size=100, page_token=token))
@@ -289,6 +290,8 @@ async def report(
                 STATUS[t.status]
             ] += 1
             recycled += t.recycle_count
+            if t.recycle_count and not sample:
+                sample = t.id  # show the life of a task that was lost and recycled
         token = page.page.next_page_token
         if not token:
             break
@@ -315,7 +318,7 @@ async def report(
             for p in stats.agents
         )
     )
-    sample = max(tally.tasks) if tally.tasks else 0
+    sample = sample or max(tally.tasks, default=0)
     if sample:
         detail = await stub.GetTask(pb.GetTaskRequest(id=sample))
         print(f"history of task {sample} (customer {detail.customer.phone.masked}):")

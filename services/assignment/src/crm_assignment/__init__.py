@@ -1,0 +1,1 @@
+"""Assignment service: clues, customers, tasks, agents, queues and dispatch (see app.py)."""

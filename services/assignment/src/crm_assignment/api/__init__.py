@@ -1,0 +1,1 @@
+"""gRPC api of the assignment service: thin servicer, validation, conversion, offer streams."""

@@ -1,0 +1,191 @@
+"""Wake-ups of the offer streams and the one-stream-per-agent registry (event loop only).
+
+Every connected agent's StreamOffers handler is its own dispatcher: it calls
+``store.offer_next`` until nothing is offered, then waits in :meth:`OfferHub.wait` until
+it is woken or ``dispatch_poll_s`` passes (the poll covers changes made through other
+replicas and revisits becoming due).
+
+Who is woken:
+
+- a task entering a line's queue (new or merged clue, reject, timeout) wakes *one*
+  waiting stream of that line, the one waiting longest (so the longest-idle agent looks
+  first), handing it a baton: if it finds nothing it can take (skills, capacity) it wakes
+  the next waiting stream, at most once around the line. Waking every stream of the line
+  instead would cost one dispatch transaction per connected agent per new task. When no
+  stream of the line is waiting (all are busy asking the store), the wake-up is kept and
+  the next stream that would wait goes round once more instead;
+- one agent's stream: capacity freed (complete, fail, cancel), presence set to IDLE,
+  profile changed;
+- every stream: a routing config change, shutdown, a replacing stream (the old one).
+
+A stream clears its own wake-up flag *before* it asks the store (:meth:`OfferStream.arm`),
+so a wake-up that arrives while the store call runs is not lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from crm_assignment.domain.model import BusinessLine
+
+__all__ = ["OfferHub", "OfferStream"]
+
+log = logging.getLogger("crm.assignment.offers")
+
+HANDOVER_TIMEOUT_S = 5.0
+"""How long a new stream waits for the stream it replaces to end."""
+
+
+class OfferStream:
+    """One open StreamOffers call."""
+
+    def __init__(self, agent_id: int, line: BusinessLine) -> None:
+        self.agent_id = agent_id
+        self.line = line
+        self.replaced = False
+        self.closing = False
+        self.baton = 0
+        """Hops left to pass a line wake-up on when this stream finds nothing."""
+        self._wake = asyncio.Event()
+        self._done = asyncio.Event()
+
+    def arm(self) -> None:
+        """Forget earlier wake-ups: call right before asking the store for an offer."""
+        self._wake.clear()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    @property
+    def woken(self) -> bool:
+        return self._wake.is_set()
+
+    async def _wait(self, timeout: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._wake.wait()
+                return True
+        return False
+
+    def mark_done(self) -> None:
+        self._done.set()
+
+    async def wait_done(self, timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._done.wait()
+
+
+class OfferHub:
+    """Registry of the open offer streams (one per agent) and their wake-ups."""
+
+    def __init__(self) -> None:
+        self._streams: dict[int, OfferStream] = {}
+        self._waiting: dict[BusinessLine, dict[int, OfferStream]] = {}  # FIFO by insertion
+        self._pending: dict[BusinessLine, int] = {}
+        self._closing = False
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def _line_size(self, line: BusinessLine) -> int:
+        return sum(1 for s in self._streams.values() if s.line is line)
+
+    # ------------------------------------------------------------------ streams
+
+    async def open(self, agent_id: int, line: BusinessLine) -> OfferStream:
+        """Register a stream for the agent; an older one is told to end (ABORTED) and
+        awaited briefly, so the new stream starts after it (no offer falls between)."""
+        stream = OfferStream(agent_id, line)
+        stream.closing = self._closing
+        old = self._streams.get(agent_id)
+        self._streams[agent_id] = stream
+        if old is not None:
+            log.info("offer stream replaced by a newer one", extra={"agent_id": agent_id})
+            old.replaced = True
+            old.wake()
+            await old.wait_done(HANDOVER_TIMEOUT_S)
+        return stream
+
+    def close(self, stream: OfferStream) -> None:
+        """Unregister (when still registered) and mark the stream ended."""
+        if self._streams.get(stream.agent_id) is stream:
+            del self._streams[stream.agent_id]
+        waiting = self._waiting.get(stream.line, {})
+        if waiting.get(stream.agent_id) is stream:
+            del waiting[stream.agent_id]
+        stream.mark_done()
+
+    async def wait(self, stream: OfferStream, timeout: float, line_wakes: bool = True) -> bool:
+        """Wait until the stream is woken (True) or ``timeout`` passes (False). Without
+        ``line_wakes`` (the agent is full) only wake-ups of this agent count."""
+        if stream.woken:
+            return True
+        if not line_wakes:
+            return await stream._wait(timeout)
+        line = stream.line
+        if self._pending.get(line, 0) > 0:  # a line wake-up nobody was waiting for
+            self._pending[line] -= 1
+            stream.baton = self._line_size(line)
+            return True
+        waiting = self._waiting.setdefault(line, {})
+        waiting[stream.agent_id] = stream
+        try:
+            return await stream._wait(timeout)
+        finally:
+            if waiting.get(stream.agent_id) is stream:
+                del waiting[stream.agent_id]
+
+    def found_nothing(self, stream: OfferStream) -> None:
+        """The stream asked the store and got no offer: pass its baton on, if any."""
+        hops, stream.baton = stream.baton, 0
+        if hops > 1:
+            self._wake_waiting(stream.line, hops - 1)
+
+    # ------------------------------------------------------------------ wake-ups
+
+    def _wake_waiting(self, line: BusinessLine, baton: int) -> bool:
+        waiting = self._waiting.get(line)
+        if not waiting:
+            return False
+        agent_id = next(iter(waiting))
+        stream = waiting.pop(agent_id)
+        stream.baton = baton
+        stream.wake()
+        return True
+
+    def task_waiting(self, line: BusinessLine, count: int = 1) -> None:
+        """``count`` tasks entered the line's queue: wake that many waiting streams."""
+        size = self._line_size(line)
+        for _ in range(count):
+            if not self._wake_waiting(line, size):
+                self._pending[line] = min(self._pending.get(line, 0) + 1, size)
+
+    def wake_agent(self, agent_id: int, line: BusinessLine | None = None) -> None:
+        """Wake the agent's stream; ``line`` records a changed business line."""
+        stream = self._streams.get(agent_id)
+        if stream is None:
+            return
+        if line is not None and line is not stream.line:
+            waiting = self._waiting.get(stream.line, {})
+            if waiting.get(agent_id) is stream:
+                del waiting[agent_id]
+            stream.line = line
+        stream.wake()
+
+    def wake_all(self) -> None:
+        for stream in self._streams.values():
+            stream.wake()
+
+    def shutdown(self) -> None:
+        """Tell every stream to end (the server is stopping); new ones end at once."""
+        self._closing = True
+        for stream in self._streams.values():
+            stream.closing = True
+            stream.wake()

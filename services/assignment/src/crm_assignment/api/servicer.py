@@ -1,0 +1,273 @@
+"""``AssignmentServicer``: the thin grpc.aio servicer of ``crm.assignment.v1``.
+
+Each handler validates the request (``validation``), runs the store call in the blocking
+executor, converts the result (``convert``) and wakes the offer streams that may now find
+work (``offers``). Errors are raised as ``crm_common.errors`` exceptions; the server
+interceptor turns them into statuses with field details.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
+
+from crm.assignment.v1 import assignment_pb2 as pb
+from crm.assignment.v1 import assignment_pb2_grpc
+from crm_common.aio import BlockingExecutor
+from crm_common.errors import Aborted, Unavailable, Validator
+
+from crm_assignment.api import convert, validation
+from crm_assignment.api.offers import OfferHub
+from crm_assignment.clients.timeouts import OfferTimeouts
+from crm_assignment.config import RoutingConfig
+from crm_assignment.domain.model import WAITING_STATUSES, Clock, Offer, Presence
+from crm_assignment.domain.paging import Cursor
+from crm_assignment.domain.phone import PhoneProtector
+from crm_assignment.store import AssignmentStore
+
+if TYPE_CHECKING:
+    from grpc import aio
+
+    Context = aio.ServicerContext[Any, Any]
+else:
+    Context = Any
+
+__all__ = ["AssignmentServicer"]
+
+log = logging.getLogger("crm.assignment.api")
+
+
+class AssignmentServicer(assignment_pb2_grpc.AssignmentServiceServicer):
+    """Every RPC of ``crm.assignment.v1.AssignmentService``."""
+
+    def __init__(
+        self,
+        *,
+        store: AssignmentStore,
+        executor: BlockingExecutor,
+        clock: Clock,
+        routing: Callable[[], RoutingConfig],
+        hub: OfferHub,
+        protector: PhoneProtector,
+        timeouts: OfferTimeouts,
+        dispatch_poll_s: float,
+        on_offer: Callable[[Offer], None] | None = None,
+    ) -> None:
+        self._store = store
+        self._run = executor.run
+        self._clock = clock
+        self._routing = routing
+        self._hub = hub
+        self._protector = protector
+        self._timeouts = timeouts
+        self._poll_s = dispatch_poll_s
+        self._on_offer = on_offer
+
+    # ------------------------------------------------------------------ clues & reads
+
+    async def CreateClue(
+        self, request: pb.CreateClueRequest, context: Context
+    ) -> pb.CreateClueResponse:
+        clue = validation.new_clue(request, self._protector)
+        cfg = self._routing().line(clue.business_line)
+        now = self._clock()
+        result = await self._run(self._store.create_clue, clue, now, cfg)
+        task = result.task
+        if not result.replayed and task.status in WAITING_STATUSES and task.due_at <= now:
+            self._hub.task_waiting(task.business_line)
+        return pb.CreateClueResponse(
+            task=convert.task_pb(result.task),
+            clue=convert.clue_pb(result.clue),
+            merged=result.merged,
+        )
+
+    async def GetTask(self, request: pb.GetTaskRequest, context: Context) -> pb.GetTaskResponse:
+        with Validator() as v:
+            validation.positive_id(v, request.id, "id")
+        d = await self._run(self._store.get_task, request.id)
+        return pb.GetTaskResponse(
+            task=convert.task_pb(d.task),
+            customer=convert.customer_pb(d.customer),
+            clues=[convert.clue_pb(c) for c in d.clues],
+            history=[convert.task_event_pb(e) for e in d.history],
+        )
+
+    async def ListTasks(
+        self, request: pb.ListTasksRequest, context: Context
+    ) -> pb.ListTasksResponse:
+        q = validation.list_query(request)
+        tasks, more = await self._run(self._store.list_tasks, q.filter, q.page_size, q.after)
+        response = pb.ListTasksResponse(tasks=[convert.task_pb(t) for t in tasks])
+        if more and tasks:
+            last = tasks[-1]
+            cursor = Cursor(created_at=last.created_at, id=last.id)
+            response.page.next_page_token = cursor.encode(q.filters_hash)
+        return response
+
+    async def QueueStats(
+        self, request: pb.QueueStatsRequest, context: Context
+    ) -> pb.QueueStatsResponse:
+        with Validator() as v:
+            line = validation.optional_line(v, request.business_line, "business_line")
+        stats = await self._run(self._store.queue_stats, line, self._clock())
+        return convert.queue_stats_pb(stats)
+
+    # ------------------------------------------------------------------ agents
+
+    async def UpsertAgent(
+        self, request: pb.UpsertAgentRequest, context: Context
+    ) -> pb.UpsertAgentResponse:
+        spec = validation.agent_spec(request)
+        agent, created = await self._run(self._store.upsert_agent, spec, self._clock())
+        self._hub.wake_agent(agent.id, agent.business_line)
+        return pb.UpsertAgentResponse(agent=convert.agent_pb(agent), created=created)
+
+    async def GetAgent(self, request: pb.GetAgentRequest, context: Context) -> pb.GetAgentResponse:
+        with Validator() as v:
+            validation.positive_id(v, request.id, "id")
+        agent = await self._run(self._store.get_agent, request.id)
+        return pb.GetAgentResponse(agent=convert.agent_pb(agent))
+
+    async def SetPresence(
+        self, request: pb.SetPresenceRequest, context: Context
+    ) -> pb.SetPresenceResponse:
+        with Validator() as v:
+            validation.positive_id(v, request.agent_id, "agent_id")
+            presence = validation.presence(v, request.presence, "presence")
+        assert presence is not None
+        agent = await self._run(self._store.set_presence, request.agent_id, presence, self._clock())
+        if presence is Presence.IDLE:
+            self._hub.wake_agent(agent.id, agent.business_line)
+        return pb.SetPresenceResponse(agent=convert.agent_pb(agent))
+
+    async def SetCustomerStar(
+        self, request: pb.SetCustomerStarRequest, context: Context
+    ) -> pb.SetCustomerStarResponse:
+        with Validator() as v:
+            validation.positive_id(v, request.customer_id, "customer_id")
+        customer = await self._run(
+            self._store.set_customer_star, request.customer_id, request.star, self._clock()
+        )
+        return pb.SetCustomerStarResponse(customer=convert.customer_pb(customer))
+
+    # ------------------------------------------------------------------ offers
+
+    async def StreamOffers(
+        self, request: pb.StreamOffersRequest, context: Context
+    ) -> AsyncIterator[pb.StreamOffersResponse]:
+        with Validator() as v:
+            validation.positive_id(v, request.agent_id, "agent_id")
+        agent_id = request.agent_id
+        agent = await self._run(self._store.get_agent, agent_id)  # NOT_FOUND if unknown
+        if self._hub.closing:
+            raise Unavailable("the server is shutting down", reason="SHUTTING_DOWN")
+        stream = await self._hub.open(agent_id, agent.business_line)
+        log.info("offer stream opened", extra={"agent_id": agent_id})
+        try:
+            # Offers made before (a reconnect, a replaced stream) are pushed again.
+            for pending in await self._run(self._store.pending_offers, agent_id, self._clock()):
+                yield pb.StreamOffersResponse(offer=convert.offer_pb(pending))
+            while True:
+                if stream.replaced:
+                    raise Aborted(
+                        f"a newer offer stream of agent {agent_id} replaced this one",
+                        reason="STREAM_REPLACED",
+                    )
+                if stream.closing:
+                    raise Unavailable("the server is shutting down", reason="SHUTTING_DOWN")
+                stream.arm()
+                offer = await self._run(
+                    self._store.offer_next, agent_id, self._clock(), self._routing()
+                )
+                if offer is None:
+                    self._hub.found_nothing(stream)
+                    await self._hub.wait(stream, self._poll_s)
+                    continue
+                stream.baton = 0
+                log.info(
+                    "task offered",
+                    extra={
+                        "task_id": offer.task.id,
+                        "agent_id": agent_id,
+                        "deadline": offer.deadline.isoformat(),
+                    },
+                )
+                self._timeouts.offer_made(offer.task.id, offer.deadline)
+                if self._on_offer is not None:
+                    self._on_offer(offer)
+                yield pb.StreamOffersResponse(offer=convert.offer_pb(offer))
+                if offer.agent_full:  # until a task of this agent is released
+                    await self._hub.wait(stream, self._poll_s, line_wakes=False)
+        finally:
+            self._hub.close(stream)
+            log.info("offer stream closed", extra={"agent_id": agent_id})
+
+    # ------------------------------------------------------------------ task actions
+
+    async def AcceptTask(
+        self, request: pb.AcceptTaskRequest, context: Context
+    ) -> pb.AcceptTaskResponse:
+        with Validator() as v:
+            validation.positive_id(v, request.task_id, "task_id")
+            validation.positive_id(v, request.agent_id, "agent_id")
+        task = await self._run(self._store.accept, request.task_id, request.agent_id, self._clock())
+        return pb.AcceptTaskResponse(task=convert.task_pb(task))
+
+    async def RejectTask(
+        self, request: pb.RejectTaskRequest, context: Context
+    ) -> pb.RejectTaskResponse:
+        with Validator() as v:
+            validation.positive_id(v, request.task_id, "task_id")
+            validation.positive_id(v, request.agent_id, "agent_id")
+            validation.reason_text(v, request.reason, "reason", required=False)
+        task = await self._run(
+            self._store.reject, request.task_id, request.agent_id, request.reason, self._clock()
+        )
+        self._hub.task_waiting(task.business_line)  # back in the queue
+        self._hub.wake_agent(request.agent_id)  # capacity freed
+        return pb.RejectTaskResponse(task=convert.task_pb(task))
+
+    async def CompleteTask(
+        self, request: pb.CompleteTaskRequest, context: Context
+    ) -> pb.CompleteTaskResponse:
+        now = self._clock()
+        with Validator() as v:
+            validation.positive_id(v, request.task_id, "task_id")
+            validation.positive_id(v, request.agent_id, "agent_id")
+            validation.reason_text(v, request.note, "note", required=False)
+            revisit_at = (
+                validation.revisit_time(v, request.revisit_at, "revisit_at", now)
+                if request.HasField("revisit_at")
+                else None
+            )
+        task, revisit = await self._run(
+            self._store.complete, request.task_id, request.agent_id, request.note, revisit_at, now
+        )
+        self._hub.wake_agent(request.agent_id)  # capacity freed
+        response = pb.CompleteTaskResponse(task=convert.task_pb(task))
+        if revisit is not None:
+            response.revisit.CopyFrom(convert.task_pb(revisit))
+        return response
+
+    async def FailTask(self, request: pb.FailTaskRequest, context: Context) -> pb.FailTaskResponse:
+        with Validator() as v:
+            validation.positive_id(v, request.task_id, "task_id")
+            validation.positive_id(v, request.agent_id, "agent_id")
+            validation.reason_text(v, request.reason, "reason", required=True)
+        task = await self._run(
+            self._store.fail, request.task_id, request.agent_id, request.reason, self._clock()
+        )
+        self._hub.wake_agent(request.agent_id)  # capacity freed
+        return pb.FailTaskResponse(task=convert.task_pb(task))
+
+    async def CancelTask(
+        self, request: pb.CancelTaskRequest, context: Context
+    ) -> pb.CancelTaskResponse:
+        with Validator() as v:
+            validation.positive_id(v, request.task_id, "task_id")
+            validation.reason_text(v, request.reason, "reason", required=True)
+        task = await self._run(self._store.cancel, request.task_id, request.reason, self._clock())
+        if task.agent_id is not None:
+            self._hub.wake_agent(task.agent_id)  # a cancelled offer frees capacity
+        return pb.CancelTaskResponse(task=convert.task_pb(task))

@@ -1,0 +1,267 @@
+"""Wiring of the assignment service: ``build_app(settings) -> App``.
+
+Used by ``python -m crm_assignment serve``, the tests (in-process on port 0), the demo and
+the benchmark::
+
+    app = build_app(AssignmentSettings(port=0, metrics_port=-1, ...))
+    async with app:                 # start(); stop() on exit
+        await app.wait_ready(10)    # config loaded, database answers
+        channel = grpc.aio.insecure_channel(app.target)
+
+Building does no I/O; ``start()`` starts the config watcher (without waiting for etcd:
+health stays NOT_SERVING until it has loaded), the gRPC server and the recycle loop;
+``stop()`` ends the offer streams (UNAVAILABLE, so agents reconnect elsewhere), drains the
+server, then closes the loop, the watcher, the executor and the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections import Counter
+from dataclasses import dataclass, field
+from types import TracebackType
+
+from crm.assignment.v1 import assignment_pb2, assignment_pb2_grpc
+from crm_common.aio import BlockingExecutor
+from crm_common.config_watch import ConfigSnapshot, ConfigWatcher
+from crm_common.metrics import RpcMetrics
+from crm_common.server import GrpcServer
+from prometheus_client import Counter as PromCounter
+from prometheus_client import Gauge
+from sqlalchemy import Engine
+
+from crm_assignment import config
+from crm_assignment.api.offers import OfferHub
+from crm_assignment.api.servicer import AssignmentServicer
+from crm_assignment.clients.timeouts import LocalRecycleLoop, OfferTimeouts
+from crm_assignment.config import LineConfig, RoutingConfig
+from crm_assignment.domain.model import Clock, Offer, Task, utc_now
+from crm_assignment.domain.phone import PhoneProtector
+from crm_assignment.settings import AssignmentSettings
+from crm_assignment.store import AssignmentStore, make_engine
+
+__all__ = ["SERVICE_NAME", "App", "RoutingSource", "build_app"]
+
+log = logging.getLogger("crm.assignment")
+
+SERVICE_NAME: str = assignment_pb2.DESCRIPTOR.services_by_name["AssignmentService"].full_name
+
+
+class RoutingSource:
+    """The current RoutingConfig, rebuilt only when the watcher's snapshot changes."""
+
+    def __init__(self, watcher: ConfigWatcher[LineConfig]) -> None:
+        self._watcher = watcher
+        self._snapshot: ConfigSnapshot[LineConfig] | None = None
+        self._current = RoutingConfig()
+
+    def __call__(self) -> RoutingConfig:
+        snapshot = self._watcher.snapshot
+        if snapshot is not self._snapshot:
+            self._current = RoutingConfig.from_values(snapshot.values, snapshot.revision)
+            self._snapshot = snapshot
+        return self._current
+
+
+@dataclass
+class App:
+    """The assembled service (see module doc); attributes are for tests and tools."""
+
+    settings: AssignmentSettings
+    clock: Clock
+    engine: Engine
+    store: AssignmentStore
+    executor: BlockingExecutor
+    watcher: ConfigWatcher[LineConfig]
+    routing: RoutingSource
+    hub: OfferHub
+    protector: PhoneProtector
+    timeouts: OfferTimeouts
+    servicer: AssignmentServicer
+    server: GrpcServer
+    metrics: RpcMetrics
+    _stopped: bool = field(default=False, repr=False)
+
+    @property
+    def port(self) -> int:
+        """The bound gRPC port (after start)."""
+        if self.server.port is None:
+            raise RuntimeError("the app is not started")
+        return self.server.port
+
+    @property
+    def target(self) -> str:
+        """``host:port`` to dial the started app locally."""
+        host = self.settings.host
+        if host in ("0.0.0.0", "::", "[::]", ""):
+            host = "127.0.0.1"
+        return f"{host}:{self.port}"
+
+    async def start(self) -> None:
+        if self.settings.uses_dev_keys:
+            log.warning(
+                "phone hash/encryption keys are the development defaults: set "
+                "CRM_ASSIGNMENT_PHONE_HASH_KEY and CRM_ASSIGNMENT_PHONE_ENCRYPTION_KEY "
+                "outside development"
+            )
+        await self.watcher.start(wait=False)
+        await self.server.start()
+        await self.timeouts.start()
+
+    async def wait_ready(self, timeout: float = 30.0) -> None:
+        """Until the config is loaded and the database answers (what health waits for)."""
+        async with asyncio.timeout(timeout):
+            while True:
+                if not await self.server.check_readiness():
+                    return
+                await asyncio.sleep(0.05)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """End offer streams, drain the server, close everything (idempotent)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self.hub.shutdown()
+        await self.server.stop(grace)
+
+    async def run_until_signal(self) -> None:
+        """Start, serve until SIGTERM/SIGINT, stop gracefully."""
+        loop = asyncio.get_running_loop()
+        requested = asyncio.Event()
+        signals = (signal.SIGTERM, signal.SIGINT)
+        for sig in signals:
+            loop.add_signal_handler(sig, requested.set)
+        try:
+            await self.start()
+            await requested.wait()
+            log.info("stop signal received")
+        finally:
+            try:
+                await self.stop()
+            finally:
+                for sig in signals:
+                    loop.remove_signal_handler(sig)
+
+    async def __aenter__(self) -> App:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+
+def build_app(
+    settings: AssignmentSettings,
+    *,
+    clock: Clock | None = None,
+    engine: Engine | None = None,
+) -> App:
+    """Assemble the service from its settings (no I/O). ``clock`` replaces the real clock
+    (tests); ``engine`` replaces the one built from ``settings.database_url``."""
+    clock = clock or utc_now
+    engine = engine or make_engine(settings.database_url, settings.db_pool_size)
+    store = AssignmentStore(engine)
+    executor = BlockingExecutor(settings.db_pool_size, name="crm-assignment-db")
+    hub = OfferHub()
+    metrics = RpcMetrics("assignment")
+    offers_total = PromCounter(
+        "crm_assignment_offers_total",
+        "Tasks offered (reserved) to agents.",
+        ["business_line"],
+        registry=metrics.registry,
+    )
+    recycled_total = PromCounter(
+        "crm_assignment_recycled_total",
+        "Offers recycled after their accept deadline.",
+        registry=metrics.registry,
+    )
+    streams = Gauge(
+        "crm_assignment_offer_streams", "Open offer streams.", registry=metrics.registry
+    )
+    streams.set_function(lambda: float(len(hub)))
+
+    def on_apply(snapshot: ConfigSnapshot[LineConfig]) -> None:
+        log.info(
+            "routing config applied",
+            extra={"config_revision": snapshot.revision, "lines": sorted(snapshot.values)},
+        )
+        hub.wake_all()
+
+    watcher: ConfigWatcher[LineConfig] = ConfigWatcher(
+        settings.etcd_endpoints,
+        settings.assignment_config_prefix,
+        config.parse,
+        on_apply=on_apply,
+        name="assignment-routing",
+    )
+    routing = RoutingSource(watcher)
+    protector = PhoneProtector(settings.phone_hash_key_bytes, settings.phone_encryption_key_bytes)
+
+    def on_recycled(tasks: list[Task]) -> None:
+        recycled_total.inc(len(tasks))
+        for line, count in Counter(t.business_line for t in tasks).items():
+            hub.task_waiting(line, count)  # they wait in their queues again
+        for t in tasks:
+            if t.last_lost_agent_id is not None:
+                hub.wake_agent(t.last_lost_agent_id)  # capacity freed
+
+    def on_offer(offer: Offer) -> None:
+        offers_total.labels(offer.task.business_line.name).inc()
+
+    timeouts = LocalRecycleLoop(store, executor, clock, settings.recycle_poll_s, on_recycled)
+    servicer = AssignmentServicer(
+        store=store,
+        executor=executor,
+        clock=clock,
+        routing=routing,
+        hub=hub,
+        protector=protector,
+        timeouts=timeouts,
+        dispatch_poll_s=settings.dispatch_poll_s,
+        on_offer=on_offer,
+    )
+
+    async def db_ready() -> None:
+        await executor.run(store.ping)
+
+    async def config_ready() -> None:
+        if not watcher.ready:
+            raise RuntimeError("routing config not loaded from etcd yet")
+
+    server = GrpcServer(
+        [SERVICE_NAME],
+        settings,
+        [(assignment_pb2_grpc.add_AssignmentServiceServicer_to_server, servicer)],
+        readiness_checks={"mysql": db_ready, "config": config_ready},
+        metrics=metrics,
+    )
+
+    async def close_resources() -> None:
+        await timeouts.stop()
+        await watcher.stop()
+        await executor.aclose()
+        await asyncio.to_thread(engine.dispose)
+
+    server.on_stop.append(close_resources)
+    return App(
+        settings=settings,
+        clock=clock,
+        engine=engine,
+        store=store,
+        executor=executor,
+        watcher=watcher,
+        routing=routing,
+        hub=hub,
+        protector=protector,
+        timeouts=timeouts,
+        servicer=servicer,
+        server=server,
+        metrics=metrics,
+    )

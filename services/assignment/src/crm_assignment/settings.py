@@ -1,0 +1,101 @@
+"""Settings of the assignment service, from ``CRM_ASSIGNMENT_*`` environment variables."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+
+from crm_common.settings import ServiceSettings
+from pydantic import Field, field_validator
+from pydantic_settings import SettingsConfigDict
+
+__all__ = ["DEV_PHONE_ENCRYPTION_KEY", "DEV_PHONE_HASH_KEY", "AssignmentSettings"]
+
+DEV_PHONE_HASH_KEY = "crm-dev-only-phone-hash-key-do-not-use-in-production"
+"""Development-only default of ``phone_hash_key`` (a warning is logged when it is used)."""
+DEV_PHONE_ENCRYPTION_KEY = base64.b64encode(b"crm-dev-only-aes-256-key-32bytes").decode()
+"""Development-only default of ``phone_encryption_key`` (a warning is logged when used)."""
+
+
+class AssignmentSettings(ServiceSettings):
+    """Environment: ``CRM_ASSIGNMENT_<FIELD>`` (e.g. ``CRM_ASSIGNMENT_DATABASE_URL``)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CRM_ASSIGNMENT_", extra="ignore", validate_default=True
+    )
+
+    port: int = Field(default=50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    metrics_port: int = Field(
+        default=9151,
+        ge=-1,
+        le=65535,
+        description="Prometheus /metrics HTTP port; 0 picks a free one, -1 disables it.",
+    )
+    database_url: str = Field(
+        default="mysql+pymysql://crm:crm@127.0.0.1:3306/crm_assignment",
+        description="SQLAlchemy URL of the assignment database (MySQL/MariaDB via PyMySQL).",
+    )
+    db_pool_size: int = Field(
+        default=10,
+        ge=1,
+        le=200,
+        description="Connections in the pool; the blocking executor gets as many threads.",
+    )
+    phone_hash_key: str = Field(
+        default=DEV_PHONE_HASH_KEY,
+        min_length=16,
+        description="HMAC key of the phone lookup hash (>= 16 characters). The default is "
+        "for development only; changing it makes stored customers unfindable by phone.",
+        repr=False,
+    )
+    phone_encryption_key: str = Field(
+        default=DEV_PHONE_ENCRYPTION_KEY,
+        description="AES key of the stored phone, base64 of 16, 24 or 32 bytes. The default "
+        "is for development only.",
+        repr=False,
+    )
+    recycle_poll_s: float = Field(
+        default=0.5,
+        gt=0,
+        le=60,
+        description="How often offers past their accept deadline are recycled.",
+    )
+    dispatch_poll_s: float = Field(
+        default=1.0,
+        gt=0,
+        le=60,
+        description="How often an idle offer stream looks for work without being woken "
+        "(covers changes made through other replicas).",
+    )
+
+    @field_validator("phone_encryption_key")
+    @classmethod
+    def _check_aes_key(cls, value: str) -> str:
+        try:
+            raw = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise ValueError("must be base64") from exc
+        if len(raw) not in (16, 24, 32):
+            raise ValueError("must decode to 16, 24 or 32 bytes")
+        return value
+
+    @property
+    def phone_hash_key_bytes(self) -> bytes:
+        return self.phone_hash_key.encode()
+
+    @property
+    def phone_encryption_key_bytes(self) -> bytes:
+        return base64.b64decode(self.phone_encryption_key)
+
+    @property
+    def uses_dev_keys(self) -> bool:
+        """True when a phone key still has its development default."""
+        return (
+            self.phone_hash_key == DEV_PHONE_HASH_KEY
+            or self.phone_encryption_key == DEV_PHONE_ENCRYPTION_KEY
+        )
+
+    @property
+    def assignment_config_prefix(self) -> str:
+        """The etcd prefix of the routing config: ``<config_prefix>/assignment/``."""
+        return self.config_prefix.rstrip("/") + "/assignment/"

@@ -1,0 +1,754 @@
+"""The assignment store: every read and write of the service, one transaction per call.
+
+Synchronous (SQLAlchemy 2 + PyMySQL): callers run these methods through a
+``BlockingExecutor`` sized like the connection pool, never on the event loop. Methods take
+and return domain records (``crm_assignment.domain.model``); ORM rows never leave here.
+Every status change writes its ``task_event`` row in the same transaction.
+
+Locking, in one order (customer -> task, agent -> task) so that nothing deadlocks:
+
+- CreateClue upserts the customer and locks its row, so concurrent clues of one phone
+  serialize; the open task it merges into is locked after that.
+- Dispatch locks the agent row (its capacity check), reads the candidates without locks,
+  ranks them in the domain, then locks the best one it can by primary key with
+  ``FOR UPDATE SKIP LOCKED`` (a locked or already taken task is skipped, the next one is
+  tried). Locking the whole ordered candidate query instead would make InnoDB lock every
+  row it sorts (filesort), so concurrent dispatchers would find the queue empty.
+- Task actions (accept, reject, complete, ...) lock the task row.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime, timedelta
+
+from crm_common.errors import AlreadyExists, FailedPrecondition, NotFound
+from sqlalchemy import Engine, and_, case, func, or_, select, update
+from sqlalchemy.dialects.mysql import insert as mysql_insert
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from crm_assignment.config import LineConfig, RoutingConfig
+from crm_assignment.domain import dispatch, rules
+from crm_assignment.domain.model import (
+    ACTIVE_STATUSES,
+    OPEN_STATUSES,
+    WAITING_STATUSES,
+    Agent,
+    AgentSpec,
+    BusinessLine,
+    Category,
+    Clue,
+    ClueResult,
+    Customer,
+    EventKind,
+    NewClue,
+    Offer,
+    Presence,
+    PresenceCount,
+    QueueDepth,
+    QueueStats,
+    Status,
+    Task,
+    TaskDetail,
+    TaskEvent,
+    TaskFilter,
+)
+from crm_assignment.domain.paging import Cursor
+from crm_assignment.store.db import ER_DUP_ENTRY, TransactionRunner, mysql_errno
+from crm_assignment.store.schema import (
+    AgentRow,
+    ClueRow,
+    CustomerRow,
+    TaskEventRow,
+    TaskRow,
+)
+
+__all__ = ["AssignmentStore"]
+
+log = logging.getLogger("crm.assignment.store")
+
+_OPEN = tuple(OPEN_STATUSES)
+_WAITING = tuple(WAITING_STATUSES)
+_ACTIVE = tuple(ACTIVE_STATUSES)
+_DISPATCH_ROUNDS = 3
+
+
+# --------------------------------------------------------------------------- row -> domain
+
+
+def _task(r: TaskRow) -> Task:
+    return Task(
+        id=r.id,
+        business_line=r.business_line,
+        category=r.category,
+        status=r.status,
+        customer_id=r.customer_id,
+        city=r.city,
+        priority=r.priority,
+        star=bool(r.star),
+        agent_id=r.agent_id,
+        preferred_agent_id=r.preferred_agent_id,
+        last_lost_agent_id=r.last_lost_agent_id,
+        parent_task_id=r.parent_task_id,
+        brands=tuple(r.brands or ()),
+        created_at=r.created_at,
+        due_at=r.due_at,
+        offer_deadline=r.offer_deadline,
+        recycle_count=r.recycle_count,
+        clue_count=r.clue_count,
+        updated_at=r.updated_at,
+    )
+
+
+def _clue(r: ClueRow) -> Clue:
+    return Clue(
+        id=r.id,
+        task_id=r.task_id,
+        source=r.source,
+        city=r.city,
+        intent_car_ids=tuple(r.intent_car_ids or ()),
+        brands=tuple(r.brands or ()),
+        budget_min_yuan=r.budget_min_yuan,
+        budget_max_yuan=r.budget_max_yuan,
+        merged=bool(r.merged),
+        created_at=r.created_at,
+    )
+
+
+def _customer(r: CustomerRow) -> Customer:
+    return Customer(id=r.id, masked_phone=r.phone_masked, star=bool(r.star))
+
+
+def _event(r: TaskEventRow) -> TaskEvent:
+    return TaskEvent(
+        id=r.id,
+        task_id=r.task_id,
+        kind=r.kind,
+        from_status=r.from_status,
+        to_status=r.to_status,
+        agent_id=r.agent_id,
+        reason=r.reason,
+        at=r.at,
+    )
+
+
+def _agent(r: AgentRow, active: int) -> Agent:
+    return Agent(
+        id=r.id,
+        name=r.name,
+        business_line=r.business_line,
+        cities=tuple(r.cities or ()),
+        categories=tuple(Category[c] for c in (r.categories or ())),
+        brands=tuple(r.brands or ()),
+        capacity=r.capacity,
+        presence=r.presence,
+        active_tasks=active,
+        updated_at=r.updated_at,
+    )
+
+
+def _record(
+    s: Session,
+    task: TaskRow,
+    kind: EventKind,
+    from_status: Status | None,
+    now: datetime,
+    agent_id: int | None = None,
+    reason: str = "",
+) -> None:
+    """Append the audit row of a transition (same transaction as the change)."""
+    s.add(
+        TaskEventRow(
+            task_id=task.id,
+            kind=kind,
+            from_status=from_status,
+            to_status=task.status,
+            agent_id=agent_id,
+            reason=reason[:500],
+            at=now,
+        )
+    )
+
+
+def _is_duplicate_key(exc: IntegrityError) -> bool:
+    return mysql_errno(exc) == ER_DUP_ENTRY
+
+
+class AssignmentStore:
+    """All database work of the assignment service (synchronous; see module doc)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._tx = TransactionRunner(engine)
+
+    def ping(self) -> None:
+        self._tx.ping()
+
+    # ------------------------------------------------------------------ clues
+
+    def create_clue(self, new: NewClue, now: datetime, cfg: LineConfig) -> ClueResult:
+        """Record a clue: answer a retry, refuse a reused key, merge or create a task."""
+        for _ in range(3):
+            try:
+                return self._tx.run(lambda s: self._create_clue(s, new, now, cfg))
+            except IntegrityError as exc:
+                # A concurrent request with the same idempotency key (another phone, so
+                # the customer lock did not serialize us) committed first: re-read it.
+                if not _is_duplicate_key(exc):
+                    raise
+                log.info("idempotency key race lost; re-reading")
+        return self._tx.run(lambda s: self._create_clue(s, new, now, cfg))
+
+    def _replay(self, s: Session, clue: ClueRow, new: NewClue) -> ClueResult:
+        if clue.request_hash != new.request_hash:
+            raise AlreadyExists(
+                "the idempotency key was already used for a different request",
+                reason="IDEMPOTENCY_KEY_REUSED",
+            )
+        task = s.get_one(TaskRow, clue.task_id)
+        return ClueResult(task=_task(task), clue=_clue(clue), merged=clue.merged, replayed=True)
+
+    def _find_clue(self, s: Session, key: str) -> ClueRow | None:
+        return s.scalars(select(ClueRow).where(ClueRow.idempotency_key == key)).one_or_none()
+
+    def _create_clue(self, s: Session, new: NewClue, now: datetime, cfg: LineConfig) -> ClueResult:
+        # Customer first (upsert, then its row lock): concurrent clues of one phone, and
+        # retries of one request, serialize here; the idempotency key is checked after.
+        upsert = mysql_insert(CustomerRow).values(
+            phone_hash=new.phone.hash_hex,
+            phone_encrypted=new.phone.encrypted,
+            phone_masked=new.phone.masked,
+            star=False,
+            created_at=now,
+            updated_at=now,
+        )
+        s.execute(upsert.on_duplicate_key_update(phone_hash=upsert.inserted.phone_hash))  # no-op
+        customer = s.scalars(
+            select(CustomerRow)
+            .where(CustomerRow.phone_hash == new.phone.hash_hex)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        ).one()
+        found = self._find_clue(s, new.idempotency_key)
+        if found is not None:
+            return self._replay(s, found, new)
+
+        priority = rules.resolve_priority(
+            new.priority, new.source, cfg.source_priority, cfg.default_priority
+        )
+        task: TaskRow | None = None
+        if cfg.merge_window_s > 0:
+            task = s.scalars(
+                select(TaskRow)
+                .where(
+                    TaskRow.customer_id == customer.id,
+                    TaskRow.business_line == new.business_line,
+                    TaskRow.status.in_(_OPEN),
+                    TaskRow.created_at >= rules.merge_cutoff(now, cfg.merge_window_s),
+                )
+                .order_by(TaskRow.created_at.desc(), TaskRow.id.desc())
+                .limit(1)
+                .with_for_update()
+                .execution_options(populate_existing=True)
+            ).first()
+        merged = task is not None
+        if task is None:
+            task = TaskRow(
+                business_line=new.business_line,
+                category=Category.NEW_CLUE,
+                status=Status.UNASSIGNED,
+                customer_id=customer.id,
+                city=new.city,
+                priority=priority,
+                star=customer.star,
+                brands=list(new.brands),
+                created_at=now,
+                due_at=now,
+                recycle_count=0,
+                clue_count=1,
+                updated_at=now,
+            )
+            s.add(task)
+            s.flush()
+        else:
+            task.clue_count += 1
+            task.brands = list(rules.merge_brands(tuple(task.brands or ()), new.brands))
+            task.priority = max(task.priority, priority)
+            if task.status in WAITING_STATUSES and task.due_at > now:
+                task.due_at = now  # the customer asked again: call now, not at the revisit
+            task.updated_at = now
+        clue = ClueRow(
+            idempotency_key=new.idempotency_key,
+            request_hash=new.request_hash,
+            task_id=task.id,
+            customer_id=customer.id,
+            merged=merged,
+            business_line=new.business_line,
+            source=new.source,
+            city=new.city,
+            intent_car_ids=list(new.intent_car_ids),
+            brands=list(new.brands),
+            budget_min_yuan=new.budget_min_yuan,
+            budget_max_yuan=new.budget_max_yuan,
+            priority=new.priority,
+            created_at=now,
+        )
+        s.add(clue)
+        s.flush()  # raises IntegrityError on a concurrent duplicate key
+        kind = EventKind.MERGED if merged else EventKind.CREATED
+        _record(s, task, kind, task.status if merged else None, now, reason=f"clue {clue.id}")
+        s.flush()
+        return ClueResult(task=_task(task), clue=_clue(clue), merged=merged)
+
+    # ------------------------------------------------------------------ reads
+
+    def get_task(self, task_id: int) -> TaskDetail:
+        def go(s: Session) -> TaskDetail:
+            row = s.get(TaskRow, task_id)
+            if row is None:
+                raise NotFound(f"task {task_id} not found")
+            customer = s.get_one(CustomerRow, row.customer_id)
+            clues = s.scalars(
+                select(ClueRow).where(ClueRow.task_id == task_id).order_by(ClueRow.id)
+            ).all()
+            events = s.scalars(
+                select(TaskEventRow)
+                .where(TaskEventRow.task_id == task_id)
+                .order_by(TaskEventRow.id)
+            ).all()
+            return TaskDetail(
+                task=_task(row),
+                customer=_customer(customer),
+                clues=tuple(_clue(c) for c in clues),
+                history=tuple(_event(e) for e in events),
+            )
+
+        return self._tx.run(go)
+
+    def list_tasks(
+        self, f: TaskFilter, page_size: int, after: Cursor | None
+    ) -> tuple[list[Task], bool]:
+        """One page (newest first) and whether more follow."""
+
+        def go(s: Session) -> tuple[list[Task], bool]:
+            q = select(TaskRow)
+            if f.business_line is not None:
+                q = q.where(TaskRow.business_line == f.business_line)
+            if f.category is not None:
+                q = q.where(TaskRow.category == f.category)
+            if f.statuses:
+                q = q.where(TaskRow.status.in_(f.statuses))
+            if f.agent_id:
+                q = q.where(TaskRow.agent_id == f.agent_id)
+            if f.city:
+                q = q.where(TaskRow.city == f.city)
+            if f.created_from is not None:
+                q = q.where(TaskRow.created_at >= f.created_from)
+            if f.created_to is not None:
+                q = q.where(TaskRow.created_at < f.created_to)
+            if after is not None:
+                q = q.where(
+                    or_(
+                        TaskRow.created_at < after.created_at,
+                        and_(TaskRow.created_at == after.created_at, TaskRow.id < after.id),
+                    )
+                )
+            q = q.order_by(TaskRow.created_at.desc(), TaskRow.id.desc()).limit(page_size + 1)
+            rows = s.scalars(q).all()
+            return [_task(r) for r in rows[:page_size]], len(rows) > page_size
+
+        return self._tx.run(go)
+
+    def queue_stats(self, line: BusinessLine | None, now: datetime) -> QueueStats:
+        """Depth per queue (every line x category of the asked lines) and agents by presence."""
+
+        def go(s: Session) -> QueueStats:
+            due = TaskRow.due_at <= now
+            q = select(
+                TaskRow.business_line,
+                TaskRow.category,
+                TaskRow.status,
+                case((due, 1), else_=0).label("due"),
+                func.count().label("n"),
+                func.min(TaskRow.due_at).label("oldest"),
+            ).where(TaskRow.status.in_(_OPEN))
+            if line is not None:
+                q = q.where(TaskRow.business_line == line)
+            q = q.group_by(TaskRow.business_line, TaskRow.category, TaskRow.status, "due")
+            lines = [line] if line is not None else list(BusinessLine)
+            acc: dict[tuple[BusinessLine, Category], dict[str, float]] = {
+                (bl, c): {"waiting": 0, "offered": 0, "in_progress": 0, "scheduled": 0, "wait": 0}
+                for bl in lines
+                for c in Category
+            }
+            for bl, cat, status, is_due, n, oldest in s.execute(q).all():
+                a = acc[(bl, cat)]
+                if status in WAITING_STATUSES and is_due:
+                    a["waiting"] += n
+                    a["wait"] = max(a["wait"], (now - oldest).total_seconds())
+                elif status in WAITING_STATUSES:
+                    a["scheduled"] += n
+                elif status is Status.ASSIGNED:
+                    a["offered"] += n
+                else:
+                    a["in_progress"] += n
+            queues = tuple(
+                QueueDepth(
+                    business_line=bl,
+                    category=cat,
+                    waiting=int(a["waiting"]),
+                    offered=int(a["offered"]),
+                    in_progress=int(a["in_progress"]),
+                    scheduled=int(a["scheduled"]),
+                    oldest_wait_seconds=float(a["wait"]),
+                )
+                for (bl, cat), a in acc.items()
+            )
+            aq = select(AgentRow.business_line, AgentRow.presence, func.count()).group_by(
+                AgentRow.business_line, AgentRow.presence
+            )
+            if line is not None:
+                aq = aq.where(AgentRow.business_line == line)
+            agents = tuple(
+                PresenceCount(business_line=bl, presence=p, agents=int(n))
+                for bl, p, n in sorted(s.execute(aq).all(), key=lambda r: (r[0], r[1]))
+            )
+            return QueueStats(queues=queues, agents=agents)
+
+        return self._tx.run(go)
+
+    # ------------------------------------------------------------------ agents
+
+    def _active_count(self, s: Session, agent_id: int) -> int:
+        return int(
+            s.scalar(
+                select(func.count())
+                .select_from(TaskRow)
+                .where(TaskRow.agent_id == agent_id, TaskRow.status.in_(_ACTIVE))
+            )
+            or 0
+        )
+
+    def upsert_agent(self, spec: AgentSpec, now: datetime) -> tuple[Agent, bool]:
+        """Create or replace an agent's profile (presence is kept); True when created."""
+
+        def go(s: Session) -> tuple[Agent, bool]:
+            row = s.get(AgentRow, spec.id, with_for_update=True, populate_existing=True)
+            created = row is None
+            if row is None:
+                row = AgentRow(id=spec.id, presence=Presence.OFFLINE, created_at=now)
+                s.add(row)
+            row.name = spec.name
+            row.business_line = spec.business_line
+            row.cities = list(spec.cities)
+            row.categories = [c.name for c in spec.categories]
+            row.brands = list(spec.brands)
+            row.capacity = spec.capacity
+            row.updated_at = now
+            s.flush()
+            return _agent(row, 0 if created else self._active_count(s, spec.id)), created
+
+        try:
+            return self._tx.run(go)
+        except IntegrityError as exc:  # created concurrently: now it exists, update it
+            if not _is_duplicate_key(exc):
+                raise
+            return self._tx.run(go)
+
+    def get_agent(self, agent_id: int) -> Agent:
+        def go(s: Session) -> Agent:
+            row = s.get(AgentRow, agent_id)
+            if row is None:
+                raise NotFound(f"agent {agent_id} not found")
+            return _agent(row, self._active_count(s, agent_id))
+
+        return self._tx.run(go)
+
+    def set_presence(self, agent_id: int, presence: Presence, now: datetime) -> Agent:
+        def go(s: Session) -> Agent:
+            row = s.get(AgentRow, agent_id, with_for_update=True, populate_existing=True)
+            if row is None:
+                raise NotFound(f"agent {agent_id} not found")
+            row.presence = presence
+            row.updated_at = now
+            return _agent(row, self._active_count(s, agent_id))
+
+        return self._tx.run(go)
+
+    # ------------------------------------------------------------------ customers
+
+    def set_customer_star(self, customer_id: int, star: bool, now: datetime) -> Customer:
+        """Set the flag and copy it onto the customer's open tasks (dispatch order)."""
+
+        def go(s: Session) -> Customer:
+            row = s.get(CustomerRow, customer_id, with_for_update=True, populate_existing=True)
+            if row is None:
+                raise NotFound(f"customer {customer_id} not found")
+            row.star = star
+            row.updated_at = now
+            s.execute(
+                update(TaskRow)
+                .where(TaskRow.customer_id == customer_id, TaskRow.status.in_(_OPEN))
+                .values(star=star, updated_at=now)
+            )
+            return _customer(row)
+
+        return self._tx.run(go)
+
+    # ------------------------------------------------------------------ dispatch
+
+    def offer_next(self, agent_id: int, now: datetime, routing: RoutingConfig) -> Offer | None:
+        """Reserve the best waiting task for the agent, or None (not idle, full, nothing
+        matching). NotFound when the agent does not exist."""
+        return self._tx.run(lambda s: self._offer_next(s, agent_id, now, routing))
+
+    def _offer_next(
+        self, s: Session, agent_id: int, now: datetime, routing: RoutingConfig
+    ) -> Offer | None:
+        agent = s.get(AgentRow, agent_id, with_for_update=True, populate_existing=True)
+        if agent is None:
+            raise NotFound(f"agent {agent_id} not found")
+        if agent.presence is not Presence.IDLE:
+            return None
+        active = self._active_count(s, agent_id)
+        if active >= agent.capacity:
+            return None
+        cfg = routing.line(agent.business_line)
+        q = select(
+            TaskRow.id,
+            TaskRow.priority,
+            TaskRow.star,
+            TaskRow.due_at,
+            TaskRow.brands,
+            TaskRow.preferred_agent_id,
+            TaskRow.last_lost_agent_id,
+        ).where(
+            TaskRow.business_line == agent.business_line,
+            TaskRow.status.in_(_WAITING),
+            TaskRow.due_at <= now,
+            or_(
+                TaskRow.preferred_agent_id.is_(None),
+                TaskRow.preferred_agent_id == agent_id,
+                TaskRow.due_at <= now - timedelta(seconds=cfg.revisit_same_agent_window_s),
+            ),
+        )
+        if agent.categories:
+            q = q.where(TaskRow.category.in_([Category[c] for c in agent.categories]))
+        if agent.cities:
+            q = q.where(TaskRow.city.in_(agent.cities))
+        q = q.order_by(
+            TaskRow.priority.desc(), TaskRow.star.desc(), TaskRow.due_at.asc(), TaskRow.id.asc()
+        ).limit(cfg.candidate_limit)
+        brands = list(agent.brands or ())
+        # Every candidate seen taken by a concurrent dispatcher: read again (they are
+        # gone now), so tasks past the candidate window are not left waiting for a poll.
+        for _ in range(_DISPATCH_ROUNDS):
+            candidates = [  # no locks taken here
+                dispatch.Candidate(r[0], r[1], bool(r[2]), r[3], tuple(r[4] or ()), r[5], r[6])
+                for r in s.execute(q).all()
+            ]
+            if not candidates:
+                return None
+            for candidate in dispatch.rank(candidates, agent_id, brands, now, cfg.weights):
+                row = s.scalars(
+                    select(TaskRow)
+                    .where(
+                        TaskRow.id == candidate.id,
+                        TaskRow.status.in_(_WAITING),
+                        TaskRow.due_at <= now,
+                    )
+                    .with_for_update(skip_locked=True)
+                    .execution_options(populate_existing=True)
+                ).first()
+                if row is None:  # taken, or being taken, by another dispatcher
+                    continue
+                before = row.status
+                rules.check_transition(row.id, before, Status.ASSIGNED)
+                deadline = now + timedelta(seconds=cfg.accept_timeout_s)
+                row.status = Status.ASSIGNED
+                row.agent_id = agent_id
+                row.offer_deadline = deadline
+                row.updated_at = now
+                task = _task(row)
+                points = dispatch.score(
+                    dispatch.Candidate.of(task), agent_id, brands, now, cfg.weights
+                )
+                _record(s, row, EventKind.OFFERED, before, now, agent_id, f"score {points:.1f}")
+                customer = s.get_one(CustomerRow, row.customer_id)
+                s.flush()
+                return Offer(
+                    task=task,
+                    customer=_customer(customer),
+                    deadline=deadline,
+                    agent_full=active + 1 >= agent.capacity,
+                )
+        return None
+
+    def pending_offers(self, agent_id: int, now: datetime) -> list[Offer]:
+        """The agent's open offers (ASSIGNED, deadline not passed), oldest first: a new
+        offer stream pushes them again (e.g. after a reconnect)."""
+
+        def go(s: Session) -> list[Offer]:
+            rows = s.execute(
+                select(TaskRow, CustomerRow)
+                .join(CustomerRow, CustomerRow.id == TaskRow.customer_id)
+                .where(
+                    TaskRow.agent_id == agent_id,
+                    TaskRow.status == Status.ASSIGNED,
+                    TaskRow.offer_deadline > now,
+                )
+                .order_by(TaskRow.offer_deadline, TaskRow.id)
+            ).all()
+            offers: list[Offer] = []
+            for task, customer in rows:
+                assert task.offer_deadline is not None
+                offers.append(Offer(_task(task), _customer(customer), task.offer_deadline))
+            return offers
+
+        return self._tx.run(go)
+
+    def recycle_expired(self, now: datetime, limit: int = 100) -> list[Task]:
+        """Offers past their deadline go back to their queue (RECYCLED, TIMED_OUT)."""
+
+        def go(s: Session) -> list[Task]:
+            rows = s.scalars(
+                select(TaskRow)
+                .where(TaskRow.status == Status.ASSIGNED, TaskRow.offer_deadline <= now)
+                .order_by(TaskRow.offer_deadline)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+                .execution_options(populate_existing=True)
+            ).all()
+            for row in rows:
+                lost = row.agent_id
+                self._recycle(row, now)
+                _record(s, row, EventKind.TIMED_OUT, Status.ASSIGNED, now, lost, "not accepted")
+            s.flush()
+            return [_task(r) for r in rows]
+
+        return self._tx.run(go)
+
+    @staticmethod
+    def _recycle(row: TaskRow, now: datetime) -> None:
+        rules.check_transition(row.id, row.status, Status.RECYCLED)
+        row.last_lost_agent_id = row.agent_id
+        row.status = Status.RECYCLED
+        row.agent_id = None
+        row.offer_deadline = None
+        row.recycle_count += 1
+        row.updated_at = now
+
+    # ------------------------------------------------------------------ task actions
+
+    def _lock_task(self, s: Session, task_id: int) -> TaskRow:
+        row = s.get(TaskRow, task_id, with_for_update=True, populate_existing=True)
+        if row is None:
+            raise NotFound(f"task {task_id} not found")
+        return row
+
+    def accept(self, task_id: int, agent_id: int, now: datetime) -> Task:
+        def go(s: Session) -> Task:
+            row = self._lock_task(s, task_id)
+            rules.check_offer_holder(_task(row), agent_id, now)
+            row.status = Status.IN_PROGRESS
+            row.offer_deadline = None
+            row.updated_at = now
+            _record(s, row, EventKind.ACCEPTED, Status.ASSIGNED, now, agent_id)
+            return _task(row)
+
+        return self._tx.run(go)
+
+    def reject(self, task_id: int, agent_id: int, reason: str, now: datetime) -> Task:
+        def go(s: Session) -> Task:
+            row = self._lock_task(s, task_id)
+            rules.check_transition(row.id, row.status, Status.RECYCLED)
+            if row.agent_id != agent_id:
+                raise FailedPrecondition(
+                    f"task {task_id} is not offered to agent {agent_id}", reason="NOT_TASK_AGENT"
+                )
+            self._recycle(row, now)
+            _record(s, row, EventKind.REJECTED, Status.ASSIGNED, now, agent_id, reason)
+            return _task(row)
+
+        return self._tx.run(go)
+
+    def complete(
+        self,
+        task_id: int,
+        agent_id: int,
+        note: str,
+        revisit_at: datetime | None,
+        now: datetime,
+    ) -> tuple[Task, Task | None]:
+        """IN_PROGRESS -> COMPLETED; with ``revisit_at`` also a REVISIT task due then,
+        reserved first for this agent."""
+
+        def go(s: Session) -> tuple[Task, Task | None]:
+            customer: CustomerRow | None = None
+            if revisit_at is not None:
+                # Lock order customer -> task, as CreateClue does (no deadlock between a
+                # clue merging into this customer's tasks and the revisit insert).
+                customer_id = s.scalar(select(TaskRow.customer_id).where(TaskRow.id == task_id))
+                if customer_id is None:
+                    raise NotFound(f"task {task_id} not found")
+                customer = s.get_one(
+                    CustomerRow, customer_id, with_for_update=True, populate_existing=True
+                )
+            row = self._lock_task(s, task_id)
+            rules.check_worker(_task(row), agent_id, Status.COMPLETED)
+            row.status = Status.COMPLETED
+            row.updated_at = now
+            _record(s, row, EventKind.COMPLETED, Status.IN_PROGRESS, now, agent_id, note)
+            if revisit_at is None or customer is None:
+                return _task(row), None
+            revisit = TaskRow(
+                business_line=row.business_line,
+                category=Category.REVISIT,
+                status=Status.UNASSIGNED,
+                customer_id=row.customer_id,
+                city=row.city,
+                priority=row.priority,
+                star=customer.star,
+                preferred_agent_id=agent_id,
+                parent_task_id=row.id,
+                brands=list(row.brands or ()),
+                created_at=now,
+                due_at=revisit_at,
+                recycle_count=0,
+                clue_count=0,
+                updated_at=now,
+            )
+            s.add(revisit)
+            s.flush()
+            _record(
+                s, revisit, EventKind.REVISIT_SCHEDULED, None, now, agent_id,
+                f"revisit of task {row.id}",
+            )  # fmt: skip
+            return _task(row), _task(revisit)
+
+        return self._tx.run(go)
+
+    def fail(self, task_id: int, agent_id: int, reason: str, now: datetime) -> Task:
+        def go(s: Session) -> Task:
+            row = self._lock_task(s, task_id)
+            rules.check_worker(_task(row), agent_id, Status.FAILED)
+            row.status = Status.FAILED
+            row.updated_at = now
+            _record(s, row, EventKind.FAILED, Status.IN_PROGRESS, now, agent_id, reason)
+            return _task(row)
+
+        return self._tx.run(go)
+
+    def cancel(self, task_id: int, reason: str, now: datetime) -> Task:
+        def go(s: Session) -> Task:
+            row = self._lock_task(s, task_id)
+            before = row.status
+            rules.check_transition(row.id, before, Status.CANCELLED)
+            row.status = Status.CANCELLED
+            row.offer_deadline = None
+            row.updated_at = now
+            _record(s, row, EventKind.CANCELLED, before, now, row.agent_id, reason)
+            return _task(row)
+
+        return self._tx.run(go)

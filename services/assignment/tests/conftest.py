@@ -1,0 +1,65 @@
+"""Fixtures of the assignment tests: a migrated database and the service on port 0."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from assignment_testlib import ManualClock, Service, settings_for
+from crm_assignment.store import AssignmentStore, make_engine
+from crm_assignment.store.migrate import upgrade
+from crm_devstack.stack import Stack, create_database, drop_database
+from sqlalchemy import Engine
+
+
+@pytest.fixture
+def migrated_db(mysql_database: str) -> str:
+    """URL of a fresh database with the schema at head."""
+    upgrade(mysql_database)
+    return mysql_database
+
+
+@pytest.fixture
+def engine(migrated_db: str) -> Iterator[Engine]:
+    engine = make_engine(migrated_db, pool_size=30)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def store(engine: Engine) -> AssignmentStore:
+    return AssignmentStore(engine)
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+def service(
+    migrated_db: str, etcd_endpoint: str, config_prefix: str, clock: ManualClock
+) -> Iterator[Service]:
+    """The service in-process on port 0 (fresh database, own etcd prefix, manual clock)."""
+    svc = Service(settings_for(migrated_db, etcd_endpoint, config_prefix), clock)
+    yield svc
+    svc.close()
+
+
+@pytest.fixture(scope="module")
+def shared_service(stack: Stack) -> Iterator[Service]:
+    """One service (and database) for a whole module: for tests that only need answers
+    to requests, not a clean state (validation, fuzzing)."""
+    name = f"crm_t_{uuid.uuid4().hex[:12]}"
+    url = create_database(name)
+    try:
+        upgrade(url)
+        prefix = f"/crm-test/{uuid.uuid4().hex[:12]}/config"
+        svc = Service(settings_for(url, stack.etcd_endpoint, prefix), ManualClock())
+        try:
+            yield svc
+        finally:
+            svc.close()
+    finally:
+        drop_database(name)
