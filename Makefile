@@ -14,7 +14,7 @@ PY_SRC := libs/crm_common/src libs/crm_devstack/src services/assignment/src \
           operator/src tools
 
 .PHONY: help setup lock proto proto-check docs docs-check lint fmt typecheck buf-lint \
-        stack-up stack-down k8s-check check pytest test demo bench clean
+        stack-up stack-down k8s-check schemas-check check pytest test demo bench clean
 
 help:
 	@echo "make demo   - start the platform locally and play a short call-center scenario"
@@ -64,7 +64,10 @@ stack-down: setup
 k8s-check: setup
 	$(PY) tools/k8s_check.py
 
-check: lint typecheck buf-lint proto-check docs-check k8s-check
+schemas-check: setup
+	$(PY) tools/crm_tools/schemas_check.py
+
+check: lint typecheck buf-lint proto-check docs-check k8s-check schemas-check
 
 pytest: stack-up
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -1,0 +1,152 @@
+"""``python -m crm_bilog [serve|migrate|registry|sink|replay]``: the one entry point.
+
+- ``serve`` (default): the gRPC intake service until SIGTERM/SIGINT.
+- ``migrate``: upgrade the dev registry's database schema and exit.
+- ``registry``: the dev schema registry (Confluent REST subset) until SIGTERM/SIGINT
+  (``--migrate`` first upgrades its database).
+- ``sink``: the file sink (consumer group) until SIGTERM/SIGINT.
+- ``replay``: re-submit bad rows of the failed-events topic after a fix.
+
+Settings come from ``CRM_BILOG_*`` environment variables (see ``settings.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+
+from crm_common.logs import configure_logging
+
+from crm_bilog.settings import BilogSettings
+
+log = logging.getLogger("crm.bilog")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="crm-bilog", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("serve", help="run the gRPC intake service (default)")
+    sub.add_parser("migrate", help="upgrade the dev registry's database schema")
+    registry = sub.add_parser("registry", help="run the dev schema registry")
+    registry.add_argument("--migrate", action="store_true", help="upgrade the database first")
+    sub.add_parser("sink", help="run the Avro file sink")
+    replay = sub.add_parser("replay", help="re-submit bad rows after a fix")
+    replay.add_argument("--from-beginning", action="store_true", help="ignore committed offsets")
+    replay.add_argument("--schema", help="only bad rows of this schema (full name)")
+    replay.add_argument("--dry-run", action="store_true", help="validate only; produce nothing")
+    return parser
+
+
+def migrate(settings: BilogSettings) -> None:
+    from crm_bilog.store.migrate import upgrade
+
+    log.info("migrating the registry database schema to head")
+    upgrade(settings.database_url)
+
+
+async def serve(settings: BilogSettings) -> None:
+    from crm_bilog.app import build_app
+
+    await build_app(settings).run_until_signal()
+
+
+async def run_registry(settings: BilogSettings) -> None:
+    from crm_common.aio import BlockingExecutor
+
+    from crm_bilog.registry.server import RegistryServer
+    from crm_bilog.store import RegistryStore, make_engine
+
+    engine = make_engine(settings.database_url, settings.db_pool_size)
+    executor = BlockingExecutor(settings.db_pool_size, name="crm-bilog-registry-db")
+    server = RegistryServer(
+        RegistryStore(engine), executor, settings.registry_host, settings.registry_port
+    )
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    try:
+        await stop.wait()
+    finally:
+        await server.stop()
+        await executor.aclose()
+        engine.dispose()
+
+
+def sink_topics(settings: BilogSettings) -> list[str]:
+    """The configured topics, or every schema topic (bad rows included)."""
+    if settings.sink_topics.strip():
+        raw = settings.sink_topics.strip()
+        return [raw] if raw.startswith("^") else [t.strip() for t in raw.split(",") if t.strip()]
+    from crm_bilog.domain.pii import PiiPolicy
+    from crm_bilog.schemas import SchemaCatalog, topic_name
+
+    catalog = SchemaCatalog.load(PiiPolicy(settings.pii_hash_key_bytes))
+    return [topic_name(s.name, settings.topic_prefix) for s in catalog]
+
+
+def run_sink(settings: BilogSettings) -> None:
+    from crm_bilog.sink.runner import Sink, SinkConfig
+    from crm_bilog.sink.storage import LocalStorage
+
+    crash = int(os.environ.get("CRM_BILOG_SINK_TEST_CRASH_AFTER_PUBLISHES", "0") or 0)
+    config = SinkConfig(
+        bootstrap=settings.kafka_bootstrap,
+        group_id=settings.sink_group_id,
+        topics=sink_topics(settings),
+        registry_url=settings.schema_registry_url,
+        flush_records=settings.sink_flush_records,
+        rotate_interval_s=settings.sink_rotate_interval_s,
+        idle_flush_s=settings.sink_idle_flush_s,
+        session_timeout_ms=settings.sink_session_timeout_ms,
+        crash_after_publishes=crash,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    Sink(config, LocalStorage(settings.sink_dir)).run(stop)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    settings = BilogSettings()
+    configure_logging("bilog", settings.log_level)
+    command = args.command or "serve"
+    if command == "migrate":
+        migrate(settings)
+        return 0
+    if command == "registry":
+        if args.migrate:
+            migrate(settings)
+        asyncio.run(run_registry(settings))
+        return 0
+    if command == "sink":
+        run_sink(settings)
+        return 0
+    if command == "replay":
+        from crm_bilog.replay import replay
+
+        report = asyncio.run(
+            replay(
+                settings,
+                from_beginning=args.from_beginning,
+                only_schema=args.schema,
+                dry_run=args.dry_run,
+            )
+        )
+        print(json.dumps(report.__dict__, indent=2))
+        return 0 if report.still_failing == 0 else 2
+    asyncio.run(serve(settings))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""gRPC api: request checks and proto <-> domain conversion over the intake."""

@@ -1,0 +1,1 @@
+"""Getting events into Kafka: the async producer and the intake pipeline."""

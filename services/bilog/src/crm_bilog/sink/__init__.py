@@ -1,0 +1,1 @@
+"""The built-in sink: Kafka -> time-partitioned Avro container files, exactly once."""

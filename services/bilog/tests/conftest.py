@@ -1,0 +1,47 @@
+"""Fixtures of the bilog tests: the dev registry (real MariaDB) and the service on port 0
+against the shared Tansu broker (each test has topics of its own)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+from bilog_testlib import RegistryThread, settings_for
+from crm_bilog.app import App, build_app
+from crm_bilog.settings import BilogSettings
+from crm_bilog.store.migrate import upgrade
+from crm_devstack.stack import Stack, create_database, drop_database
+
+
+@pytest.fixture(scope="module")
+def registry(stack: Stack) -> Iterator[RegistryThread]:
+    """The dev schema registry with a database of its own, for a whole module."""
+    name = f"crm_t_{uuid.uuid4().hex[:12]}"
+    url = create_database(name)
+    try:
+        upgrade(url)
+        reg = RegistryThread(url)
+        try:
+            yield reg
+        finally:
+            reg.close()
+    finally:
+        drop_database(name)
+
+
+@pytest.fixture
+def settings(stack: Stack, registry: RegistryThread) -> BilogSettings:
+    return settings_for(stack.kafka_bootstrap, registry.url)
+
+
+@pytest.fixture
+async def app(settings: BilogSettings) -> AsyncIterator[App]:
+    """The service in-process on port 0, ready (Kafka answers, schemas registered)."""
+    app = build_app(settings)
+    await app.start()
+    try:
+        await app.wait_ready(30)
+        yield app
+    finally:
+        await app.stop()
