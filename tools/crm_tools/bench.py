@@ -10,6 +10,12 @@ assignment (issue #3): target >= 0.33x the no-op RPC throughput
   flow      one task through the platform: CreateClue -> dispatched to a streaming agent
             -> AcceptTask -> CompleteTask (4 RPCs/stream messages and 4 transactions);
             flows/s and, for a like-for-like ratio, the gRPC messages/s it takes.
+
+bilog (issue #5): acked events/s through LogBatch(500) vs a raw confluent-kafka + fastavro
+  producer loop on the same broker (target >= 0.5x); sink events/s written (see
+  crm_tools.bench_bilog).
+
+`--only SECTION` runs a subset; `--strict` exits 1 when a target is missed.
 """
 
 from __future__ import annotations
@@ -21,8 +27,9 @@ import json
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from crm.assignment.v1 import assignment_pb2 as pb
@@ -112,9 +119,10 @@ async def start_assignment(etcd: str) -> ServiceProc:
     await asyncio.to_thread(drop_database, "crm_bench")
     db_url = await asyncio.to_thread(create_database, "crm_bench")
     prefix = "/crm/bench/config"
-    await put_json(
-        etcd, f"{prefix}/assignment/SALE", {"accept_timeout_s": 600, "merge_window_s": 0}
-    )
+    for line in ("SALE", "AFTER_SALE"):
+        await put_json(
+            etcd, f"{prefix}/assignment/{line}", {"accept_timeout_s": 600, "merge_window_s": 0}
+        )
     port = free_port()
     env = {
         "CRM_ASSIGNMENT_PORT": str(port),
@@ -133,11 +141,18 @@ async def start_assignment(etcd: str) -> ServiceProc:
     return proc
 
 
-def clue(i: int, run: str) -> pb.CreateClueRequest:
+# The flow runs on its own business line: the CreateClue measure leaves a backlog of
+# SALE tasks that would otherwise be dispatched first.
+FLOW_LINE = common_pb2.BUSINESS_LINE_AFTER_SALE
+
+
+def clue(
+    i: int, run: str, line: common_pb2.BusinessLine.ValueType = common_pb2.BUSINESS_LINE_SALE
+) -> pb.CreateClueRequest:
     return pb.CreateClueRequest(
         idempotency_key=f"{run}-{i}",
         phone=f"139{i:08d}",
-        business_line=common_pb2.BUSINESS_LINE_SALE,
+        business_line=line,
         source="app",
         city="beijing",
         intent_car_ids=[i % 1000 + 1],
@@ -167,7 +182,7 @@ async def bench_flow(
                 agent=pb.Agent(
                     id=base + a,
                     name=f"bench {a}",
-                    business_line=common_pb2.BUSINESS_LINE_SALE,
+                    business_line=FLOW_LINE,
                     capacity=1,
                 )
             )
@@ -186,7 +201,7 @@ async def bench_flow(
             await slots.acquire()
             i += 1
             t = time.perf_counter()
-            resp = await stub.CreateClue(clue(i, "flow"))
+            resp = await stub.CreateClue(clue(i, "flow", FLOW_LINE))
             sent[resp.task.id] = t
         stop.set()
 
@@ -224,10 +239,32 @@ async def bench_flow(
     )
 
 
-async def amain(args: argparse.Namespace) -> int:
-    OUT.mkdir(exist_ok=True)
+def row(
+    measure: str,
+    m: Measure,
+    rate: float,
+    unit: str,
+    ratio: float,
+    target: float | None = None,
+    op: str = ">=",
+) -> dict[str, Any]:
+    """One result row; ``target`` applies to ``ratio`` with ``op`` (>= or <=)."""
+    return {
+        "measure": measure,
+        "rate": rate,
+        "unit": unit,
+        "ratio": ratio,
+        "target": target,
+        "target_op": op,
+        "ops": m.ops,
+        "seconds": m.seconds,
+        "p50_ms": m.p50_ms,
+        "p99_ms": m.p99_ms,
+    }
+
+
+async def section_assignment(args: argparse.Namespace) -> list[dict[str, Any]]:
     stack = await asyncio.to_thread(up)
-    print(f"bench: {args.seconds:.0f} s per measure, concurrency {args.concurrency}")
     noop = await bench_noop(args.concurrency, args.seconds)
     svc = await start_assignment(stack.etcd_endpoint)
     try:
@@ -237,57 +274,70 @@ async def amain(args: argparse.Namespace) -> int:
             flow_m = await bench_flow(stub, args.agents, args.seconds)
     finally:
         svc.stop()
-    rows = [
-        ("no-op RPC (baseline)", noop.rate, "RPC/s", noop, 1.0, None),
-        ("CreateClue", clue_m.rate, "RPC/s", clue_m, clue_m.rate / noop.rate, 0.33),
-        (
-            "flow (clue+offer+accept+complete)",
-            flow_m.rate,
-            "flows/s",
-            flow_m,
-            flow_m.rate / noop.rate,
-            None,
+    base = noop.rate or 1.0
+    return [
+        row("no-op RPC (baseline)", noop, noop.rate, "RPC/s", 1.0),
+        row("CreateClue", clue_m, clue_m.rate, "RPC/s", clue_m.rate / base, 0.33),
+        row(
+            "flow (clue+offer+accept+complete)", flow_m, flow_m.rate, "flows/s", flow_m.rate / base
         ),
-        (
-            "flow, as gRPC messages",
-            flow_m.rate * 4,
-            "msg/s",
-            flow_m,
-            flow_m.rate * 4 / noop.rate,
-            0.33,
+        row(
+            "flow, as gRPC messages", flow_m, flow_m.rate * 4, "msg/s", flow_m.rate * 4 / base, 0.33
         ),
     ]
+
+
+async def section_bilog(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from crm_tools import bench_bilog
+
+    return await bench_bilog.run(args.seconds)
+
+
+SECTIONS: dict[str, Callable[[argparse.Namespace], Awaitable[list[dict[str, Any]]]]] = {
+    "assignment": section_assignment,
+    "bilog": section_bilog,
+}
+
+
+def print_table(section: str, rows: list[dict[str, Any]]) -> bool:
+    """Print one section; True when every target of it is met."""
+    print(f"\n[{section}]")
     print(
-        f"\n{'measure':<36}{'rate':>10} {'unit':<8}{'p50 ms':>8}{'p99 ms':>8}"
-        f"{'ratio':>8}{'target':>8}"
+        f"{'measure':<38}{'rate':>10} {'unit':<9}{'p50 ms':>8}{'p99 ms':>8}"
+        f"{'ratio':>7}{'target':>12}"
     )
-    results = []
     ok = True
-    for name, rate, unit, m, ratio, target in rows:
+    for r in rows:
         mark = ""
-        if target is not None:
-            mark = f">={target}" + (" ok" if ratio >= target else " MISS")
-            ok = ok and ratio >= target
+        if r.get("target") is not None:
+            op = r.get("target_op", ">=")
+            met = r["ratio"] >= r["target"] if op == ">=" else r["ratio"] <= r["target"]
+            r["met"] = met
+            ok = ok and met
+            mark = f"{op}{r['target']}" + (" ok" if met else " MISS")
         print(
-            f"{name:<36}{rate:>10.0f} {unit:<8}{m.p50_ms:>8.2f}{m.p99_ms:>8.2f}"
-            f"{ratio:>8.2f}{mark:>10}"
+            f"{r['measure']:<38}{r['rate']:>10.0f} {r['unit']:<9}{r['p50_ms']:>8.2f}"
+            f"{r['p99_ms']:>8.2f}{r['ratio']:>7.2f}{mark:>12}"
         )
-        results.append(
-            {
-                "measure": name,
-                "rate": rate,
-                "unit": unit,
-                "ratio": ratio,
-                "target": target,
-                **asdict(m),
-            }
-        )
+    return ok
+
+
+async def amain(args: argparse.Namespace) -> int:
+    OUT.mkdir(exist_ok=True)
+    await asyncio.to_thread(up)
+    chosen = args.only or list(SECTIONS)
+    print(f"bench: {args.seconds:.0f} s per measure; sections: {', '.join(chosen)}")
+    results: dict[str, list[dict[str, Any]]] = {}
+    ok = True
+    for name in chosen:
+        results[name] = await SECTIONS[name](args)
+        ok = print_table(name, results[name]) and ok
     doc = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "seconds": args.seconds,
         "concurrency": args.concurrency,
-        "median_ratio_note": "ratios are against the no-op RPC of this run",
-        "results": results,
+        "note": "every ratio is against a baseline measured in the same run",
+        "sections": results,
     }
     text = json.dumps(doc, indent=2)
     (OUT / "results.json").write_text(text)
@@ -302,6 +352,9 @@ def main() -> int:
     ap.add_argument("--concurrency", type=int, default=16, help="calls in flight")
     ap.add_argument("--agents", type=int, default=16, help="streaming agents in the flow")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    ap.add_argument(
+        "--only", action="append", choices=list(SECTIONS), help="run only these sections"
+    )
     return asyncio.run(amain(args=ap.parse_args()))
 
 
