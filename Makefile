@@ -14,13 +14,14 @@ PY_SRC := libs/crm_common/src libs/crm_devstack/src services/assignment/src \
           operator/src tools
 
 .PHONY: help setup lock proto proto-check docs docs-check lint fmt typecheck buf-lint \
-        stack-up stack-down k8s-check schemas-check check pytest test demo bench clean
+        stack-up stack-down k8s-check schemas-check check pytest test demo bench eval manifests clean
 
 help:
 	@echo "make demo   - start the platform locally and play a short call-center scenario"
 	@echo "make test   - lint, type-check, generated-code checks and the whole test suite"
 	@echo "make bench  - benchmarks (ratios against baselines measured in the same run)"
 	@echo "make proto  - regenerate Python code from proto/;  make docs - API reference"
+	@echo "make eval   - offline evaluation of the car recommendations (hit@10, NDCG@10)"
 	@echo "make lock   - re-pin dependencies into requirements.lock"
 
 setup:
@@ -79,6 +80,12 @@ demo: setup stack-up
 
 bench: setup stack-up
 	PYTHONPATH=tools $(PY) -m crm_tools.bench
+
+eval: setup
+	PYTHONPATH=tools $(PY) -m crm_tools.eval_recommendation
+
+manifests: setup
+	$(PY) -m crm_operator manifests
 
 clean: stack-down
 	rm -rf .stack .bench .demo

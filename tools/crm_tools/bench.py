@@ -15,6 +15,10 @@ bilog (issue #5): acked events/s through LogBatch(500) vs a raw confluent-kafka 
   producer loop on the same broker (target >= 0.5x); sink events/s written (see
   crm_tools.bench_bilog).
 
+recommendation (issue #6): Recommend top-20 p99 over 100,000 cars and 1,000,000
+  interactions vs a no-op RPC p99 on the same server (target <= 3x); index memory in MB
+  (see crm_tools.bench_recommendation).
+
 `--only SECTION` runs a subset; `--strict` exits 1 when a target is missed.
 """
 
@@ -293,9 +297,33 @@ async def section_bilog(args: argparse.Namespace) -> list[dict[str, Any]]:
     return await bench_bilog.run(args.seconds)
 
 
+async def section_recommendation(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from crm_tools import bench_recommendation
+
+    rows = await bench_recommendation.run(args.seconds, args.concurrency)
+    out: list[dict[str, Any]] = []
+    for r in rows:
+        if "p99_ratio_to_noop" in r:  # latency rows: the ratio is p99 / no-op p99
+            out.append({**r, "ratio": r["p99_ratio_to_noop"], "target_op": "<="})
+        else:  # the index row: memory, reported as the rate column in MB
+            out.append(
+                {
+                    **r,
+                    "rate": r.get("index_mb", 0.0),
+                    "unit": "MB (index)",
+                    "ratio": 0.0,
+                    "target": None,
+                    "p50_ms": 0.0,
+                    "p99_ms": 0.0,
+                }
+            )
+    return out
+
+
 SECTIONS: dict[str, Callable[[argparse.Namespace], Awaitable[list[dict[str, Any]]]]] = {
     "assignment": section_assignment,
     "bilog": section_bilog,
+    "recommendation": section_recommendation,
 }
 
 

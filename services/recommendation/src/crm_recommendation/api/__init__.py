@@ -1,0 +1,1 @@
+"""gRPC api of the recommendation service: validation, conversion, the servicer."""

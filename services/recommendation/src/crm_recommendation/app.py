@@ -1,0 +1,239 @@
+"""Wiring of the recommendation service: ``build_app(settings) -> App``.
+
+Used by ``python -m crm_recommendation serve``, the tests (in-process on port 0) and the
+benchmark::
+
+    app = build_app(RecommendationSettings(port=0, metrics_port=-1, ...))
+    async with app:                 # start(); stop() on exit
+        await app.wait_ready(30)    # config loaded, database answers, index loaded
+        channel = grpc.aio.insecure_channel(app.target)
+
+Building does no I/O; ``start()`` starts the config watcher (without waiting for etcd),
+the gRPC server and the index (loaded in the background: health stays NOT_SERVING until
+the config is loaded, the database answers and the index is built); ``stop()`` drains
+the server, then stops the index refresher and closes the watcher, executor and engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import TracebackType
+
+from crm.recommendation.v1 import recommendation_pb2, recommendation_pb2_grpc
+from crm_common.aio import BlockingExecutor
+from crm_common.config_watch import ConfigSnapshot, ConfigWatcher
+from crm_common.metrics import RpcMetrics
+from crm_common.server import GrpcServer
+from prometheus_client import Gauge
+from sqlalchemy import Engine
+
+from crm_recommendation import config
+from crm_recommendation.api.servicer import RecommendationServicer
+from crm_recommendation.config import CONFIG_KEY, RankingConfig
+from crm_recommendation.domain.model import utc_now
+from crm_recommendation.index.sync import IndexSync
+from crm_recommendation.settings import RecommendationSettings
+from crm_recommendation.store import RecommendationStore, make_engine
+
+__all__ = ["SERVICE_NAME", "App", "RankingSource", "build_app"]
+
+log = logging.getLogger("crm.recommendation")
+
+SERVICE_NAME: str = recommendation_pb2.DESCRIPTOR.services_by_name[
+    "RecommendationService"
+].full_name
+
+_DEFAULT_CONFIG = RankingConfig()
+
+
+class RankingSource:
+    """The current RankingConfig (the defaults while the key is absent)."""
+
+    def __init__(self, watcher: ConfigWatcher[RankingConfig]) -> None:
+        self._watcher = watcher
+
+    def __call__(self) -> RankingConfig:
+        found = self._watcher.snapshot.get(CONFIG_KEY)
+        return found if found is not None else _DEFAULT_CONFIG
+
+
+@dataclass
+class App:
+    """The assembled service (see module doc); attributes are for tests and tools."""
+
+    settings: RecommendationSettings
+    engine: Engine
+    store: RecommendationStore
+    executor: BlockingExecutor
+    watcher: ConfigWatcher[RankingConfig]
+    ranking: RankingSource
+    sync: IndexSync
+    servicer: RecommendationServicer
+    server: GrpcServer
+    metrics: RpcMetrics
+    _stopped: bool = field(default=False, repr=False)
+
+    @property
+    def port(self) -> int:
+        """The bound gRPC port (after start)."""
+        if self.server.port is None:
+            raise RuntimeError("the app is not started")
+        return self.server.port
+
+    @property
+    def target(self) -> str:
+        """``host:port`` to dial the started app locally."""
+        host = self.settings.host
+        if host in ("0.0.0.0", "::", "[::]", ""):
+            host = "127.0.0.1"
+        return f"{host}:{self.port}"
+
+    async def start(self) -> None:
+        await self.watcher.start(wait=False)
+        await self.server.start()
+        await self.sync.start()
+
+    async def wait_ready(self, timeout: float = 30.0) -> None:
+        """Until the config is loaded, the database answers and the index is built."""
+        async with asyncio.timeout(timeout):
+            while True:
+                if not await self.server.check_readiness():
+                    return
+                await asyncio.sleep(0.05)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain the server, close everything (idempotent)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        await self.server.stop(grace)
+
+    async def run_until_signal(self) -> None:
+        """Start, serve until SIGTERM/SIGINT, stop gracefully."""
+        loop = asyncio.get_running_loop()
+        requested = asyncio.Event()
+        signals = (signal.SIGTERM, signal.SIGINT)
+        for sig in signals:
+            loop.add_signal_handler(sig, requested.set)
+        try:
+            await self.start()
+            await requested.wait()
+            log.info("stop signal received")
+        finally:
+            try:
+                await self.stop()
+            finally:
+                for sig in signals:
+                    loop.remove_signal_handler(sig)
+
+    async def __aenter__(self) -> App:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+
+def build_app(
+    settings: RecommendationSettings,
+    *,
+    clock: Callable[[], datetime] | None = None,
+    engine: Engine | None = None,
+) -> App:
+    """Assemble the service from its settings (no I/O). ``clock`` replaces the real clock
+    (tests); ``engine`` replaces the one built from ``settings.database_url``."""
+    clock = clock or utc_now
+    engine = engine or make_engine(settings.database_url, settings.db_pool_size)
+    store = RecommendationStore(engine)
+    executor = BlockingExecutor(settings.db_pool_size, name="crm-recommendation-db")
+    metrics = RpcMetrics("recommendation")
+    sync = IndexSync(
+        store,
+        executor,
+        half_life_days=settings.popularity_half_life_days,
+        max_customer_cars=settings.max_customer_cars,
+        poll_interval_s=settings.refresh_interval_s,
+    )
+
+    def gauge(name: str, doc: str, fn: Callable[[], float]) -> None:
+        Gauge(name, doc, registry=metrics.registry).set_function(fn)
+
+    gauge(
+        "crm_recommendation_index_bytes",
+        "Approximate memory of the in-memory index.",
+        lambda: float(sync.index.nbytes) if sync.index else 0.0,
+    )
+    gauge(
+        "crm_recommendation_index_sequence",
+        "Change sequence up to which the index has applied every change.",
+        lambda: float(sync.index.watermark) if sync.index else 0.0,
+    )
+    gauge(
+        "crm_recommendation_index_cars",
+        "Car ids known to the index.",
+        lambda: float(sync.index.n) if sync.index else 0.0,
+    )
+
+    def on_apply(snapshot: ConfigSnapshot[RankingConfig]) -> None:
+        log.info("ranking config applied", extra={"config_revision": snapshot.revision})
+
+    watcher: ConfigWatcher[RankingConfig] = ConfigWatcher(
+        settings.etcd_endpoints,
+        settings.recommendation_config_prefix,
+        config.parse,
+        on_apply=on_apply,
+        name="recommendation-ranking",
+    )
+    ranking = RankingSource(watcher)
+    servicer = RecommendationServicer(
+        store=store, executor=executor, sync=sync, config=ranking, clock=clock
+    )
+
+    async def db_ready() -> None:
+        await executor.run(store.ping)
+
+    async def config_ready() -> None:
+        if not watcher.ready:
+            raise RuntimeError("ranking config not loaded from etcd yet")
+
+    async def index_ready() -> None:
+        if not sync.ready:
+            raise RuntimeError("index not loaded yet")
+
+    server = GrpcServer(
+        [SERVICE_NAME],
+        settings,
+        [(recommendation_pb2_grpc.add_RecommendationServiceServicer_to_server, servicer)],
+        readiness_checks={"mysql": db_ready, "config": config_ready, "index": index_ready},
+        metrics=metrics,
+    )
+
+    async def close_resources() -> None:
+        await sync.stop()
+        await watcher.stop()
+        await executor.aclose()
+        await asyncio.to_thread(engine.dispose)
+
+    server.on_stop.append(close_resources)
+    return App(
+        settings=settings,
+        engine=engine,
+        store=store,
+        executor=executor,
+        watcher=watcher,
+        ranking=ranking,
+        sync=sync,
+        servicer=servicer,
+        server=server,
+        metrics=metrics,
+    )

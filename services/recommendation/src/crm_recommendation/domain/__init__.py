@@ -1,0 +1,1 @@
+"""Pure domain of the recommendation service: values (``model``) and ranking."""

@@ -1,0 +1,361 @@
+"""``CarIndex``: the in-memory serving index of one replica.
+
+Every car id seen (in the inventory or in an interaction) gets a *slot*, a row of the
+column arrays below (slots are never reused; a sold car stays, marked not on sale):
+
+- inventory columns: ``known`` (the car's row was seen), ``on_sale``, ``price``, and the
+  numeric feature matrix ``features`` (log price, model year, log(1 + mileage)), plus
+  integer codes of brand, series (brand + series), body type and city;
+- ``logpop``: log of the decayed interaction weight, ``log sum(w * 2^((t - T0) / h))``.
+  Normalizing by the best candidate cancels "now", so no clock is involved;
+- ``pairs``: item-to-item co-occurrence, ``sum over customers of w_a * w_b`` where ``w`` is
+  the strongest kind of the customer's interactions with the car, and ``sq_norm`` (sum of
+  ``w^2``), giving the cosine ``C(a, b) / sqrt(N_a N_b)``. Customers with more than
+  ``max_customer_cars`` distinct cars (dealers, bots) are left out of co-occurrence;
+- ``customers``: each customer's cars and kinds (for history seeds and "already seen").
+
+Changes are applied by one thread (the event loop) in any order and converge: a car row
+wins when its change sequence is newer, an interaction is applied once (by sequence),
+and every aggregate is order-independent (integer sums, max of kinds). ``watermark`` is
+the change sequence up to which every change is applied.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+
+import numpy as np
+import numpy.typing as npt
+
+from crm_recommendation.domain.model import (
+    KIND_WEIGHT,
+    Car,
+    CarStatus,
+    Interaction,
+    kind_mask_weight,
+)
+from crm_recommendation.index.sparse import CsrBase, CustomerSets, PairWeights
+
+__all__ = ["T0", "CarIndex", "InteractionArrays", "Vocab"]
+
+F64 = npt.NDArray[np.float64]
+I64 = npt.NDArray[np.int64]
+I32 = npt.NDArray[np.int32]
+
+T0 = datetime(2000, 1, 1, tzinfo=UTC).timestamp()
+"""Reference time of the popularity exponent."""
+
+_MASK_WEIGHT = np.array([kind_mask_weight(m) for m in range(32)], dtype=np.int64)
+_KIND_LOG_WEIGHT = np.array(
+    [math.log(KIND_WEIGHT.get(k, 1)) for k in range(5)],  # type: ignore[call-overload]
+    dtype=np.float64,
+)
+
+InteractionArrays = tuple[I64, I64, npt.NDArray[np.int8], F64]
+"""``(customer_id, car_id, kind, occurred_at epoch seconds)`` columns of a bulk load."""
+
+
+class Vocab:
+    """Strings to dense integer codes (in order of first sight; codes never change)."""
+
+    def __init__(self) -> None:
+        self.code: dict[str, int] = {}
+        self.names: list[str] = []
+
+    def __call__(self, name: str) -> int:
+        found = self.code.get(name)
+        if found is None:
+            found = self.code[name] = len(self.names)
+            self.names.append(name)
+        return found
+
+
+def _logaddexp(a: float, b: float) -> float:
+    if a == -math.inf:
+        return b
+    hi, lo = (a, b) if a >= b else (b, a)
+    return hi + math.log1p(math.exp(lo - hi))
+
+
+class CarIndex:
+    """See the module doc. Not thread-safe: one owner thread applies changes and reads."""
+
+    def __init__(self, *, half_life_days: float = 14.0, max_customer_cars: int = 200) -> None:
+        if half_life_days <= 0 or max_customer_cars < 2:
+            raise ValueError("half_life_days must be > 0 and max_customer_cars >= 2")
+        self.decay = math.log(2) / (half_life_days * 86400.0)
+        self.max_customer_cars = max_customer_cars
+        self.n = 0
+        self.slot_of: dict[int, int] = {}
+        self.cars: list[Car | None] = []
+        self.brands = Vocab()
+        self.series_vocab = Vocab()
+        self.cities = Vocab()
+        cap = 1024
+        self.ids: I64 = np.zeros(cap, np.int64)
+        self.known = np.zeros(cap, np.bool_)
+        self.on_sale = np.zeros(cap, np.bool_)
+        self.price: I64 = np.zeros(cap, np.int64)
+        self.features: F64 = np.zeros((cap, 3), np.float64)
+        self.brand: I32 = np.zeros(cap, np.int32)
+        self.series: I32 = np.zeros(cap, np.int32)
+        self.body: I32 = np.zeros(cap, np.int32)
+        self.city: I32 = np.full(cap, -1, np.int32)
+        self.car_seq: I64 = np.zeros(cap, np.int64)
+        self.logpop: F64 = np.full(cap, -np.inf, np.float64)
+        self.sq_norm: I64 = np.zeros(cap, np.int64)
+        self.pairs = PairWeights()
+        self.customers = CustomerSets()
+        self.watermark = 0
+        self._applied: set[int] = set()
+        self._city_slots: dict[int, list[int]] = {}
+        self._city_cache: dict[int, I64] = {}
+
+    # ------------------------------------------------------------------ slots & reads
+
+    def _grow(self, need: int) -> None:
+        cap = len(self.ids)
+        if need <= cap:
+            return
+        new = max(need, cap * 2)
+
+        def grown(a: npt.NDArray[np.generic], fill: object = 0) -> npt.NDArray[np.generic]:
+            out = np.full((new, *a.shape[1:]), fill, dtype=a.dtype)
+            out[:cap] = a
+            return out
+
+        self.ids = grown(self.ids)  # type: ignore[assignment]
+        self.known = grown(self.known)  # type: ignore[assignment]
+        self.on_sale = grown(self.on_sale)  # type: ignore[assignment]
+        self.price = grown(self.price)  # type: ignore[assignment]
+        self.features = grown(self.features)  # type: ignore[assignment]
+        self.brand = grown(self.brand)  # type: ignore[assignment]
+        self.series = grown(self.series)  # type: ignore[assignment]
+        self.body = grown(self.body)  # type: ignore[assignment]
+        self.city = grown(self.city, -1)  # type: ignore[assignment]
+        self.car_seq = grown(self.car_seq)  # type: ignore[assignment]
+        self.logpop = grown(self.logpop, -np.inf)  # type: ignore[assignment]
+        self.sq_norm = grown(self.sq_norm)  # type: ignore[assignment]
+
+    def slot(self, car_id: int) -> int:
+        """The slot of ``car_id``, allocated on first sight."""
+        found = self.slot_of.get(car_id)
+        if found is not None:
+            return found
+        s = self.n
+        self._grow(s + 1)
+        self.ids[s] = car_id
+        self.slot_of[car_id] = s
+        self.cars.append(None)
+        self.n = s + 1
+        return s
+
+    def car(self, car_id: int) -> Car | None:
+        """The car with ``car_id`` (any status), or None when not in the inventory."""
+        s = self.slot_of.get(car_id)
+        return None if s is None else self.cars[s]
+
+    def city_slots(self, city: str | None) -> I64:
+        """Slots of known cars in ``city`` (every known car when None), any status."""
+        if city is None:
+            return np.flatnonzero(self.known[: self.n]).astype(np.int64)
+        code = self.cities.code.get(city)
+        if code is None:
+            return np.zeros(0, np.int64)
+        cached = self._city_cache.get(code)
+        if cached is None:
+            cached = np.array(sorted(self._city_slots.get(code, ())), dtype=np.int64)
+            self._city_cache[code] = cached
+        return cached
+
+    def customer_cars(self, customer_id: int) -> Mapping[int, int]:
+        """``{slot: kind mask}`` of the customer's interactions."""
+        return self.customers.get(customer_id)
+
+    def cooccurrence(self, a: int) -> tuple[I64, F64]:
+        """Neighbours of slot ``a`` (unique) with the cosine of their co-occurrence."""
+        nbr, weight = self.pairs.row(a)
+        if len(nbr) == 0 or self.sq_norm[a] <= 0:
+            return nbr, np.zeros(len(nbr), np.float64)
+        denom = np.sqrt(float(self.sq_norm[a]) * self.sq_norm[nbr].astype(np.float64))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            cos = np.where(denom > 0, weight / np.where(denom > 0, denom, 1.0), 0.0)
+        return nbr, cos
+
+    def cosine(self, a: int, b: int) -> float:
+        """Co-occurrence cosine of two slots (0 when none)."""
+        value = self.pairs.get(a, b)
+        denom = math.sqrt(float(self.sq_norm[a]) * float(self.sq_norm[b]))
+        return value / denom if value > 0 and denom > 0 else 0.0
+
+    @property
+    def nbytes(self) -> int:
+        """Approximate memory of the index (arrays, overlays, per-car objects)."""
+        arrays = (
+            self.ids, self.known, self.on_sale, self.price, self.features, self.brand,
+            self.series, self.body, self.city, self.car_seq, self.logpop, self.sq_norm,
+        )  # fmt: skip
+        objects = 250 * self.n  # Car object, dict entries, city list entry
+        return (
+            int(sum(a.nbytes for a in arrays))
+            + objects
+            + self.pairs.nbytes
+            + (self.customers.nbytes)
+        )
+
+    # ------------------------------------------------------------------ cars
+
+    def upsert_car(self, car: Car, sequence: int) -> bool:
+        """Applies a car row whose change sequence is ``sequence``; an older row than the
+        one held is ignored. Returns whether anything changed."""
+        s = self.slot(car.id)
+        if self.known[s] and sequence <= self.car_seq[s]:
+            return False
+        old_city = int(self.city[s])
+        new_city = self.cities(car.city)
+        if old_city != new_city:
+            if old_city >= 0:
+                self._city_slots[old_city].remove(s)
+                self._city_cache.pop(old_city, None)
+            self._city_slots.setdefault(new_city, []).append(s)
+            self._city_cache.pop(new_city, None)
+        self.cars[s] = car
+        self.known[s] = True
+        self.on_sale[s] = car.status == CarStatus.ON_SALE
+        self.price[s] = car.price_yuan
+        self.features[s] = (
+            math.log(max(car.price_yuan, 1)),
+            float(car.model_year),
+            math.log1p(max(car.mileage_km, 0)),
+        )
+        self.brand[s] = self.brands(car.brand)
+        self.series[s] = self.series_vocab(f"{car.brand}\x00{car.series}")
+        self.body[s] = int(car.body_type)
+        self.city[s] = new_city
+        self.car_seq[s] = sequence
+        return True
+
+    def apply_cars(self, rows: Iterable[tuple[Car, int]]) -> int:
+        """Applies ``(car, sequence)`` rows; returns how many changed the index."""
+        return sum(1 for car, seq in rows if self.upsert_car(car, seq))
+
+    # ------------------------------------------------------------------ interactions
+
+    def add_interaction(self, it: Interaction) -> bool:
+        """Applies one interaction (once per sequence; a sequence of 0 is always applied)."""
+        seq = it.sequence
+        if seq:
+            if seq <= self.watermark or seq in self._applied:
+                return False
+            self._applied.add(seq)
+        s = self.slot(it.car_id)
+        t = it.occurred_at.timestamp()
+        contribution = math.log(KIND_WEIGHT[it.kind]) + (t - T0) * self.decay
+        self.logpop[s] = _logaddexp(float(self.logpop[s]), contribution)
+        self._add_interest(it.customer_id, s, 1 << int(it.kind))
+        return True
+
+    def apply_interactions(self, rows: Iterable[Interaction]) -> int:
+        return sum(1 for it in rows if self.add_interaction(it))
+
+    def _add_interest(self, customer_id: int, s: int, bit: int) -> None:
+        cars = self.customers.mutable(customer_id)
+        old_mask = cars.get(s, 0)
+        new_mask = old_mask | bit
+        if new_mask == old_mask:
+            return
+        cars[s] = new_mask
+        limit = self.max_customer_cars
+        size = len(cars)
+        if size > limit + 1 or (size == limit + 1 and old_mask):
+            return  # already left out of co-occurrence
+        if size == limit + 1:  # just crossed the limit: withdraw everything it added
+            others = [(y, kind_mask_weight(m)) for y, m in cars.items() if y != s]
+            for i, (y, wy) in enumerate(others):
+                self.sq_norm[y] -= wy * wy
+                for z, wz in others[i + 1 :]:
+                    self.pairs.add(y, z, -wy * wz)
+            return
+        old_w, new_w = kind_mask_weight(old_mask), kind_mask_weight(new_mask)
+        if new_w == old_w:
+            return
+        self.sq_norm[s] += new_w * new_w - old_w * old_w
+        dw = new_w - old_w
+        for y, m in cars.items():
+            if y != s:
+                self.pairs.add(s, y, dw * kind_mask_weight(m))
+
+    def advance_watermark(self, sequence: int) -> None:
+        """Every change up to ``sequence`` is applied now."""
+        if sequence > self.watermark:
+            self.watermark = sequence
+            self._applied = {s for s in self._applied if s > sequence}
+
+    # ------------------------------------------------------------------ bulk
+
+    def bulk_load(
+        self,
+        cars: Sequence[tuple[Car, int]],
+        interactions: InteractionArrays,
+        watermark: int,
+    ) -> None:
+        """Loads a fresh index in one go (vectorized): cars, then interactions given as
+        column arrays. Produces the same state as applying them one by one."""
+        if self.n or self.watermark:
+            raise RuntimeError("bulk_load needs an empty index")
+        self.apply_cars(cars)
+        customer, car_id, kind, t = interactions
+        if len(customer):
+            uniq, inverse = np.unique(car_id, return_inverse=True)
+            mapped = np.fromiter((self.slot(int(c)) for c in uniq), np.int64, len(uniq))
+            slots = mapped[inverse.reshape(-1)]
+            n = self.n
+            contrib = _KIND_LOG_WEIGHT[kind.astype(np.int64)] + (t - T0) * self.decay
+            top = np.full(n, -np.inf)
+            np.maximum.at(top, slots, contrib)
+            sums = np.bincount(slots, weights=np.exp(contrib - top[slots]), minlength=n)
+            with np.errstate(divide="ignore"):
+                self.logpop[:n] = np.where(sums > 0, top + np.log(sums), -np.inf)
+            self._load_customers(customer, slots, kind)
+        self.watermark = watermark
+
+    def _load_customers(self, customer: I64, slots: I64, kind: npt.NDArray[np.int8]) -> None:
+        n = self.n
+        order = np.lexsort((slots, customer))
+        cust, slot = customer[order], slots[order]
+        bits = (np.int64(1) << kind[order].astype(np.int64)).astype(np.int64)
+        first = np.ones(len(cust), np.bool_)
+        first[1:] = (cust[1:] != cust[:-1]) | (slot[1:] != slot[:-1])
+        starts = np.flatnonzero(first)
+        masks = np.bitwise_or.reduceat(bits, starts)
+        cust, slot = cust[starts], slot[starts]
+        # customers: CSR over sorted ids
+        new_customer = np.ones(len(cust), np.bool_)
+        new_customer[1:] = cust[1:] != cust[:-1]
+        g_start = np.flatnonzero(new_customer)
+        sizes = np.diff(np.append(g_start, len(cust)))
+        indptr = np.zeros(len(g_start) + 1, np.int64)
+        np.cumsum(sizes, out=indptr[1:])
+        self.customers = CustomerSets(
+            cust[g_start].astype(np.int64), indptr, slot.astype(np.int64), masks.astype(np.int8)
+        )
+        # co-occurrence of customers within the limit
+        w = _MASK_WEIGHT[masks]
+        elem_size = np.repeat(sizes, sizes)
+        elem_start = np.repeat(g_start, sizes)
+        counted = elem_size <= self.max_customer_cars
+        self.sq_norm[:n] = np.rint(
+            np.bincount(slot[counted], weights=(w[counted] ** 2).astype(np.float64), minlength=n)
+        ).astype(np.int64)
+        elems = np.flatnonzero(counted & (elem_size >= 2))
+        reps = elem_size[elems]
+        a = np.repeat(elems, reps)
+        offsets = np.arange(int(reps.sum()), dtype=np.int64) - np.repeat(
+            np.cumsum(reps) - reps, reps
+        )
+        b = elem_start[a] + offsets
+        keep = a != b
+        a, b = a[keep], b[keep]
+        self.pairs = PairWeights(CsrBase.from_triples(slot[a], slot[b], w[a] * w[b], n))

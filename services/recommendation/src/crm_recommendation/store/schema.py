@@ -1,0 +1,130 @@
+"""Tables of the recommendation service (SQLAlchemy 2 typed ORM, MySQL/MariaDB).
+
+Every write takes its change sequence numbers from the one ``change_sequence`` row (an
+``UPDATE`` that holds the row lock until commit), so sequence order is commit order: a
+reader that sees sequence ``n`` committed sees every change ``<= n``. ``car.seq`` is the
+sequence of the car's latest write; ``interaction.seq`` is the interaction's id. Replicas
+poll ``seq > last seen`` to follow each other.
+
+Timestamps are ``DATETIME(6)`` holding naive UTC (:class:`UtcDateTime` converts); enums
+are stored by name.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Dialect,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    SmallInteger,
+    String,
+    TypeDecorator,
+)
+from sqlalchemy.dialects import mysql
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from crm_recommendation.domain.model import BodyType, CarStatus, InteractionKind
+
+__all__ = [
+    "SEQUENCE_NAME",
+    "Base",
+    "CarRow",
+    "ChangeSequenceRow",
+    "InteractionRow",
+    "UtcDateTime",
+]
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+TABLE_ARGS: dict[str, Any] = {
+    "mysql_engine": "InnoDB",
+    "mysql_charset": "utf8mb4",
+    "mysql_collate": "utf8mb4_bin",
+}
+
+SEQUENCE_NAME = "data"
+"""Name of the single change sequence row (created by the migration)."""
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """``DATETIME(6)`` with naive UTC in the database and aware UTC in Python."""
+
+    impl = mysql.DATETIME(fsp=6)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=UTC)
+
+
+def _enum(cls: type[Any], name: str) -> Enum:
+    return Enum(cls, name=name, native_enum=False, create_constraint=False, length=24)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class CarRow(Base):
+    __tablename__ = "car"
+    __table_args__ = TABLE_ARGS
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    brand: Mapped[str] = mapped_column(String(32))
+    series: Mapped[str] = mapped_column(String(64))
+    model_year: Mapped[int] = mapped_column(SmallInteger)
+    mileage_km: Mapped[int] = mapped_column(Integer)
+    price_yuan: Mapped[int] = mapped_column(BigInteger)
+    city: Mapped[str] = mapped_column(String(64, collation="ascii_bin"))
+    body_type: Mapped[BodyType] = mapped_column(_enum(BodyType, "body_type"))
+    status: Mapped[CarStatus] = mapped_column(_enum(CarStatus, "car_status"))
+    seq: Mapped[int] = mapped_column(
+        BigInteger, unique=True, comment="change sequence of the latest write"
+    )
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class InteractionRow(Base):
+    __tablename__ = "interaction"
+    __table_args__ = (
+        Index("ix_interaction_customer", "customer_id", "seq"),
+        Index("ix_interaction_car", "car_id"),
+        TABLE_ARGS,
+    )
+
+    seq: Mapped[int] = mapped_column(
+        BigInteger, primary_key=True, autoincrement=False, comment="change sequence"
+    )
+    customer_id: Mapped[int] = mapped_column(BigInteger)
+    car_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("car.id"))
+    kind: Mapped[InteractionKind] = mapped_column(_enum(InteractionKind, "interaction_kind"))
+    occurred_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    recorded_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class ChangeSequenceRow(Base):
+    __tablename__ = "change_sequence"
+    __table_args__ = TABLE_ARGS
+
+    name: Mapped[str] = mapped_column(String(32, collation="ascii_bin"), primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger, comment="last sequence number handed out")

@@ -1,0 +1,312 @@
+"""Recommendation benchmark (issue #6): Recommend latency against a no-op RPC, same server.
+
+    PYTHONPATH=tools .venv/bin/python -m crm_tools.bench_recommendation [--seconds 8]
+
+and ``await run(seconds, concurrency)`` from ``crm_tools.bench``.
+
+What is measured, honestly:
+
+- data: 100,000 cars and 1,000,000 interactions (100,000 customers, 10 each: mostly cars
+  of one city + series + price band, 20 % anything), generated vectorized and bulk-loaded
+  into MySQL with ``LOAD DATA LOCAL INFILE`` (multi-row INSERT batches when the server
+  refuses local files), change sequence set past the rows: the service then loads its
+  index from MySQL exactly as in production (`python -m crm_recommendation serve`, its
+  own process); the index build time is reported;
+- baseline: the standard health ``Check`` on the *same* server (interceptor, metrics and
+  logging included), closed loop at the same concurrency, measured just before;
+- Recommend top-20 as the console sends it: customer id, 1-3 intent cars, their city and
+  a +-25 % budget band; then the same without city and budget (every car on sale is a
+  candidate: the worst case, no target);
+- memory: the index's own estimate (``crm_recommendation_index_bytes`` on /metrics) and
+  the process RSS.
+
+Target: Recommend p99 <= 3x the no-op p99.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+import pymysql
+from crm.recommendation.v1 import recommendation_pb2 as pb
+from crm.recommendation.v1 import recommendation_pb2_grpc as pb_grpc
+from crm_devstack import create_database, drop_database, free_port, up
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sqlalchemy.engine import make_url
+
+from crm_tools.bench import OUT, closed_loop
+from crm_tools.eval_recommendation import make_cars
+from crm_tools.procs import ServiceProc, run_module, start_service, wait_serving
+
+__all__ = ["run"]
+
+DB_NAME = "crm_bench_recommendation"
+N_CARS = 100_000
+N_CUSTOMERS = 100_000
+PER_CUSTOMER = 10
+TARGET_RATIO = 3.0
+
+
+def _interactions(
+    cars_sorted: npt.NDArray[np.int64], rng: np.random.Generator
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[Any]]:
+    """(customer, car, kind, time) columns: each customer browses a window of the car list
+    sorted by (city, series, price) around an anchor (80 %) or anything (20 %)."""
+    n = N_CUSTOMERS * PER_CUSTOMER
+    customer = np.repeat(np.arange(1, N_CUSTOMERS + 1, dtype=np.int64), PER_CUSTOMER)
+    anchor = rng.integers(0, len(cars_sorted), N_CUSTOMERS)
+    pos = np.repeat(anchor, PER_CUSTOMER) + rng.integers(-25, 26, n)
+    pos = np.clip(pos, 0, len(cars_sorted) - 1)
+    noise = rng.random(n) < 0.2
+    pos[noise] = rng.integers(0, len(cars_sorted), int(noise.sum()))
+    kind = rng.choice(4, n, p=[0.6, 0.25, 0.1, 0.05]).astype(np.int64) + 1
+    start = np.datetime64("2025-08-01T00:00:00")
+    seconds = rng.integers(0, 90 * 86400, n)
+    return customer, cars_sorted[pos], kind, start + seconds.astype("timedelta64[s]")
+
+
+def _load(url: str, seed: int) -> dict[str, float]:
+    """Generates and bulk-loads the data; returns timings."""
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    cars, _ = make_cars(N_CARS, rng)
+    order = sorted(range(N_CARS), key=lambda i: (cars[i].city, cars[i].series, cars[i].price_yuan))
+    ids_sorted = np.array([cars[i].id for i in order], dtype=np.int64)
+    customer, car_id, kind, at = _interactions(ids_sorted, rng)
+    kinds = np.array(["", "VIEWED", "ASKED", "CALLED", "VISITED"])
+    t1 = time.perf_counter()
+    now = "2025-11-01 00:00:00"
+    car_lines = [
+        f"{c.id}\t{c.brand}\t{c.series}\t{c.model_year}\t{c.mileage_km}\t{c.price_yuan}\t"
+        f"{c.city}\t{c.body_type.name}\t{c.status.name}\t{i + 1}\t{now}\t{now}"
+        for i, c in enumerate(cars)
+    ]
+    stamps = np.char.replace(np.datetime_as_string(at, unit="s"), "T", " ")
+    seqs = np.arange(N_CARS + 1, N_CARS + 1 + len(customer))
+    int_lines = [
+        f"{s}\t{cu}\t{ca}\t{k}\t{ts}\t{ts}"
+        for s, cu, ca, k, ts in zip(
+            seqs.tolist(), customer.tolist(), car_id.tolist(), kinds[kind].tolist(),
+            stamps.tolist(), strict=True,
+        )
+    ]  # fmt: skip
+    u = make_url(url)
+    conn = pymysql.connect(
+        host=u.host or "127.0.0.1",
+        port=u.port or 3306,
+        user=u.username,
+        password=u.password or "",
+        database=u.database,
+        local_infile=True,
+        autocommit=True,
+    )
+    try:
+        with conn.cursor() as cur:
+            _bulk(cur, "car", car_lines,
+                  "id, brand, series, model_year, mileage_km, price_yuan, city, body_type, "
+                  "status, seq, created_at, updated_at")  # fmt: skip
+            _bulk(cur, "interaction", int_lines,
+                  "seq, customer_id, car_id, kind, occurred_at, recorded_at")  # fmt: skip
+            cur.execute(
+                "UPDATE change_sequence SET value = %s WHERE name = 'data'",
+                (N_CARS + len(int_lines),),
+            )
+    finally:
+        conn.close()
+    return {"generate_s": t1 - t0, "load_s": time.perf_counter() - t1}
+
+
+def _bulk(cur: Any, table: str, lines: list[str], columns: str) -> None:
+    try:
+        with tempfile.NamedTemporaryFile("w", suffix=".tsv", delete=False) as f:
+            f.write("\n".join(lines))
+            path = f.name
+        cur.execute(
+            f"LOAD DATA LOCAL INFILE %s INTO TABLE {table} "
+            f"FIELDS TERMINATED BY '\\t' LINES TERMINATED BY '\\n' ({columns})",
+            (path,),
+        )
+        Path(path).unlink(missing_ok=True)
+        return
+    except pymysql.err.MySQLError as exc:
+        print(f"bench: LOAD DATA refused ({exc}); falling back to INSERT batches")
+    width = columns.count(",") + 1
+    sql = f"INSERT INTO {table} ({columns}) VALUES ({', '.join(['%s'] * width)})"
+    for i in range(0, len(lines), 10_000):
+        cur.executemany(sql, [line.split("\t") for line in lines[i : i + 10_000]])
+
+
+def _metric(port: int, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _queries(
+    seed: int, n: int = 5000
+) -> tuple[list[pb.RecommendRequest], list[pb.RecommendRequest]]:
+    rng = np.random.default_rng(seed)
+    cars, _ = make_cars(N_CARS, np.random.default_rng(seed))  # same cars as loaded
+    with_filters: list[pb.RecommendRequest] = []
+    open_ones: list[pb.RecommendRequest] = []
+    for _ in range(n):
+        intent = [cars[int(i)] for i in rng.integers(0, N_CARS, int(rng.integers(1, 4)))]
+        price = intent[0].price_yuan
+        customer_id = int(rng.integers(1, N_CUSTOMERS + 1))
+        intent_ids = [c.id for c in intent]
+        with_filters.append(
+            pb.RecommendRequest(
+                customer_id=customer_id,
+                intent_car_ids=intent_ids,
+                count=20,
+                city=intent[0].city,
+                budget_min_yuan=int(price * 0.75),
+                budget_max_yuan=int(price * 1.25),
+            )
+        )
+        open_ones.append(
+            pb.RecommendRequest(customer_id=customer_id, intent_car_ids=intent_ids, count=20)
+        )
+    return with_filters, open_ones
+
+
+async def run(seconds: float, concurrency: int) -> list[dict[str, Any]]:
+    """Loads the data, starts the service, measures; one dict per measure."""
+    seed = 6
+    stack = await asyncio.to_thread(up)
+    await asyncio.to_thread(drop_database, DB_NAME)
+    url = await asyncio.to_thread(create_database, DB_NAME)
+    OUT.mkdir(exist_ok=True)
+    log = OUT / "recommendation.log"
+    log.write_bytes(b"")
+    port, metrics_port = free_port(), free_port()
+    env = {
+        "CRM_RECOMMENDATION_PORT": str(port),
+        "CRM_RECOMMENDATION_HOST": "127.0.0.1",
+        "CRM_RECOMMENDATION_METRICS_PORT": str(metrics_port),
+        "CRM_RECOMMENDATION_DATABASE_URL": url,
+        "CRM_RECOMMENDATION_ETCD_ENDPOINTS": stack.etcd_endpoint,
+        "CRM_RECOMMENDATION_CONFIG_PREFIX": "/crm/bench/config",
+        "CRM_RECOMMENDATION_LOG_LEVEL": "WARNING",
+    }
+    await asyncio.to_thread(run_module, "crm_recommendation", ["migrate"], env, log)
+    timings = await asyncio.to_thread(_load, url, seed)
+    print(
+        f"bench: {N_CARS:,} cars + {N_CUSTOMERS * PER_CUSTOMER:,} interactions generated in "
+        f"{timings['generate_s']:.1f}s, bulk-loaded in {timings['load_s']:.1f}s"
+    )
+    filtered, unfiltered = await asyncio.to_thread(_queries, seed)
+    t_start = time.perf_counter()
+    proc: ServiceProc = start_service("recommendation", "crm_recommendation", port, env, log)
+    try:
+        await wait_serving(proc, timeout=300)
+        index_s = time.perf_counter() - t_start
+        async with grpc.aio.insecure_channel(proc.target) as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            stub = pb_grpc.RecommendationServiceStub(ch)
+            check = health_pb2.HealthCheckRequest(service="")
+
+            async def noop(_: int) -> None:
+                await health.Check(check)
+
+            async def rec(i: int) -> None:
+                await stub.Recommend(filtered[i % len(filtered)])
+
+            async def rec_open(i: int) -> None:
+                await stub.Recommend(unfiltered[i % len(unfiltered)])
+
+            base = await closed_loop(
+                "health Check (no-op, same server)", noop, concurrency, seconds
+            )
+            m_rec = await closed_loop("Recommend top-20 (city+budget)", rec, concurrency, seconds)
+            m_open = await closed_loop(
+                "Recommend top-20 (no city/budget)", rec_open, concurrency, seconds
+            )
+        index_mb = _metric(metrics_port, "crm_recommendation_index_bytes") / 2**20
+        rss_mb = _rss_mb(proc.popen.pid)
+    finally:
+        proc.stop()
+    rows: list[dict[str, Any]] = []
+    for m, target in ((base, None), (m_rec, TARGET_RATIO), (m_open, None)):
+        ratio = m.p99_ms / base.p99_ms if base.p99_ms else 0.0
+        rows.append(
+            {
+                "measure": m.name,
+                "rate": m.rate,
+                "unit": "RPC/s",
+                "p50_ms": m.p50_ms,
+                "p99_ms": m.p99_ms,
+                "p99_ratio_to_noop": ratio,
+                "target": target,
+                "ok": None if target is None else ratio <= target,
+                "ops": m.ops,
+                "seconds": m.seconds,
+            }
+        )
+    rows.append(
+        {
+            "measure": "index",
+            "cars": N_CARS,
+            "interactions": N_CUSTOMERS * PER_CUSTOMER,
+            "index_mb": index_mb,
+            "process_rss_mb": rss_mb,
+            "start_to_serving_s": index_s,
+            **timings,
+        }
+    )
+    return rows
+
+
+def _print(rows: list[dict[str, Any]]) -> None:
+    print(f"\n{'measure':<38}{'RPC/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'p99/no-op':>11}{'target':>10}")
+    for r in rows:
+        if "p99_ms" not in r:
+            continue
+        target = (
+            "" if r["target"] is None else f"<={r['target']:g} " + ("ok" if r["ok"] else "MISS")
+        )
+        print(
+            f"{r['measure']:<38}{r['rate']:>9.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
+            f"{r['p99_ratio_to_noop']:>10.2f}x{target:>10}"
+        )
+    idx = rows[-1]
+    print(
+        f"\nindex: {idx['index_mb']:.0f} MB (estimate), process RSS {idx['process_rss_mb']:.0f} MB;"
+        f" start -> SERVING {idx['start_to_serving_s']:.1f}s"
+    )
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=8.0, help="measured window per measure")
+    ap.add_argument("--concurrency", type=int, default=16, help="calls in flight")
+    args = ap.parse_args()
+    rows = asyncio.run(run(args.seconds, args.concurrency))
+    _print(rows)
+    OUT.mkdir(exist_ok=True)
+    (OUT / "recommendation.json").write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
