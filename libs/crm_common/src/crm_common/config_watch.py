@@ -13,12 +13,35 @@ needs a value. The watcher:
 - on a lost connection reconnects with capped exponential backoff (rotating over the
   endpoints) and re-lists the prefix, so changes and deletes made meanwhile are applied; a
   watch whose start revision was compacted re-lists too.
+
+Key layout (``<config_prefix>`` defaults to ``/crm/config``; the CRMConfig operator writes
+it, services only read, except their own acknowledgement)::
+
+    <config_prefix>/<service>/<key>              the stable value: plain JSON, as always
+    <config_prefix>/<service>/_rollout/<key>     a candidate being rolled out (envelope)
+    <config_prefix>/_acks/<service>/<instance>   what one live instance applied (leased)
+    <config_prefix>/_history/<service>/<key>/<revision>   past values (operator only)
+
+Keys whose name relative to the watched prefix starts with ``_`` are reserved: they are
+never passed to ``parse``. ``_rollout/<key>`` holds ``{"percent": P, "value": {...}}``:
+an instance whose :func:`rollout_bucket` (a stable hash of its instance name, 0..99) is
+below ``P`` applies ``value`` as ``<key>``, every other instance keeps the stable value.
+Deleting the rollout key (promotion or abort) moves everyone back to the stable key. A
+watcher without an instance name never joins a rollout.
+
+With ``ack=<instance name>`` the watcher also writes, after every applied snapshot (and
+``on_apply``), ``<config_prefix>/_acks/<service>/<instance>`` =
+``{"instance", "revision", "keys": {key: mod_revision}, "rejected": {key: revision},
+"time"}`` under a lease kept alive while the watcher runs, so the key of a dead instance
+vanishes after ``ack_ttl`` seconds (a stopped watcher revokes it at once).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
+import hashlib
 import inspect
 import json
 import logging
@@ -32,12 +55,24 @@ import aetcd
 import pydantic
 
 __all__ = [
+    "ACKS_DIR",
+    "HISTORY_DIR",
+    "RESERVED_MARK",
+    "ROLLOUT_DIR",
+    "Ack",
     "ConfigSnapshot",
     "ConfigWatchError",
     "ConfigWatcher",
     "Rejection",
+    "ack_key",
+    "acks_prefix",
+    "config_key",
     "delete_key",
+    "history_prefix",
     "put_json",
+    "rollout_bucket",
+    "rollout_key",
+    "split_prefix",
 ]
 
 log = logging.getLogger("crm.config")
@@ -66,6 +101,49 @@ _CHANNEL_OPTIONS = {
 }
 _MAX_REASON = 500
 
+RESERVED_MARK = "_"
+"""Relative keys starting with this are reserved (rollouts, acks, history), never config."""
+ROLLOUT_DIR = "_rollout/"
+ACKS_DIR = "_acks/"
+HISTORY_DIR = "_history/"
+
+
+def config_key(config_prefix: str, service: str, key: str) -> str:
+    """``<config_prefix>/<service>/<key>``: the stable value of one config key."""
+    return f"{config_prefix.rstrip('/')}/{service}/{key}"
+
+
+def rollout_key(config_prefix: str, service: str, key: str) -> str:
+    """``<config_prefix>/<service>/_rollout/<key>``: the candidate being rolled out."""
+    return f"{config_prefix.rstrip('/')}/{service}/{ROLLOUT_DIR}{key}"
+
+
+def acks_prefix(config_prefix: str, service: str) -> str:
+    """``<config_prefix>/_acks/<service>/``: one leased key per live instance."""
+    return f"{config_prefix.rstrip('/')}/{ACKS_DIR}{service}/"
+
+
+def ack_key(config_prefix: str, service: str, instance: str) -> str:
+    return acks_prefix(config_prefix, service) + instance
+
+
+def history_prefix(config_prefix: str, service: str, key: str) -> str:
+    """``<config_prefix>/_history/<service>/<key>/``: past values by revision."""
+    return f"{config_prefix.rstrip('/')}/{HISTORY_DIR}{service}/{key}/"
+
+
+def split_prefix(prefix: str) -> tuple[str, str]:
+    """A watcher prefix ``<config_prefix>/<service>/`` -> ``(config_prefix, service)``."""
+    parent, _, service = prefix.rstrip("/").rpartition("/")
+    return parent, service
+
+
+def rollout_bucket(instance: str) -> int:
+    """The stable bucket (0..99) of an instance name: it takes part in a rollout of ``P``
+    percent when its bucket is below ``P``. Same name, same bucket, on every machine."""
+    digest = hashlib.sha256(instance.encode()).digest()
+    return int.from_bytes(digest[:8], "big") % 100
+
 
 class ConfigWatchError(RuntimeError):
     """The configuration could not be loaded from etcd (start() timed out)."""
@@ -78,6 +156,42 @@ class Rejection:
     key: str
     revision: int
     reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """What one instance applied (the JSON document of its ack key)."""
+
+    instance: str
+    revision: int
+    keys: Mapping[str, int]
+    rejected: Mapping[str, int]
+    time: str
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {
+                "instance": self.instance,
+                "revision": self.revision,
+                "keys": dict(self.keys),
+                "rejected": dict(self.rejected),
+                "time": self.time,
+            },
+            sort_keys=True,
+        ).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Ack:
+        doc = json.loads(raw)
+        if not isinstance(doc, dict):
+            raise ValueError("an ack must be a JSON object")
+        return cls(
+            instance=str(doc["instance"]),
+            revision=int(doc["revision"]),
+            keys={str(k): int(v) for k, v in dict(doc.get("keys") or {}).items()},
+            rejected={str(k): int(v) for k, v in dict(doc.get("rejected") or {}).items()},
+            time=str(doc.get("time", "")),
+        )
 
 
 def _frozen(d: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -144,6 +258,9 @@ class ConfigWatcher(Generic[T]):
     ``parse(key, raw)`` gets the key relative to ``prefix`` and the raw bytes, and returns the
     value or raises (ValueError / pydantic.ValidationError) to reject it. ``on_apply`` (sync
     or async) is called with the new snapshot after every change of the values.
+
+    ``ack`` is this instance's name: it decides rollouts (see :func:`rollout_bucket`) and
+    names the leased acknowledgement key written after every applied snapshot (module doc).
     """
 
     def __init__(
@@ -156,6 +273,8 @@ class ConfigWatcher(Generic[T]):
         name: str = "config",
         backoff_max: float = 5.0,
         backoff_initial: float = 0.2,
+        ack: str | None = None,
+        ack_ttl: int = 10,
     ) -> None:
         self._endpoints = _parse_endpoints(endpoints)
         self._prefix = prefix if prefix.endswith("/") else prefix + "/"
@@ -174,6 +293,16 @@ class ConfigWatcher(Generic[T]):
         self._loaded = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._last_error: Exception | None = None
+        # raw state under the prefix: stable values and rollout envelopes, by relative key
+        self._stable: dict[str, tuple[bytes, int]] = {}
+        self._rollouts: dict[str, tuple[bytes, int]] = {}
+        self._instance = ack
+        self._ack_ttl = max(2, ack_ttl)
+        config_prefix, service = split_prefix(self._prefix)
+        self._ack_key = ack_key(config_prefix, service, ack).encode() if ack else None
+        self._ack_dirty = asyncio.Event()
+        self._ack_task: asyncio.Task[None] | None = None
+        self._ack_written = 0  # the snapshot revision of the last ack written
 
     # ----------------------------------------------------------------- public state
 
@@ -201,6 +330,20 @@ class ConfigWatcher(Generic[T]):
         return self._rejected
 
     @property
+    def instance(self) -> str | None:
+        """This instance's name (``ack``), or None."""
+        return self._instance
+
+    @property
+    def acked_revision(self) -> int:
+        """The snapshot revision of the last acknowledgement written (0: none yet)."""
+        return self._ack_written
+
+    def in_rollout(self, percent: int) -> bool:
+        """Whether this instance takes part in a rollout to ``percent`` % of instances."""
+        return self._instance is not None and rollout_bucket(self._instance) < percent
+
+    @property
     def connected(self) -> bool:
         """True while the watch on etcd is established."""
         return self._connected
@@ -217,6 +360,8 @@ class ConfigWatcher(Generic[T]):
         if self._task is not None:
             raise RuntimeError(f"config watcher {self._name!r} already started")
         self._task = asyncio.create_task(self._run(), name=f"config-watch:{self._name}")
+        if self._ack_key is not None:
+            self._ack_task = asyncio.create_task(self._ack_loop(), name=f"config-ack:{self._name}")
         if not wait:
             return
         loaded = asyncio.create_task(self._loaded.wait())
@@ -234,11 +379,13 @@ class ConfigWatcher(Generic[T]):
         )
 
     async def stop(self) -> None:
-        """Stop watching (the client is closed by the background task on its way out)."""
-        task, self._task = self._task, None
-        if task is not None and not task.done():
-            task.cancel()
-            await asyncio.wait({task})
+        """Stop watching (the client is closed by the background task on its way out) and
+        revoke the acknowledgement's lease, so the ack key disappears at once."""
+        for task in (self._task, self._ack_task):
+            if task is not None and not task.done():
+                task.cancel()
+                await asyncio.wait({task})
+        self._task = self._ack_task = None
         self._connected = False
 
     async def wait_for_revision(self, rev: int, timeout: float) -> ConfigSnapshot[T]:
@@ -288,18 +435,15 @@ class ConfigWatcher(Generic[T]):
         result = await client.get_prefix(self._prefix_b)
         revision = int(result.header.revision)
         old = self._snapshot
-        values: dict[str, T] = {}
-        mods: dict[str, int] = {}
-        rejected: dict[str, Rejection] = {}
+        self._stable, self._rollouts = {}, {}
         for kv in result:
-            key, mod_revision = self._key(kv.key), int(kv.mod_revision)
-            value = self._parse_kv(key, kv.value, mod_revision)
-            if not isinstance(value, Rejection):
-                values[key], mods[key] = value, mod_revision
-                continue
-            rejected[key] = value
-            if key in old.values:  # keep the last good value
-                values[key], mods[key] = old.values[key], old.mod_revisions[key]
+            self._remember(self._key(kv.key), kv.value, int(kv.mod_revision))
+        values, mods = dict(old.values), dict(old.mod_revisions)
+        rejected: dict[str, Rejection] = {}
+        for key in set(values) | set(self._stable) | set(self._rollouts):
+            self._resolve(key, values, mods, rejected, relist=True)
+        for key in self._rollouts:
+            self._rollout_problem(key, rejected)
         if revision < old.revision:
             log.warning("%s: etcd revision went back from %d to %d (etcd data replaced?)",
                         self._name, old.revision, revision)  # fmt: skip
@@ -351,25 +495,106 @@ class ConfigWatcher(Generic[T]):
         old = self._snapshot
         values, mods, rejected = dict(old.values), dict(old.mod_revisions), dict(self._rejected)
         revision = old.revision
-        changed = False
+        touched: set[str] = set()
         for event in events:
             key, mod_revision = self._key(event.kv.key), int(event.kv.mod_revision)
             revision = max(revision, mod_revision)
             if event.kind == aetcd.EventKind.DELETE:
-                changed |= key in values
-                values.pop(key, None)
-                mods.pop(key, None)
-                rejected.pop(key, None)
-                continue
-            value = self._parse_kv(key, event.kv.value, mod_revision)
-            if isinstance(value, Rejection):
-                rejected[key] = value
+                touched.add(self._forget(key))
             else:
-                values[key], mods[key] = value, mod_revision
-                rejected.pop(key, None)
-                changed = True
+                touched.add(self._remember(key, event.kv.value, mod_revision))
+        changed = False
+        for key in sorted(touched - {""}):
+            changed |= self._resolve(key, values, mods, rejected, relist=False)
+            if key in self._rollouts:
+                self._rollout_problem(key, rejected)
+            else:
+                rejected.pop(ROLLOUT_DIR + key, None)
         self._rejected = MappingProxyType(rejected)
         await self._publish(ConfigSnapshot(_frozen(values), revision, _frozen(mods)), changed)
+
+    # ----------------------------------------------------------------- rollouts
+
+    def _remember(self, key: str, raw: bytes, mod_revision: int) -> str:
+        """Record a put; returns the config key it affects ('' for other reserved keys)."""
+        if key.startswith(ROLLOUT_DIR):
+            target = key[len(ROLLOUT_DIR) :]
+            self._rollouts[target] = (raw, mod_revision)
+            return target
+        if key.startswith(RESERVED_MARK):
+            return ""
+        self._stable[key] = (raw, mod_revision)
+        return key
+
+    def _forget(self, key: str) -> str:
+        if key.startswith(ROLLOUT_DIR):
+            target = key[len(ROLLOUT_DIR) :]
+            self._rollouts.pop(target, None)
+            return target
+        if key.startswith(RESERVED_MARK):
+            return ""
+        self._stable.pop(key, None)
+        return key
+
+    def _envelope(self, key: str) -> tuple[int, bytes] | str:
+        """The rollout of ``key`` as (percent, value bytes), or why it is unusable."""
+        raw, _ = self._rollouts[key]
+        try:
+            doc = json.loads(raw)
+            percent, value = doc["percent"], doc["value"]
+            if isinstance(percent, bool) or not isinstance(percent, int):
+                raise TypeError("percent must be an integer")
+            if not 0 <= percent <= 100:
+                raise ValueError("percent must be 0..100")
+        except (ValueError, TypeError, KeyError) as exc:
+            return f"bad rollout envelope: {type(exc).__name__}: {exc}"
+        return percent, json.dumps(value).encode()
+
+    def _source(self, key: str) -> tuple[bytes, int] | None:
+        """What this instance applies as ``key``: the rollout's value when it takes part in
+        the rollout, else the stable value (raw bytes and the mod revision they came from)."""
+        if key in self._rollouts:
+            envelope = self._envelope(key)
+            if not isinstance(envelope, str) and self.in_rollout(envelope[0]):
+                return envelope[1], self._rollouts[key][1]
+        return self._stable.get(key)
+
+    def _rollout_problem(self, key: str, rejected: dict[str, Rejection]) -> None:
+        envelope = self._envelope(key)
+        if isinstance(envelope, str):
+            rejected[ROLLOUT_DIR + key] = Rejection(
+                ROLLOUT_DIR + key, self._rollouts[key][1], envelope
+            )
+        else:
+            rejected.pop(ROLLOUT_DIR + key, None)
+
+    def _resolve(
+        self,
+        key: str,
+        values: dict[str, T],
+        mods: dict[str, int],
+        rejected: dict[str, Rejection],
+        relist: bool,
+    ) -> bool:
+        """Apply the current source of ``key`` to ``values``/``mods``/``rejected``; a
+        rejected value keeps the last good one. Returns whether the values changed."""
+        source = self._source(key)
+        if source is None:
+            rejected.pop(key, None)
+            mods.pop(key, None)
+            existed = key in values
+            values.pop(key, None)
+            return existed
+        raw, mod_revision = source
+        if relist and mods.get(key) == mod_revision and key in values:
+            return False  # already applied exactly this
+        value = self._parse_kv(key, raw, mod_revision)
+        if isinstance(value, Rejection):
+            rejected[key] = value
+            return False
+        values[key], mods[key] = value, mod_revision
+        rejected.pop(key, None)
+        return True
 
     async def _publish(self, snapshot: ConfigSnapshot[T], changed: bool) -> None:
         self._snapshot = snapshot  # the atomic swap
@@ -383,6 +608,61 @@ class ConfigWatcher(Generic[T]):
         async with self._changed:
             self._settled_revision = snapshot.revision
             self._changed.notify_all()
+        self._ack_dirty.set()
+
+    # ----------------------------------------------------------------- acknowledgement
+
+    def _ack(self) -> Ack:
+        snap = self._snapshot
+        return Ack(
+            instance=self._instance or "",
+            revision=snap.revision,
+            keys=dict(snap.mod_revisions),
+            rejected={k: r.revision for k, r in self._rejected.items()},
+            time=datetime.datetime.now(tz=datetime.UTC).isoformat(timespec="milliseconds"),
+        )
+
+    async def _ack_loop(self) -> None:
+        """Write the ack key (under a lease kept alive) whenever a snapshot was applied."""
+        assert self._ack_key is not None
+        delay = self._backoff_initial
+        attempt = 0
+        while True:
+            host, port = self._endpoints[attempt % len(self._endpoints)]
+            attempt += 1
+            client = _client(host, port)
+            lease: Any = None
+            try:
+                await self._loaded.wait()
+                lease = await client.lease(self._ack_ttl)
+                self._ack_dirty.set()  # a new lease: write the ack anew
+                while True:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(self._ack_ttl / 3):
+                            await self._ack_dirty.wait()
+                    if self._ack_dirty.is_set():
+                        self._ack_dirty.clear()
+                        ack = self._ack()
+                        await client.put(self._ack_key, ack.to_json(), lease=lease)
+                        self._ack_written = ack.revision
+                        delay = self._backoff_initial
+                    else:
+                        reply = await lease.refresh()
+                        if reply is None or int(reply.TTL) <= 0:
+                            raise ConnectionError("the ack lease expired")
+            except asyncio.CancelledError:
+                if lease is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(lease.revoke(), 1.0)
+                raise
+            except Exception as exc:
+                log.warning("%s: cannot write ack %s (%s: %s); retrying in %.1fs",
+                            self._name, self._ack_key.decode(), type(exc).__name__, exc,
+                            delay)  # fmt: skip
+            finally:
+                await _close(client)
+            await asyncio.sleep(delay * random.uniform(0.8, 1.0))
+            delay = min(delay * 2, self._backoff_max)
 
     # ----------------------------------------------------------------- helpers
 

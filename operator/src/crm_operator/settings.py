@@ -1,0 +1,81 @@
+"""Operator settings, read from ``CRM_OPERATOR_<SETTING>`` environment variables."""
+
+from __future__ import annotations
+
+from crm_common.settings import ServiceSettings
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+__all__ = ["OperatorSettings"]
+
+
+class OperatorSettings(ServiceSettings):
+    """Settings of ``python -m crm_operator`` (``host``/``port`` are unused: no gRPC)."""
+
+    model_config = SettingsConfigDict(env_prefix="CRM_OPERATOR_", extra="ignore")
+
+    metrics_port: int = Field(
+        default=9464, ge=-1, le=65535, description="Prometheus /metrics port; -1 disables it."
+    )
+    namespaces: str = Field(
+        default="",
+        description="Comma-separated namespaces (globs allowed) to serve; empty: all namespaces.",
+    )
+    liveness_endpoint: str = Field(
+        default="http://0.0.0.0:8080/healthz",
+        description="kopf's liveness endpoint (probes: GET it); empty disables it.",
+    )
+    peering: str = Field(
+        default="",
+        description="kopf peering name for several replicas (needs kopf's peering CRDs); "
+        "empty: standalone, run exactly one replica (Deployment strategy Recreate).",
+    )
+    webhook_port: int = Field(default=9443, ge=0, le=65535, description="Admission webhook port.")
+    webhook_host: str = Field(
+        default="",
+        description="Host name the API server reaches the webhook at (the Service's DNS name); "
+        "empty: 127.0.0.1 and plain HTTP (local runs and tests only).",
+    )
+    webhook_cert_file: str = Field(default="", description="TLS certificate of the webhook.")
+    webhook_key_file: str = Field(default="", description="TLS private key of the webhook.")
+    webhook_managed: str = Field(
+        default="",
+        description="Name of the ValidatingWebhookConfiguration kopf keeps up to date "
+        "(e.g. crm-operator.crm.platform.io); empty: installed by the chart.",
+    )
+    history_limit: int = Field(
+        default=10, ge=1, le=100, description="Past versions kept per CRMConfig (rollback)."
+    )
+    status_interval_s: float = Field(
+        default=5.0, gt=0, description="How often acks are mirrored into CRMConfig status."
+    )
+    drift_resync_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Backstop full comparison of etcd with the declared values (the watch "
+        "repairs drift at once; this catches a lost watch).",
+    )
+    connect_timeout_s: float = Field(
+        default=10.0, gt=0, description="Time box of one Kafka Connect REST call."
+    )
+    sink_poll_interval_s: float = Field(
+        default=15.0, gt=0, description="How often connector/task states are polled."
+    )
+    task_restart_backoff_s: float = Field(
+        default=10.0, gt=0, description="First delay before restarting a failed task again."
+    )
+    task_restart_backoff_max_s: float = Field(
+        default=600.0, gt=0, description="Cap of the exponential task restart backoff."
+    )
+    bilog_sink_image: str = Field(
+        default="crm-bilog:latest", description="Image of the built-in BI log sink."
+    )
+    kube_api_server: str = Field(
+        default="",
+        description="Kubernetes API URL for the operator's own API calls (Deployments); empty: "
+        "in-cluster config, else ~/.kube/config. Only for local runs and tests.",
+    )
+
+    @property
+    def namespace_list(self) -> list[str]:
+        return [n.strip() for n in self.namespaces.split(",") if n.strip()]

@@ -1,0 +1,72 @@
+"""Pure parts of the operator: schemas registry, conditions, connector config, manifests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from crm_operator import conditions, manifests, schemas
+from crm_operator.connect import connector_config
+from crm_operator.statuses import merge_patch
+
+
+def test_registry_imports_the_services_own_parsers() -> None:
+    from crm_assignment.config import parse
+
+    assert schemas.parser("assignment") is parse
+    for service in schemas.REGISTRY:
+        assert schemas.json_schema(service)["type"] == "object"
+
+
+def test_validate_names_the_field() -> None:
+    assert schemas.validate("assignment", "SALE", {"accept_timeout_s": 5}) == (
+        b'{"accept_timeout_s":5}'
+    )
+    with pytest.raises(schemas.ConfigInvalid) as err:
+        schemas.validate("assignment", "SALE", {"weights": {"star": "x"}, "bogus": 1})
+    assert err.value.field in {"spec.data.weights.star", "spec.data.bogus"}
+    assert "(and 1 more)" in err.value.message
+    with pytest.raises(schemas.ConfigInvalid, match=r"^spec\.service:"):
+        schemas.validate("nope", "SALE", {})
+    with pytest.raises(schemas.ConfigInvalid, match=r"^spec\.key:"):
+        schemas.validate("assignment", "NOPE", {})
+
+
+def test_last_transition_time_moves_only_when_status_changes() -> None:
+    c1 = conditions.merge(None, [conditions.condition("Ready", "True", "A", "m", 1)], at="t1")
+    c2 = conditions.merge(c1, [conditions.condition("Ready", "True", "B", "m2", 2)], at="t2")
+    c3 = conditions.merge(c2, [conditions.condition("Ready", "False", "C", "m3", 3)], at="t3")
+    assert [c[0]["lastTransitionTime"] for c in (c1, c2, c3)] == ["t1", "t1", "t3"]
+    assert c2[0]["observedGeneration"] == 2
+    assert c2[0]["reason"] == "B"
+
+
+def test_merge_patch_removes_keys() -> None:
+    assert merge_patch({"a": 1, "b": {"c": 1, "d": 2}}, {"b": {"c": 1}, "e": 3}) == {
+        "a": None,
+        "b": {"d": None},
+        "e": 3,
+    }
+
+
+def test_connector_config_hourly_defaults() -> None:
+    cfg = connector_config(
+        {"topics": ["a", "b"], "target": {"kafkaConnect": {"url": "http://x"}}}, "ns.n"
+    )
+    assert cfg["partition.duration.ms"] == "3600000"
+    assert cfg["topics"] == "a,b"
+    assert cfg["name"] == "ns.n"
+    assert cfg["tasks.max"] == "1"
+
+
+def test_committed_manifests_are_generated() -> None:
+    """operator/crds/*.yaml and operator/rbac.yaml are the generated ones (single source:
+    run `python -m crm_operator manifests` after changing a schema)."""
+    root = Path(__file__).resolve().parents[1]
+    for rel, text in manifests.render().items():
+        assert (root / rel).read_text() == text, f"{rel} is stale"
+    crd = yaml.safe_load((root / "crds/crmconfigs.yaml").read_text())
+    data = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    props = data["properties"]["data"]["properties"]
+    assert props["accept_timeout_s"] == {"type": "integer", "maximum": 3600, "minimum": 1}
