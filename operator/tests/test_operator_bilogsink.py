@@ -8,8 +8,7 @@ from typing import Any
 
 import pytest
 from connect_standin import ConnectStandIn
-
-from conftest import Kube, Operator, eventually
+from operator_testlib import Kube, Operator, eventually
 
 NS = "bi"
 

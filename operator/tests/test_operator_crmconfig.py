@@ -8,8 +8,7 @@ from typing import Any
 
 import aetcd
 from crm_common.config_watch import config_key
-
-from conftest import Kube, Operator, eventually
+from operator_testlib import Kube, Operator, eventually
 
 NS = "crm"
 
