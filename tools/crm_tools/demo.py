@@ -87,7 +87,11 @@ class Tally:
     revisits: int = 0
     merged: int = 0
     created: int = 0
-    offer_windows: list[tuple[float, float]] = field(default_factory=list)  # (t, seconds)
+    # (task id, accept window in seconds) of offers to sales agents
+    offer_windows: list[tuple[int, float]] = field(default_factory=list)
+    wave2: set[int] = field(default_factory=set)  # tasks created after the config change
+    rang_out: asyncio.Event = field(default_factory=asyncio.Event)
+    offers_before_change: int = 0
     tasks: set[int] = field(default_factory=set)
 
 
@@ -126,8 +130,10 @@ async def agent_loop(
             task = offer.task
             tally.offers[spec.line] += 1
             window = offer.deadline.ToNanoseconds() / 1e9 - time.time()
-            tally.offer_windows.append((time.monotonic(), window))
+            if spec.line == SALE:
+                tally.offer_windows.append((task.id, window))
             if not spec.answers:
+                tally.rang_out.set()
                 say(f"  {spec.name} lets offer of task {task.id} ring out ...")
                 continue
             await asyncio.sleep(rng.uniform(0.1, 0.5))
@@ -177,11 +183,16 @@ async def agent_loop(
 
 
 async def send_clues(
-    stub: pb_grpc.AssignmentServiceAsyncStub, tally: Tally, rng: random.Random, count: int
+    stub: pb_grpc.AssignmentServiceAsyncStub,
+    tally: Tally,
+    rng: random.Random,
+    indexes: range,
+    wave: set[int] | None = None,
 ) -> None:
-    phones = [f"138{rng.randrange(10**8):08d}" for _ in range(count)]
-    lines = [SALE if i % 3 else AFTER_SALE for i in range(count)]
-    for i in range(count):
+    """Clues ``indexes``; the ids of the tasks they create go into ``wave`` if given."""
+    phones = [f"138{rng.randrange(10**8):08d}" for _ in range(indexes.stop)]
+    lines = [SALE if i % 3 else AFTER_SALE for i in range(indexes.stop)]
+    for i in indexes:
         # every fifth clue repeats the previous customer (same line, moments later):
         # it merges into that customer's open task
         dup = i % 5 == 4
@@ -202,6 +213,8 @@ async def send_clues(
             )
         )
         tally.tasks.add(resp.task.id)
+        if wave is not None and not resp.merged:
+            wave.add(resp.task.id)
         if resp.merged:
             tally.merged += 1
             say(f"clue {i} ({LINE_NAMES[line]}, {brand}) merged into open task {resp.task.id}")
@@ -248,33 +261,36 @@ async def scenario(svc: ServiceProc, etcd: str, prefix: str, seed: int, clues: i
                 )
             )
         agents = [asyncio.create_task(agent_loop(stub, a, tally, rng, stop)) for a in AGENTS]
-        clue_task = asyncio.create_task(send_clues(stub, tally, rng, clues))
-        await asyncio.sleep(5)
+        half = max(5, clues // 2)
+        say(f"morning wave: {half} clues")
+        await send_clues(stub, tally, rng, range(half))
+        with contextlib.suppress(TimeoutError):  # until the sleepy agent let one ring out
+            await asyncio.wait_for(tally.rang_out.wait(), 15)
         say("the sleepy agent goes on BREAK: no more offers for them")
         await stub.SetPresence(pb.SetPresenceRequest(agent_id=104, presence=pb.PRESENCE_BREAK))
         say("ops raise the sales accept window to 8 s and favour star customers (etcd put)")
-        t_change = time.monotonic()
+        tally.offers_before_change = len(tally.offer_windows)
         rev = await put_json(
             etcd,
             f"{prefix}/assignment/SALE",
             {**SALE_CONFIG, "accept_timeout_s": 8, "weights": {"star": 500}},
         )
-        say(f"  config written at etcd revision {rev}")
-        await clue_task
+        say(f"  config written at etcd revision {rev}; the service applies it live")
+        await asyncio.sleep(1.0)
+        say(f"afternoon wave: {max(clues - half, 3)} clues")
+        await send_clues(stub, tally, rng, range(half, max(clues, half + 3)), tally.wave2)
         say("all clues sent; waiting for the queues to drain (revisits included)")
         drained = await wait_drained(stub, timeout=90)
         stop.set()
         await asyncio.gather(*agents, return_exceptions=True)
-        await report(stub, tally, t_change, drained)
+        await report(stub, tally, drained)
     return 0 if drained else 1
 
 
-async def report(
-    stub: pb_grpc.AssignmentServiceAsyncStub, tally: Tally, t_change: float, drained: bool
-) -> None:
+async def report(stub: pb_grpc.AssignmentServiceAsyncStub, tally: Tally, drained: bool) -> None:
     print("\n=== summary ===")
-    before = [w for t, w in tally.offer_windows if t < t_change]
-    after = [w for t, w in tally.offer_windows if t > t_change + 1.0]
+    before = [w for _, w in tally.offer_windows[: tally.offers_before_change]]
+    after = [w for t, w in tally.offer_windows if t in tally.wave2]
     statuses: Counter[str] = Counter()
     recycled = 0
     per_line: dict[str, Counter[str]] = defaultdict(Counter)
@@ -306,9 +322,11 @@ async def report(
         print(f"{line:<12}{c['COMPLETED']:>10}{c['FAILED']:>8}{other:>7}")
     if before and after:
         print(
-            f"live config: sales offers carried a {max(before):.1f} s accept window before "
-            f"the change and {max(after):.1f} s after it (no restart)"
+            f"live config: sales offers carried a {max(before):.0f} s accept window before "
+            f"the change and {max(after):.0f} s after it (no restart)"
         )
+    else:
+        print("live config: no sales offer on one side of the change to compare")
     stats = await stub.QueueStats(pb.QueueStatsRequest())
     print(
         "agents by presence: "
