@@ -226,6 +226,7 @@ def build_app(
         timeouts=timeouts,
         dispatch_poll_s=settings.dispatch_poll_s,
         on_offer=on_offer,
+        clue_batch_max=settings.clue_batch_max,
     )
 
     async def db_ready() -> None:
@@ -244,6 +245,7 @@ def build_app(
     )
 
     async def close_resources() -> None:
+        await servicer.clues.aclose()
         await timeouts.stop()
         await watcher.stop()
         await executor.aclose()

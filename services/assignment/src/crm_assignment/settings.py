@@ -41,6 +41,13 @@ class AssignmentSettings(ServiceSettings):
         le=200,
         description="Connections in the pool; the blocking executor gets as many threads.",
     )
+    clue_batch_max: int = Field(
+        default=64,
+        ge=1,
+        le=1000,
+        description="Most CreateClue calls written in one transaction (group commit of "
+        "concurrent calls; 1 writes each call alone).",
+    )
     phone_hash_key: str = Field(
         default=DEV_PHONE_HASH_KEY,
         min_length=16,

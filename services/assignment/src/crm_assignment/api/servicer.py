@@ -1,7 +1,8 @@
 """``AssignmentServicer``: the thin grpc.aio servicer of ``crm.assignment.v1``.
 
 Each handler validates the request (``validation``), runs the store call in the blocking
-executor, converts the result (``convert``) and wakes the offer streams that may now find
+executor (CreateClue through the ``ClueBatcher``: one transaction per batch of concurrent
+calls), converts the result (``convert``) and wakes the offer streams that may now find
 work (``offers``). Errors are raised as ``crm_common.errors`` exceptions; the server
 interceptor turns them into statuses with field details.
 """
@@ -18,6 +19,7 @@ from crm_common.aio import BlockingExecutor
 from crm_common.errors import Aborted, Unavailable, Validator
 
 from crm_assignment.api import convert, validation
+from crm_assignment.api.clue_batcher import ClueBatcher
 from crm_assignment.api.offers import OfferHub
 from crm_assignment.clients.timeouts import OfferTimeouts
 from crm_assignment.config import RoutingConfig
@@ -53,8 +55,10 @@ class AssignmentServicer(assignment_pb2_grpc.AssignmentServiceServicer):
         timeouts: OfferTimeouts,
         dispatch_poll_s: float,
         on_offer: Callable[[Offer], None] | None = None,
+        clue_batch_max: int = 64,
     ) -> None:
         self._store = store
+        self.clues = ClueBatcher(store, executor, clue_batch_max)
         self._run = executor.run
         self._clock = clock
         self._routing = routing
@@ -72,7 +76,7 @@ class AssignmentServicer(assignment_pb2_grpc.AssignmentServiceServicer):
         clue = validation.new_clue(request, self._protector)
         cfg = self._routing().line(clue.business_line)
         now = self._clock()
-        result = await self._run(self._store.create_clue, clue, now, cfg)
+        result = await self.clues.submit(clue, now, cfg)  # group commit with concurrent calls
         task = result.task
         if not result.replayed and task.status in WAITING_STATUSES and task.due_at <= now:
             self._hub.task_waiting(task.business_line)

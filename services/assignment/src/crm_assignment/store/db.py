@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from crm_common.errors import Aborted, Unavailable
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Connection, Engine, create_engine, text
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -63,23 +63,40 @@ def mysql_errno(exc: DBAPIError) -> int | None:
 
 
 class TransactionRunner:
-    """Runs a function in one ORM transaction, retrying deadlocks and lock wait timeouts."""
+    """Runs a function in one transaction, retrying deadlocks and lock wait timeouts."""
 
     def __init__(self, engine: Engine, attempts: int = 4) -> None:
         self.engine = engine
         self._attempts = attempts
 
     def run(self, fn: Callable[[Session], R]) -> R:
-        for attempt in range(1, self._attempts + 1):
+        """``fn(session)`` in one ORM transaction (committed when it returns)."""
+
+        def attempt() -> R:
+            with Session(self.engine, expire_on_commit=False) as session, session.begin():
+                return fn(session)
+
+        return self._retrying(attempt)
+
+    def run_core(self, fn: Callable[[Connection], R]) -> R:
+        """``fn(connection)`` in one Core transaction (no ORM unit of work: hot paths)."""
+
+        def attempt() -> R:
+            with self.engine.begin() as conn:
+                return fn(conn)
+
+        return self._retrying(attempt)
+
+    def _retrying(self, attempt: Callable[[], R]) -> R:
+        for n in range(1, self._attempts + 1):
             try:
-                with Session(self.engine, expire_on_commit=False) as session, session.begin():
-                    return fn(session)
+                return attempt()
             except OperationalError as exc:
                 errno = mysql_errno(exc)
                 if errno in _RETRYABLE:
-                    if attempt < self._attempts:
+                    if n < self._attempts:
                         log.info("transaction retried after MySQL error %s", errno)
-                        time.sleep(random.uniform(0.005, 0.05) * attempt)
+                        time.sleep(random.uniform(0.005, 0.05) * n)
                         continue
                     raise Aborted(
                         "the change conflicted with concurrent changes; retry", reason="CONFLICT"

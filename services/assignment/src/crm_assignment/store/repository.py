@@ -20,16 +20,37 @@ Locking, in one order (customer -> task, agent -> task) so that nothing deadlock
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from datetime import datetime, timedelta
+from typing import Any, cast
 
-from crm_common.errors import AlreadyExists, FailedPrecondition, NotFound
-from sqlalchemy import Engine, and_, case, func, or_, select, update
+from crm_common.errors import CrmError, FailedPrecondition, NotFound, Unavailable
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Row,
+    Table,
+    and_,
+    case,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects.mysql import insert as mysql_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from crm_assignment.config import LineConfig, RoutingConfig
 from crm_assignment.domain import dispatch, rules
+from crm_assignment.domain.clue_batch import (
+    BatchItem,
+    BatchPlan,
+    StoredClue,
+    key_reused,
+    plan_batch,
+)
 from crm_assignment.domain.model import (
     ACTIVE_STATUSES,
     OPEN_STATUSES,
@@ -73,11 +94,28 @@ _WAITING = tuple(WAITING_STATUSES)
 _ACTIVE = tuple(ACTIVE_STATUSES)
 _DISPATCH_ROUNDS = 3
 
+# Core tables of the CreateClue batch path (no ORM unit of work there).
+_customer_t = cast(Table, CustomerRow.__table__)
+_task_t = cast(Table, TaskRow.__table__)
+_clue_t = cast(Table, ClueRow.__table__)
+_event_t = cast(Table, TaskEventRow.__table__)
+
+_upsert_customers = mysql_insert(_customer_t)
+_upsert_customers = _upsert_customers.on_duplicate_key_update(
+    phone_hash=_upsert_customers.inserted.phone_hash  # no-op: only the row lock is wanted
+)
+_insert_tasks = insert(_task_t).returning(_task_t.c.id, sort_by_parameter_order=True)
+_insert_clues = insert(_clue_t).returning(_clue_t.c.id, sort_by_parameter_order=True)
+_insert_events = insert(_event_t)
+
+ClueRequest = tuple[NewClue, datetime, LineConfig]
+"""One CreateClue of a batch: the clue, the time it was asked at, its line's config."""
+
 
 # --------------------------------------------------------------------------- row -> domain
 
 
-def _task(r: TaskRow) -> Task:
+def _task(r: TaskRow | Row[Any]) -> Task:
     return Task(
         id=r.id,
         business_line=r.business_line,
@@ -101,7 +139,7 @@ def _task(r: TaskRow) -> Task:
     )
 
 
-def _clue(r: ClueRow) -> Clue:
+def _clue(r: ClueRow | Row[Any]) -> Clue:
     return Clue(
         id=r.id,
         task_id=r.task_id,
@@ -200,12 +238,214 @@ class AssignmentStore:
                 log.info("idempotency key race lost; re-reading")
         return self._tx.run(lambda s: self._create_clue(s, new, now, cfg))
 
+    def create_clues(self, requests: Sequence[ClueRequest], /) -> list[ClueResult | Exception]:
+        """Record a batch of clues in one transaction; one result or error per request, in
+        order, the same as :meth:`create_clue` one after the other would give.
+
+        When the batch transaction fails (a concurrent replica took one of the keys,
+        deadlock retries ran out, ...) each request is run alone with :meth:`create_clue`,
+        so one bad request never fails the others. Unreachable database: all fail.
+        """
+        items = [
+            BatchItem(
+                clue=new,
+                now=now,
+                merge_window_s=cfg.merge_window_s,
+                priority=rules.resolve_priority(
+                    new.priority, new.source, cfg.source_priority, cfg.default_priority
+                ),
+            )
+            for new, now, cfg in requests
+        ]
+        if not items:
+            return []
+        try:
+            return list(self._tx.run_core(lambda c: self._create_clues(c, items)))
+        except Unavailable as exc:
+            return [exc] * len(items)
+        except Exception as exc:
+            log.warning(
+                "clue batch failed; recording its %d clues one by one",
+                len(items),
+                exc_info=not isinstance(exc, IntegrityError | CrmError),
+            )
+        out: list[ClueResult | Exception] = []
+        for new, now, cfg in requests:
+            try:
+                out.append(self.create_clue(new, now, cfg))
+            except Exception as exc:
+                out.append(exc)
+        return out
+
+    def _create_clues(self, c: Connection, items: list[BatchItem]) -> list[ClueResult | CrmError]:
+        # 1. Customers: upsert, then lock, in phone hash order (the upsert already locks
+        #    the rows, in that order): batches of replicas never deadlock on each other.
+        phones = {i.clue.phone.hash_hex: i for i in reversed(items)}  # first item wins
+        hashes = sorted(phones)
+        c.execute(
+            _upsert_customers,
+            [
+                {
+                    "phone_hash": h,
+                    "phone_encrypted": phones[h].clue.phone.encrypted,
+                    "phone_masked": phones[h].clue.phone.masked,
+                    "star": False,
+                    "created_at": phones[h].now,
+                    "updated_at": phones[h].now,
+                }
+                for h in hashes
+            ],
+        )
+        cust = _customer_t.c
+        customers = {
+            r.phone_hash: Customer(id=r.id, masked_phone=r.phone_masked, star=bool(r.star))
+            for r in c.execute(
+                select(cust.id, cust.phone_hash, cust.phone_masked, cust.star)
+                .where(cust.phone_hash.in_(hashes))
+                .order_by(cust.phone_hash)
+                .with_for_update()
+            )
+        }
+        # 2. Keys already used (after the customer locks: a concurrent retry of the same
+        #    request, same phone, has committed by now).
+        keys = list({i.clue.idempotency_key for i in items})
+        stored = {
+            r.idempotency_key: StoredClue(_clue(r), r.request_hash)
+            for r in c.execute(select(_clue_t).where(_clue_t.c.idempotency_key.in_(keys)))
+        }
+        tasks: dict[int, Task] = {}
+        if stored:
+            ids = sorted({s.clue.task_id for s in stored.values()})
+            tasks = {
+                r.id: _task(r) for r in c.execute(select(_task_t).where(_task_t.c.id.in_(ids)))
+            }
+        # 3. Open tasks the new clues may merge into (locked), newest first per customer
+        #    and line.
+        targets: dict[tuple[int, BusinessLine], Task] = {}
+        windows: dict[BusinessLine, datetime] = {}
+        merging: set[int] = set()
+        for i in items:
+            if i.merge_window_s > 0 and i.clue.idempotency_key not in stored:
+                line = i.clue.business_line
+                cutoff = rules.merge_cutoff(i.now, i.merge_window_s)
+                windows[line] = min(cutoff, windows.get(line, cutoff))
+                merging.add(customers[i.clue.phone.hash_hex].id)
+        if merging:
+            t = _task_t.c
+            for r in c.execute(
+                select(_task_t)
+                .where(
+                    t.customer_id.in_(sorted(merging)),
+                    t.status.in_(_OPEN),
+                    or_(
+                        *(
+                            and_(t.business_line == line, t.created_at >= cutoff)
+                            for line, cutoff in sorted(windows.items())
+                        )
+                    ),
+                )
+                .order_by(t.customer_id, t.business_line, t.created_at.desc(), t.id.desc())
+                .with_for_update()
+            ):
+                targets.setdefault((r.customer_id, r.business_line), _task(r))
+        # 4. Plan in request order, then write: tasks, merged tasks, clues, audit.
+        plan = plan_batch(items, customers, stored, tasks, targets)
+        return self._write_plan(c, plan)
+
+    @staticmethod
+    def _write_plan(c: Connection, plan: BatchPlan) -> list[ClueResult | CrmError]:
+        task_ids: list[int] = []
+        if plan.new_tasks:
+            task_ids = list(
+                c.execute(
+                    _insert_tasks,
+                    [
+                        {
+                            "business_line": t.business_line,
+                            "category": t.category,
+                            "status": t.status,
+                            "customer_id": t.customer_id,
+                            "city": t.city,
+                            "priority": t.priority,
+                            "star": t.star,
+                            # agent ids, parent task, offer deadline: NULL (not sent)
+                            "brands": list(t.brands),
+                            "created_at": t.created_at,
+                            "due_at": t.due_at,
+                            "recycle_count": t.recycle_count,
+                            "clue_count": t.clue_count,
+                            "updated_at": t.updated_at,
+                        }
+                        for t in plan.new_tasks
+                    ],
+                ).scalars()
+            )
+            if len(task_ids) != len(plan.new_tasks):  # pragma: no cover - driver contract
+                raise RuntimeError("INSERT ... RETURNING gave a wrong number of task ids")
+
+        def real_task(i: int) -> int:
+            return i if i > 0 else task_ids[-i - 1]
+
+        for t in plan.merged_tasks:
+            c.execute(
+                update(_task_t)
+                .where(_task_t.c.id == t.id)
+                .values(
+                    clue_count=t.clue_count,
+                    brands=list(t.brands),
+                    priority=t.priority,
+                    due_at=t.due_at,
+                    updated_at=t.updated_at,
+                )
+            )
+        clue_ids: list[int] = []
+        if plan.clues:
+            clue_ids = list(
+                c.execute(
+                    _insert_clues,
+                    [
+                        {
+                            "idempotency_key": d.new.idempotency_key,
+                            "request_hash": d.new.request_hash,
+                            "task_id": real_task(d.clue.task_id),
+                            "customer_id": d.customer_id,
+                            "merged": d.clue.merged,
+                            "business_line": d.business_line,
+                            "source": d.new.source,
+                            "city": d.new.city,
+                            "intent_car_ids": list(d.new.intent_car_ids),
+                            "brands": list(d.new.brands),
+                            "budget_min_yuan": d.new.budget_min_yuan,
+                            "budget_max_yuan": d.new.budget_max_yuan,
+                            "priority": d.new.priority,
+                            "created_at": d.clue.created_at,
+                        }
+                        for d in plan.clues
+                    ],
+                ).scalars()
+            )
+            if len(clue_ids) != len(plan.clues):  # pragma: no cover - driver contract
+                raise RuntimeError("INSERT ... RETURNING gave a wrong number of clue ids")
+        if plan.events:
+            c.execute(
+                _insert_events,
+                [
+                    {
+                        "task_id": real_task(e.task_id),
+                        "kind": e.kind,
+                        "from_status": e.from_status,
+                        "to_status": e.to_status,
+                        "reason": f"clue {clue_ids[-e.clue_id - 1]}",
+                        "at": e.at,
+                    }
+                    for e in plan.events
+                ],
+            )
+        return plan.resolve(task_ids, clue_ids)
+
     def _replay(self, s: Session, clue: ClueRow, new: NewClue) -> ClueResult:
         if clue.request_hash != new.request_hash:
-            raise AlreadyExists(
-                "the idempotency key was already used for a different request",
-                reason="IDEMPOTENCY_KEY_REUSED",
-            )
+            raise key_reused()
         task = s.get_one(TaskRow, clue.task_id)
         return ClueResult(task=_task(task), clue=_clue(clue), merged=clue.merged, replayed=True)
 
