@@ -7,6 +7,7 @@ Grown from the seed's `AssignmentInfo.Get`.
 
 from collections import abc as _abc
 from crm.common.v1 import common_pb2 as _common_pb2
+from crm.recommendation.v1 import recommendation_pb2 as _recommendation_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -544,6 +545,7 @@ class GetTaskResponse(_message.Message):
     CUSTOMER_FIELD_NUMBER: _builtins.int
     CLUES_FIELD_NUMBER: _builtins.int
     HISTORY_FIELD_NUMBER: _builtins.int
+    RECOMMENDATIONS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def task(self) -> Global___Task:
         """The task."""
@@ -560,6 +562,12 @@ class GetTaskResponse(_message.Message):
     def history(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskEvent]:
         """Transition history, oldest first."""
 
+    @_builtins.property
+    def recommendations(self) -> Global___TaskRecommendations:
+        """Cars recommended for the customer, from the recommendation service. The task
+        detail still answers when that service is down or slow: then `available` is false.
+        """
+
     def __init__(
         self,
         *,
@@ -567,14 +575,51 @@ class GetTaskResponse(_message.Message):
         customer: Global___Customer | None = ...,
         clues: _abc.Iterable[Global___Clue] | None = ...,
         history: _abc.Iterable[Global___TaskEvent] | None = ...,
+        recommendations: Global___TaskRecommendations | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["customer", b"customer", "task", b"task"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["customer", b"customer", "recommendations", b"recommendations", "task", b"task"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["clues", b"clues", "customer", b"customer", "history", b"history", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clues", b"clues", "customer", b"customer", "history", b"history", "recommendations", b"recommendations", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetTaskResponse: _TypeAlias = GetTaskResponse  # noqa: Y015
+
+@_typing.final
+class TaskRecommendations(_message.Message):
+    """Recommended cars shown beside a task on the agent's console."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AVAILABLE_FIELD_NUMBER: _builtins.int
+    UNAVAILABLE_REASON_FIELD_NUMBER: _builtins.int
+    CARS_FIELD_NUMBER: _builtins.int
+    available: _builtins.bool
+    """False when the recommendation service did not answer in time (down, slow or
+    overloaded); the rest of the task detail is still valid.
+    """
+    unavailable_reason: _builtins.str
+    """Why recommendations are missing when `available` is false (e.g. `UNAVAILABLE`,
+    `DEADLINE_EXCEEDED`, `NOT_CONFIGURED`); empty otherwise.
+    """
+    @_builtins.property
+    def cars(self) -> _containers.RepeatedCompositeFieldContainer[_recommendation_pb2.Recommendation]:
+        """The ranked cars with their scores and human-readable reasons."""
+
+    def __init__(
+        self,
+        *,
+        available: _builtins.bool = ...,
+        unavailable_reason: _builtins.str = ...,
+        cars: _abc.Iterable[_recommendation_pb2.Recommendation] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available", b"available", "cars", b"cars", "unavailable_reason", b"unavailable_reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TaskRecommendations: _TypeAlias = TaskRecommendations  # noqa: Y015
 
 @_typing.final
 class ListTasksRequest(_message.Message):
