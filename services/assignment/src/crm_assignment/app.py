@@ -9,7 +9,8 @@ the benchmark::
         channel = grpc.aio.insecure_channel(app.target)
 
 Building does no I/O; ``start()`` starts the config watcher (without waiting for etcd:
-health stays NOT_SERVING until it has loaded), the gRPC server and the recycle loop;
+health stays NOT_SERVING until it has loaded), the gRPC server, the recycle loop and, when
+``bilog_target`` is set, the BI outbox relay (``clients/bilog_outbox``);
 ``stop()`` ends the offer streams (UNAVAILABLE, so agents reconnect elsewhere), drains the
 server, then closes the loop, the watcher, the executor and the engine.
 """
@@ -20,6 +21,7 @@ import asyncio
 import logging
 import signal
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 
@@ -35,9 +37,15 @@ from sqlalchemy import Engine
 from crm_assignment import config
 from crm_assignment.api.offers import OfferHub
 from crm_assignment.api.servicer import AssignmentServicer
+from crm_assignment.clients.bilog_outbox import OutboxRelay, watch_transitions
+from crm_assignment.clients.recommendation import (
+    NotConfigured,
+    RecommendationAdapter,
+    TaskRecommender,
+)
 from crm_assignment.clients.timeouts import LocalRecycleLoop, OfferTimeouts
 from crm_assignment.config import LineConfig, RoutingConfig
-from crm_assignment.domain.model import Clock, Offer, Task, utc_now
+from crm_assignment.domain.model import Clock, Offer, OutboxBacklog, Task, utc_now
 from crm_assignment.domain.phone import PhoneProtector
 from crm_assignment.settings import AssignmentSettings
 from crm_assignment.store import AssignmentStore, make_engine
@@ -82,6 +90,9 @@ class App:
     servicer: AssignmentServicer
     server: GrpcServer
     metrics: RpcMetrics
+    recommendations: TaskRecommender = field(default_factory=NotConfigured)
+    outbox: OutboxRelay | None = None
+    """Publishes task transitions to bilog (None when ``bilog_target`` is empty)."""
     _stopped: bool = field(default=False, repr=False)
 
     @property
@@ -109,6 +120,10 @@ class App:
         await self.watcher.start(wait=False)
         await self.server.start()
         await self.timeouts.start()
+        if self.outbox is not None:
+            await self.outbox.start()
+        else:
+            log.info("bilog_target is empty: task transitions are not sent to the BI log")
 
     async def wait_ready(self, timeout: float = 30.0) -> None:
         """Until the config is loaded and the database answers (what health waits for)."""
@@ -216,6 +231,23 @@ def build_app(
         offers_total.labels(offer.task.business_line.name).inc()
 
     timeouts = LocalRecycleLoop(store, executor, clock, settings.recycle_poll_s, on_recycled)
+    recommendations_total = PromCounter(
+        "crm_assignment_recommendations_total",
+        "Task details by recommendation outcome (OK, or why they are missing).",
+        ["outcome"],
+        registry=metrics.registry,
+    )
+    recommendations: TaskRecommender = (
+        RecommendationAdapter(
+            settings.recommendation_target,
+            timeout_s=settings.recommendation_timeout_s,
+            count=settings.recommendation_count,
+            on_outcome=lambda outcome: recommendations_total.labels(outcome).inc(),
+        )
+        if settings.recommendation_target
+        else NotConfigured()
+    )
+    outbox, unwatch = _outbox(settings, store, executor, clock, engine, metrics)
     servicer = AssignmentServicer(
         store=store,
         executor=executor,
@@ -227,6 +259,7 @@ def build_app(
         dispatch_poll_s=settings.dispatch_poll_s,
         on_offer=on_offer,
         clue_batch_max=settings.clue_batch_max,
+        recommendations=recommendations,
     )
 
     async def db_ready() -> None:
@@ -247,6 +280,10 @@ def build_app(
     async def close_resources() -> None:
         await servicer.clues.aclose()
         await timeouts.stop()
+        if outbox is not None:
+            await outbox.stop()
+            unwatch()
+        await recommendations.aclose()
         await watcher.stop()
         await executor.aclose()
         await asyncio.to_thread(engine.dispose)
@@ -266,4 +303,62 @@ def build_app(
         servicer=servicer,
         server=server,
         metrics=metrics,
+        recommendations=recommendations,
+        outbox=outbox,
     )
+
+
+def _outbox(
+    settings: AssignmentSettings,
+    store: AssignmentStore,
+    executor: BlockingExecutor,
+    clock: Clock,
+    engine: Engine,
+    metrics: RpcMetrics,
+) -> tuple[OutboxRelay | None, Callable[[], None]]:
+    """The BI outbox relay and its metrics (None when ``bilog_target`` is empty), and the
+    function removing its commit hook."""
+    if not settings.bilog_target:
+        return None, lambda: None
+    published = PromCounter(
+        "crm_assignment_outbox_published_total",
+        "Task transition events acknowledged by bilog.",
+        registry=metrics.registry,
+    )
+    rejected = PromCounter(
+        "crm_assignment_outbox_rejected_total",
+        "Task transition events bilog rejected (left with task_event.publish_error).",
+        registry=metrics.registry,
+    )
+    pending = Gauge(
+        "crm_assignment_outbox_pending",
+        "Task transition events not yet published to bilog.",
+        registry=metrics.registry,
+    )
+    oldest_age = Gauge(
+        "crm_assignment_outbox_oldest_age_seconds",
+        "Age of the oldest task transition event not yet published (0 when none).",
+        registry=metrics.registry,
+    )
+
+    def on_backlog(backlog: OutboxBacklog) -> None:
+        pending.set(backlog.pending)
+        age = 0.0
+        if backlog.oldest_at is not None:
+            age = max((clock() - backlog.oldest_at).total_seconds(), 0.0)
+        oldest_age.set(age)
+
+    relay = OutboxRelay(
+        store,
+        executor,
+        clock,
+        settings.bilog_target,
+        batch_size=settings.outbox_batch_size,
+        poll_s=settings.outbox_poll_s,
+        timeout_s=settings.bilog_timeout_s,
+        backoff_max_s=settings.outbox_backoff_max_s,
+        on_published=published.inc,
+        on_rejected=rejected.inc,
+        on_backlog=on_backlog,
+    )
+    return relay, watch_transitions(engine, relay.notify)

@@ -74,6 +74,48 @@ class AssignmentSettings(ServiceSettings):
         description="How often an idle offer stream looks for work without being woken "
         "(covers changes made through other replicas).",
     )
+    recommendation_target: str = Field(
+        default="",
+        description="host:port of the recommendation service (car recommendations in the "
+        "task detail); empty: not configured (GetTask answers them as unavailable, "
+        "NOT_CONFIGURED).",
+    )
+    recommendation_timeout_s: float = Field(
+        default=0.3,
+        gt=0,
+        le=10,
+        description="Deadline of the Recommend call made by GetTask; past it the task "
+        "detail is answered without recommendations (DEADLINE_EXCEEDED).",
+    )
+    recommendation_count: int = Field(
+        default=6, ge=1, le=100, description="Cars recommended in a task detail."
+    )
+    bilog_target: str = Field(
+        default="",
+        description="host:port of the bilog service: every task transition (task_event "
+        "row, the outbox) is sent to it as a crm.bi.TaskTransition event; empty: not sent "
+        "(the rows stay unpublished and go out once it is set).",
+    )
+    bilog_timeout_s: float = Field(
+        default=5.0, gt=0, le=120, description="Deadline of one LogBatch call of the outbox."
+    )
+    outbox_batch_size: int = Field(
+        default=200, ge=1, le=1000, description="Task events sent in one LogBatch at most."
+    )
+    outbox_poll_s: float = Field(
+        default=1.0,
+        gt=0,
+        le=300,
+        description="How often the outbox looks for unpublished events without being woken "
+        "(covers transitions made through other replicas).",
+    )
+    outbox_backoff_max_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=600,
+        description="Longest wait between retries while bilog (or the database) fails "
+        "(exponential back-off from 0.2 s).",
+    )
 
     @field_validator("phone_encryption_key")
     @classmethod

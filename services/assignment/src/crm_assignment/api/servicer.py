@@ -21,6 +21,7 @@ from crm_common.errors import Aborted, Unavailable, Validator
 from crm_assignment.api import convert, validation
 from crm_assignment.api.clue_batcher import ClueBatcher
 from crm_assignment.api.offers import OfferHub
+from crm_assignment.clients.recommendation import NotConfigured, TaskRecommender
 from crm_assignment.clients.timeouts import OfferTimeouts
 from crm_assignment.config import RoutingConfig
 from crm_assignment.domain.model import WAITING_STATUSES, Clock, Offer, Presence
@@ -56,6 +57,7 @@ class AssignmentServicer(assignment_pb2_grpc.AssignmentServiceServicer):
         dispatch_poll_s: float,
         on_offer: Callable[[Offer], None] | None = None,
         clue_batch_max: int = 64,
+        recommendations: TaskRecommender | None = None,
     ) -> None:
         self._store = store
         self.clues = ClueBatcher(store, executor, clue_batch_max)
@@ -66,6 +68,7 @@ class AssignmentServicer(assignment_pb2_grpc.AssignmentServiceServicer):
         self._protector = protector
         self._timeouts = timeouts
         self._poll_s = dispatch_poll_s
+        self._recommendations = recommendations or NotConfigured()
         self._on_offer = on_offer
 
     # ------------------------------------------------------------------ clues & reads
@@ -90,11 +93,14 @@ class AssignmentServicer(assignment_pb2_grpc.AssignmentServiceServicer):
         with Validator() as v:
             validation.positive_id(v, request.id, "id")
         d = await self._run(self._store.get_task, request.id)
+        # After the database work (no connection held): a short deadline, never raises.
+        recommendations = await self._recommendations.for_task(d)
         return pb.GetTaskResponse(
             task=convert.task_pb(d.task),
             customer=convert.customer_pb(d.customer),
             clues=[convert.clue_pb(c) for c in d.clues],
             history=[convert.task_event_pb(e) for e in d.history],
+            recommendations=recommendations,
         )
 
     async def ListTasks(

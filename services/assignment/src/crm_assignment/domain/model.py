@@ -27,6 +27,8 @@ __all__ = [
     "EventKind",
     "NewClue",
     "Offer",
+    "OutboxBacklog",
+    "OutboxEvent",
     "Presence",
     "PresenceCount",
     "ProtectedPhone",
@@ -198,6 +200,31 @@ class TaskEvent:
     agent_id: int | None
     reason: str
     at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEvent:
+    """A task_event row not yet published to the BI log, with what its event needs from
+    the task (business line and category)."""
+
+    id: int
+    task_id: int
+    business_line: BusinessLine
+    category: Category
+    kind: EventKind
+    from_status: Status | None
+    to_status: Status
+    agent_id: int | None
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxBacklog:
+    """Events waiting for the BI log (rejected ones not counted) and the oldest one's
+    time (None when nothing waits)."""
+
+    pending: int
+    oldest_at: datetime | None
 
 
 @dataclass(frozen=True, slots=True)

@@ -65,6 +65,8 @@ from crm_assignment.domain.model import (
     EventKind,
     NewClue,
     Offer,
+    OutboxBacklog,
+    OutboxEvent,
     Presence,
     PresenceCount,
     QueueDepth,
@@ -992,3 +994,91 @@ class AssignmentStore:
             return _task(row)
 
         return self._tx.run(go)
+
+    # ------------------------------------------------------------------ BI outbox
+
+    def unpublished_events(self, limit: int) -> list[OutboxEvent]:
+        """Up to ``limit`` task events not yet published (nor rejected), in id order.
+
+        Per task, id order is commit order (events of a task are written under its row
+        lock), so each task's events go out in the order they happened. A lower id that
+        commits late is simply picked up by a later call: nothing is skipped."""
+
+        def go(c: Connection) -> list[OutboxEvent]:
+            rows = c.execute(
+                select(
+                    _event_t.c.id,
+                    _event_t.c.task_id,
+                    _task_t.c.business_line,
+                    _task_t.c.category,
+                    _event_t.c.kind,
+                    _event_t.c.from_status,
+                    _event_t.c.to_status,
+                    _event_t.c.agent_id,
+                    _event_t.c.at,
+                )
+                .join(_task_t, _task_t.c.id == _event_t.c.task_id)
+                .where(_event_t.c.published_at.is_(None), _event_t.c.publish_error.is_(None))
+                .order_by(_event_t.c.id)
+                .limit(limit)
+            ).all()
+            return [
+                OutboxEvent(
+                    id=r.id,
+                    task_id=r.task_id,
+                    business_line=r.business_line,
+                    category=r.category,
+                    kind=r.kind,
+                    from_status=r.from_status,
+                    to_status=r.to_status,
+                    agent_id=r.agent_id,
+                    at=r.at,
+                )
+                for r in rows
+            ]
+
+        return self._tx.run_core(go)
+
+    def mark_published(self, event_ids: Sequence[int], now: datetime) -> int:
+        """Record that bilog acknowledged these events; returns the rows changed."""
+        if not event_ids:
+            return 0
+
+        def go(c: Connection) -> int:
+            result = c.execute(
+                update(_event_t)
+                .where(_event_t.c.id.in_(list(event_ids)), _event_t.c.published_at.is_(None))
+                .values(published_at=now)
+            )
+            return int(result.rowcount)
+
+        return self._tx.run_core(go)
+
+    def mark_rejected(self, errors: dict[int, str]) -> None:
+        """Record why bilog rejected these events (they stay unpublished and are skipped
+        until ``publish_error`` is cleared, e.g. after a schema fix)."""
+        if not errors:
+            return
+
+        def go(c: Connection) -> None:
+            for event_id, error in errors.items():
+                c.execute(
+                    update(_event_t)
+                    .where(_event_t.c.id == event_id, _event_t.c.published_at.is_(None))
+                    .values(publish_error=(error or "rejected")[:500])
+                )
+
+        self._tx.run_core(go)
+
+    def outbox_backlog(self) -> OutboxBacklog:
+        """How many events wait for the BI log and since when (for the lag gauges)."""
+
+        def go(c: Connection) -> OutboxBacklog:
+            waiting = and_(_event_t.c.published_at.is_(None), _event_t.c.publish_error.is_(None))
+            pending = c.scalar(select(func.count()).select_from(_event_t).where(waiting))
+            oldest = c.execute(
+                select(_event_t.c.at).where(waiting).order_by(_event_t.c.id).limit(1)
+            ).scalar()
+            return OutboxBacklog(pending=int(pending or 0), oldest_at=oldest)
+
+        return self._tx.run_core(go)

@@ -159,10 +159,15 @@ class ClueRow(Base):
 
 
 class TaskEventRow(Base):
-    """Audit of every task transition; also the future outbox of BI events."""
+    """Audit of every task transition; also the outbox of the BI events (``published_at``
+    is set once bilog acknowledged the event, see ``clients/bilog_outbox.py``)."""
 
     __tablename__ = "task_event"
-    __table_args__ = (Index("ix_task_event_task_id", "task_id", "id"), TABLE_ARGS)
+    __table_args__ = (
+        Index("ix_task_event_task_id", "task_id", "id"),
+        Index("ix_task_event_outbox", "published_at", "id"),
+        TABLE_ARGS,
+    )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
     task_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("task.id"))
@@ -172,6 +177,12 @@ class TaskEventRow(Base):
     agent_id: Mapped[int | None] = mapped_column(BigInteger)
     reason: Mapped[str] = mapped_column(String(500), default="")
     at: Mapped[datetime] = mapped_column(UtcDateTime)
+    published_at: Mapped[datetime | None] = mapped_column(
+        UtcDateTime, comment="when bilog acknowledged the BI event; NULL: not yet"
+    )
+    publish_error: Mapped[str | None] = mapped_column(
+        String(500), comment="why bilog rejected the BI event (it is skipped until cleared)"
+    )
 
 
 class AgentRow(Base):

@@ -1,0 +1,269 @@
+"""Helpers of the integration tests: the recommendation and bilog services (real, each in
+a thread with its own event loop), the dev schema registry, a Kafka reader, a stand-in
+slow recommendation server, free ports."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Coroutine, Iterator
+from concurrent import futures
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import grpc
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from crm.recommendation.v1 import recommendation_pb2 as rpb
+from crm.recommendation.v1 import recommendation_pb2_grpc
+from crm_common.aio import BlockingExecutor
+from crm_devstack.stack import create_database, drop_database
+
+T = TypeVar("T")
+
+
+class LoopThread:
+    """An event loop running in a thread of its own."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close_loop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+
+
+def free_port() -> int:
+    """A port nothing listens on (now)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def scratch_database() -> Iterator[str]:
+    """A fresh MariaDB database for another service, dropped afterwards."""
+    name = f"crm_t_{uuid.uuid4().hex[:12]}"
+    url = create_database(name)
+    try:
+        yield url
+    finally:
+        drop_database(name)
+
+
+# --------------------------------------------------------------------------- recommendation
+
+
+class RecommendationService(LoopThread):
+    """The real recommendation service (crm_recommendation.app.build_app), port 0."""
+
+    def __init__(self, database_url: str, etcd: str) -> None:
+        from crm_recommendation.app import App, build_app
+        from crm_recommendation.settings import RecommendationSettings
+        from crm_recommendation.store.migrate import upgrade
+
+        super().__init__()
+        upgrade(database_url)
+        settings = RecommendationSettings(
+            host="127.0.0.1",
+            port=0,
+            metrics_port=-1,
+            database_url=database_url,
+            db_pool_size=4,
+            etcd_endpoints=etcd,
+            config_prefix=f"/crm-test/{uuid.uuid4().hex[:12]}/config",
+            refresh_interval_s=0.1,
+            shutdown_grace_s=1.0,
+            readiness_interval_s=0.2,
+        )
+
+        async def make() -> App:
+            return build_app(settings)
+
+        self.app: App = self.call(make())
+        self.call(self.app.start())
+        self.call(self.app.wait_ready(30))
+        self.target: str = self.app.target
+        self.channel = grpc.insecure_channel(self.target)
+        self.stub = recommendation_pb2_grpc.RecommendationServiceStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+        try:
+            self.call(self.app.stop(grace=1))
+        finally:
+            self.close_loop()
+
+
+def car(car_id: int, brand: str, series: str, price: int, city: str = "beijing") -> rpb.Car:
+    return rpb.Car(
+        id=car_id,
+        brand=brand,
+        series=series,
+        model_year=2020,
+        mileage_km=30_000,
+        price_yuan=price,
+        city=city,
+        body_type=rpb.BODY_TYPE_SEDAN,
+        status=rpb.CAR_STATUS_ON_SALE,
+    )
+
+
+class SlowRecommendationStandIn(recommendation_pb2_grpc.RecommendationServiceServicer):
+    """A STAND-IN for the recommendation service (not the real one): its Recommend
+    answers only after ``delay_s``, to test the caller's deadline."""
+
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s = delay_s
+        self.calls = 0
+
+    def Recommend(self, request: rpb.RecommendRequest, context: Any) -> rpb.RecommendResponse:
+        self.calls += 1
+        time.sleep(self.delay_s)
+        return rpb.RecommendResponse()
+
+
+@contextmanager
+def slow_recommendation_standin(delay_s: float) -> Iterator[tuple[str, SlowRecommendationStandIn]]:
+    """``(target, servicer)`` of a running :class:`SlowRecommendationStandIn`."""
+    servicer = SlowRecommendationStandIn(delay_s)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    recommendation_pb2_grpc.add_RecommendationServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}", servicer
+    finally:
+        server.stop(0)
+
+
+# --------------------------------------------------------------------------- bilog
+
+
+class Registry(LoopThread):
+    """The bilog service's dev schema registry (real aiohttp server, real MariaDB)."""
+
+    def __init__(self, database_url: str) -> None:
+        from crm_bilog.registry.server import RegistryServer
+        from crm_bilog.store import RegistryStore, make_engine
+        from crm_bilog.store.migrate import upgrade
+
+        super().__init__()
+        upgrade(database_url)
+        self.engine = make_engine(database_url, 4)
+        self.executor = BlockingExecutor(4, name="test-registry-db")
+        self.server = RegistryServer(RegistryStore(self.engine), self.executor, "127.0.0.1", 0)
+        self.call(self.server.start())
+        self.url: str = self.server.url
+
+    def close(self) -> None:
+        try:
+            self.call(self.server.stop())
+            self.executor.shutdown()
+            self.engine.dispose()
+        finally:
+            self.close_loop()
+
+
+class BilogService(LoopThread):
+    """The real bilog service (crm_bilog.app.build_app) against the shared Tansu broker,
+    with topics of its own (``topic_prefix``)."""
+
+    def __init__(self, kafka_bootstrap: str, registry_url: str, port: int = 0) -> None:
+        from crm_bilog.app import App, build_app
+        from crm_bilog.settings import BilogSettings
+
+        super().__init__()
+        self.settings = BilogSettings(
+            host="127.0.0.1",
+            port=port,
+            metrics_port=-1,
+            kafka_bootstrap=kafka_bootstrap,
+            topic_prefix=f"t{uuid.uuid4().hex[:10]}.",
+            schema_registry_url=registry_url,
+            readiness_interval_s=0.2,
+            readiness_timeout_s=10,
+            shutdown_grace_s=1,
+        )
+
+        async def make() -> App:
+            return build_app(self.settings)
+
+        self.app: App = self.call(make())
+        self.call(self.app.start())
+        self.call(self.app.wait_ready(30))
+        self.target: str = self.app.target
+
+    @property
+    def transition_topic(self) -> str:
+        from crm_bilog.schemas import topic_name
+
+        return topic_name("crm.bi.TaskTransition", self.settings.topic_prefix)
+
+    def close(self) -> None:
+        try:
+            self.call(self.app.stop(grace=1))
+        finally:
+            self.close_loop()
+
+
+def read_avro_topic(
+    bootstrap: str, registry_url: str, topic: str, expected: int, timeout: float = 30.0
+) -> list[tuple[bytes, dict[str, Any]]]:
+    """``(key, decoded value)`` of every message of ``topic`` (all partitions, from the
+    start) once at least ``expected`` arrived and nothing more comes for a moment; values
+    decoded by confluent-kafka's own AvroDeserializer through the registry."""
+    from confluent_kafka.schema_registry import SchemaRegistryClient
+    from confluent_kafka.schema_registry.avro import AvroDeserializer
+    from confluent_kafka.serialization import MessageField, SerializationContext
+
+    deserialize = AvroDeserializer(SchemaRegistryClient({"url": registry_url}))
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"reader-{uuid.uuid4().hex[:8]}",
+            "enable.auto.commit": False,
+        }
+    )
+    try:
+        meta = consumer.list_topics(topic, timeout=10).topics[topic]
+        consumer.assign(
+            [TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(meta.partitions)]
+        )
+        out: list[tuple[bytes, dict[str, Any]]] = []
+        deadline = time.monotonic() + timeout
+        quiet_until: float | None = None
+        while time.monotonic() < deadline:
+            msg = consumer.poll(0.2)
+            if msg is None:
+                if len(out) >= expected:
+                    quiet_until = quiet_until or time.monotonic() + 0.5
+                    if time.monotonic() >= quiet_until:
+                        break
+                continue
+            if msg.error() is None:
+                ctx = SerializationContext(topic, MessageField.VALUE)
+                out.append((msg.key(), deserialize(msg.value(), ctx)))
+                quiet_until = None
+        return out
+    finally:
+        consumer.close()
+
+
+def wait_for(cond: Callable[[], T], what: str, timeout: float = 20.0) -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
