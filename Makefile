@@ -38,9 +38,11 @@ proto-check: setup
 
 docs: setup
 	$(PY) tools/gen_docs.py
+	$(PY) tools/gen_settings_docs.py
 
 docs-check: setup
 	$(PY) tools/gen_docs.py --check
+	$(PY) tools/gen_settings_docs.py --check
 
 buf-lint: setup
 	cd proto && ../.venv/bin/buf lint && echo "buf: lint ok"

@@ -1,0 +1,1 @@
+"""gRPC API of the scheduler: validation (proto -> domain), conversion, servicer."""

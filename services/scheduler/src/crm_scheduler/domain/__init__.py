@@ -1,0 +1,1 @@
+"""The scheduler's domain: jobs, their states and rules (pure: no I/O)."""

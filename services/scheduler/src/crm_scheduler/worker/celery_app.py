@@ -1,0 +1,165 @@
+"""The Celery app shared by the pump (sends) and the workers (consume).
+
+Celery is untyped: every ``Any`` of this service stays in this module. Celery only
+carries due jobs from the pump to a worker; nothing here is trusted for correctness:
+
+- no ETA/countdown is ever used (the pump sends a job when it is due);
+- ``acks_late`` and ``worker_prefetch_multiplier=1``: a worker holds at most one
+  message per execution slot, so pending work stays in MySQL, not in worker memory;
+- the Redis ``visibility_timeout`` is left long: a redelivery it causes is a duplicate
+  the claim turns into a no-op; lost messages are re-sent by the pump's lease reaper.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from crm_scheduler.domain.model import Dispatch
+from crm_scheduler.settings import SchedulerSettings
+
+__all__ = ["TASK_NAME", "CelerySender", "make_celery", "register_task", "start_worker"]
+
+log = logging.getLogger("crm.scheduler.broker")
+
+TASK_NAME = "crm_scheduler.run_job"
+"""The one Celery task: ``run_job(message)`` with a :class:`Dispatch` message."""
+
+
+def make_celery(settings: SchedulerSettings, main: str = "crm-scheduler") -> Any:
+    """A Celery app on ``settings.redis_url`` (not the global current app)."""
+    from celery import Celery
+    from celery.signals import setup_logging
+
+    # Any receiver stops Celery from configuring logging: ours is JSON lines already.
+    setup_logging.connect(_keep_our_logging, weak=False)
+    app = Celery(main, broker=settings.redis_url, set_as_current=False)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        task_acks_late=True,
+        task_acks_on_failure_or_timeout=True,
+        task_reject_on_worker_lost=False,
+        worker_prefetch_multiplier=1,
+        task_default_queue=settings.queue_name,
+        task_create_missing_queues=True,
+        broker_connection_retry=True,
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,
+        broker_connection_timeout=3,
+        broker_transport_options={
+            "visibility_timeout": 3600,  # never relied upon (see module doc)
+            "socket_timeout": 5,
+            "socket_connect_timeout": 3,
+            "retry_on_timeout": True,
+        },
+        broker_pool_limit=4,
+        task_publish_retry=True,
+        task_publish_retry_policy={
+            "max_retries": 2,
+            "interval_start": 0.1,
+            "interval_step": 0.2,
+            "interval_max": 0.5,
+        },
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+        worker_send_task_events=False,
+        task_send_sent_event=False,
+        worker_enable_remote_control=False,
+        worker_disable_rate_limits=True,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        enable_utc=True,
+    )
+    return app
+
+
+def _keep_our_logging(**_: Any) -> None:
+    return None
+
+
+def register_task(app: Any, handle: Callable[[dict[str, object]], object]) -> None:
+    """Registers :data:`TASK_NAME` calling ``handle(message)``."""
+
+    def run_job(message: dict[str, object]) -> None:
+        handle(message)
+
+    app.task(name=TASK_NAME, acks_late=True, ignore_result=True)(run_job)
+
+
+def start_worker(
+    app: Any, settings: SchedulerSettings, on_ready: Callable[[], None] | None = None
+) -> int:
+    """Runs a Celery worker in this thread until it is shut down (SIGTERM: warm
+    shutdown, running jobs finish); returns its exit code. ``on_ready`` is called once
+    the worker consumes."""
+    if on_ready is not None:
+        from celery.signals import worker_ready
+
+        def ready(**_: Any) -> None:
+            on_ready()
+
+        worker_ready.connect(ready, weak=False)
+    worker = app.Worker(
+        hostname=f"crm-scheduler@{settings.instance_name}",
+        pool_cls=settings.worker_pool,
+        concurrency=settings.worker_concurrency,
+        queues=[settings.queue_name],
+        loglevel=settings.log_level,
+        prefetch_multiplier=1,
+        optimization="fair",
+        without_heartbeat=True,
+        without_mingle=True,
+        without_gossip=True,
+        redirect_stdouts=False,
+    )
+    worker.start()
+    return int(worker.exitcode or 0)
+
+
+class CelerySender:
+    """Publishes dispatches as :data:`TASK_NAME` messages (no ETA, no countdown)."""
+
+    def __init__(self, app: Any, queue: str, redis_url: str) -> None:
+        import redis
+
+        self._app = app
+        self._queue = queue
+        self._redis = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
+
+    def send(self, dispatches: Sequence[Dispatch]) -> int:
+        """Sends in order; stops at the first failure (the rest keep their lease and
+        are re-sent by the reaper). Returns how many were sent."""
+        sent = 0
+        try:
+            with self._app.producer_or_acquire() as producer:
+                for d in dispatches:
+                    self._app.send_task(
+                        TASK_NAME,
+                        kwargs={"message": d.to_message()},
+                        queue=self._queue,
+                        task_id=f"{d.uid}.{d.attempt}.{sent}",
+                        producer=producer,
+                    )
+                    sent += 1
+        except Exception as exc:  # broker down: the lease covers the rest
+            log.warning(
+                "sending to the broker failed after %d of %d: %s: %s",
+                sent,
+                len(dispatches),
+                type(exc).__name__,
+                exc,
+            )
+        return sent
+
+    def depth(self) -> int:
+        """Messages waiting in the broker queue (Redis list length)."""
+        return int(self._redis.llen(self._queue))
+
+    def ping(self) -> None:
+        self._redis.ping()
+
+    def close(self) -> None:
+        self._redis.close()
+        self._app.close()

@@ -1,0 +1,54 @@
+"""Prometheus metrics of the workers (on the health server's registry)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+__all__ = ["LAG_BUCKETS", "WorkerMetrics"]
+
+LAG_BUCKETS: tuple[float, ...] = (
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+)
+"""Due-lag buckets in seconds: 10 ms .. 5 min."""
+
+
+class WorkerMetrics:
+    """Start lag, attempt outcomes and durations, deliveries."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.start_lag = Histogram(
+            "crm_scheduler_start_lag_seconds",
+            "From a job's due time to a worker claiming it.",
+            buckets=LAG_BUCKETS,
+            registry=registry,
+        )
+        self.attempts = Counter(
+            "crm_scheduler_attempts_total",
+            "Finished attempts by outcome (succeeded, retry, dead, lost) and gRPC code.",
+            ["outcome", "code"],
+            registry=registry,
+        )
+        self.attempt_seconds = Histogram(
+            "crm_scheduler_attempt_seconds",
+            "Duration of the call to the target.",
+            buckets=LAG_BUCKETS,
+            registry=registry,
+        )
+        self.deliveries = Counter(
+            "crm_scheduler_deliveries_total",
+            "Messages received: claimed, skipped (duplicate, stale or cancelled), malformed.",
+            ["result"],
+            registry=registry,
+        )
