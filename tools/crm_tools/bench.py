@@ -24,6 +24,10 @@ scheduler (issue #4): fire lateness p50/p99 of 10,000 jobs spread over 10 s (tar
   (target >= 0.5x), worker memory with 100,000 pending future jobs (flat); see
   crm_tools.bench_scheduler.
 
+operator (issue #7): CRMConfig change -> applied by a live config watcher p50/p99
+  (target p99 < 1 s), and etcd put -> applied vs a raw etcd watch p99 (target <= 3x);
+  see crm_tools.bench_operator.
+
 `--only SECTION` runs a subset; `--strict` exits 1 when a target is missed.
 """
 
@@ -337,11 +341,18 @@ async def section_scheduler(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
+async def section_operator(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from crm_tools import bench_operator
+
+    return await bench_operator.run(max(args.seconds, 10.0))
+
+
 SECTIONS: dict[str, Callable[[argparse.Namespace], Awaitable[list[dict[str, Any]]]]] = {
     "assignment": section_assignment,
     "bilog": section_bilog,
     "recommendation": section_recommendation,
     "scheduler": section_scheduler,
+    "operator": section_operator,
 }
 
 
