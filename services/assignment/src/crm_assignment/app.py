@@ -9,8 +9,10 @@ the benchmark::
         channel = grpc.aio.insecure_channel(app.target)
 
 Building does no I/O; ``start()`` starts the config watcher (without waiting for etcd:
-health stays NOT_SERVING until it has loaded), the gRPC server, the recycle loop and, when
-``bilog_target`` is set, the BI outbox relay (``clients/bilog_outbox``);
+health stays NOT_SERVING until it has loaded), the gRPC server, the offer timeouts (the
+local recycle loop; or, when ``scheduler_target`` is set, scheduler jobs plus a slow safety
+sweep, see ``clients/scheduler_timeouts``) and, when ``bilog_target`` is set, the BI
+outbox relay (``clients/bilog_outbox``);
 ``stop()`` ends the offer streams (UNAVAILABLE, so agents reconnect elsewhere), drains the
 server, then closes the loop, the watcher, the executor and the engine.
 """
@@ -30,6 +32,7 @@ from crm_common.aio import BlockingExecutor
 from crm_common.config_watch import ConfigSnapshot, ConfigWatcher
 from crm_common.metrics import RpcMetrics
 from crm_common.server import GrpcServer
+from crm_scheduler.client import SchedulerClient
 from prometheus_client import Counter as PromCounter
 from prometheus_client import Gauge
 from sqlalchemy import Engine
@@ -43,6 +46,7 @@ from crm_assignment.clients.recommendation import (
     RecommendationAdapter,
     TaskRecommender,
 )
+from crm_assignment.clients.scheduler_timeouts import SchedulerOfferTimeouts
 from crm_assignment.clients.timeouts import LocalRecycleLoop, OfferTimeouts
 from crm_assignment.config import LineConfig, RoutingConfig
 from crm_assignment.domain.model import Clock, Offer, OutboxBacklog, Task, utc_now
@@ -105,10 +109,7 @@ class App:
     @property
     def target(self) -> str:
         """``host:port`` to dial the started app locally."""
-        host = self.settings.host
-        if host in ("0.0.0.0", "::", "[::]", ""):
-            host = "127.0.0.1"
-        return f"{host}:{self.port}"
+        return _local_target(self.settings.host, self.port)
 
     async def start(self) -> None:
         if self.settings.uses_dev_keys:
@@ -230,7 +231,17 @@ def build_app(
     def on_offer(offer: Offer) -> None:
         offers_total.labels(offer.task.business_line.name).inc()
 
-    timeouts = LocalRecycleLoop(store, executor, clock, settings.recycle_poll_s, on_recycled)
+    server_ref: list[GrpcServer] = []
+
+    def self_target() -> str:
+        if settings.self_target:
+            return settings.self_target
+        port = server_ref[0].port if server_ref else None
+        if port is None:
+            raise RuntimeError("the server is not started: no self_target yet")
+        return _local_target(settings.host, port)
+
+    timeouts = _timeouts(settings, store, executor, clock, on_recycled, self_target)
     recommendations_total = PromCounter(
         "crm_assignment_recommendations_total",
         "Task details by recommendation outcome (OK, or why they are missing).",
@@ -260,6 +271,7 @@ def build_app(
         on_offer=on_offer,
         clue_batch_max=settings.clue_batch_max,
         recommendations=recommendations,
+        on_recycled=on_recycled,
     )
 
     async def db_ready() -> None:
@@ -288,6 +300,7 @@ def build_app(
         await executor.aclose()
         await asyncio.to_thread(engine.dispose)
 
+    server_ref.append(server)
     server.on_stop.append(close_resources)
     return App(
         settings=settings,
@@ -306,6 +319,39 @@ def build_app(
         recommendations=recommendations,
         outbox=outbox,
     )
+
+
+def _local_target(host: str, port: int) -> str:
+    if host in ("0.0.0.0", "::", "[::]", ""):
+        host = "127.0.0.1"
+    return f"{host}:{port}"
+
+
+def _timeouts(
+    settings: AssignmentSettings,
+    store: AssignmentStore,
+    executor: BlockingExecutor,
+    clock: Clock,
+    on_recycled: Callable[[list[Task]], None],
+    self_target: Callable[[], str],
+) -> OfferTimeouts:
+    """The local recycle loop every ``recycle_poll_s`` when ``scheduler_target`` is empty;
+    otherwise scheduler jobs, with the loop as a safety sweep every
+    ``recycle_safety_sweep_s`` (``clients/scheduler_timeouts``)."""
+    if not settings.scheduler_target:
+        return LocalRecycleLoop(store, executor, clock, settings.recycle_poll_s, on_recycled)
+    sweep = LocalRecycleLoop(store, executor, clock, settings.recycle_safety_sweep_s, on_recycled)
+    client = SchedulerClient.connect(
+        settings.scheduler_target, default_timeout=settings.scheduler_timeout_s
+    )
+    log.info(
+        "offer timeouts and revisits go through the scheduler",
+        extra={
+            "scheduler_target": settings.scheduler_target,
+            "safety_sweep_s": settings.recycle_safety_sweep_s,
+        },
+    )
+    return SchedulerOfferTimeouts(client, self_target, sweep)
 
 
 def _outbox(

@@ -67,6 +67,34 @@ class AssignmentSettings(ServiceSettings):
         le=60,
         description="How often offers past their accept deadline are recycled.",
     )
+    scheduler_target: str = Field(
+        default="",
+        description="host:port of the scheduler service: each offer's timeout and each "
+        "revisit's wake-up become scheduler jobs calling back ExpireOffer/WakeRevisit at "
+        "self_target, and the local recycle loop only runs every recycle_safety_sweep_s "
+        "as a safety net; empty: not used (the local loop recycles every recycle_poll_s).",
+    )
+    self_target: str = Field(
+        default="",
+        description="host:port at which the scheduler's workers reach this service (its "
+        "Kubernetes Service, e.g. crm-assignment:50051); empty: the address this replica "
+        "is bound to (development).",
+    )
+    recycle_safety_sweep_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="With scheduler_target set: how often the local loop still recycles "
+        "expired offers, a safety net for jobs the scheduler could not take or run "
+        "(nothing is lost while it is down; expiry is only later, up to this interval).",
+    )
+    scheduler_timeout_s: float = Field(
+        default=2.0,
+        gt=0,
+        le=60,
+        description="Deadline of one Schedule call to the scheduler (made in the "
+        "background after an offer or revisit commits; a failure is logged).",
+    )
     dispatch_poll_s: float = Field(
         default=1.0,
         gt=0,

@@ -24,7 +24,7 @@ from crm_assignment.api.offers import OfferHub
 from crm_assignment.clients.recommendation import NotConfigured, TaskRecommender
 from crm_assignment.clients.timeouts import OfferTimeouts
 from crm_assignment.config import RoutingConfig
-from crm_assignment.domain.model import WAITING_STATUSES, Clock, Offer, Presence
+from crm_assignment.domain.model import WAITING_STATUSES, Clock, Offer, Presence, Task
 from crm_assignment.domain.paging import Cursor
 from crm_assignment.domain.phone import PhoneProtector
 from crm_assignment.store import AssignmentStore
@@ -58,6 +58,7 @@ class AssignmentServicer(assignment_pb2_grpc.AssignmentServiceServicer):
         on_offer: Callable[[Offer], None] | None = None,
         clue_batch_max: int = 64,
         recommendations: TaskRecommender | None = None,
+        on_recycled: Callable[[list[Task]], None] | None = None,
     ) -> None:
         self._store = store
         self.clues = ClueBatcher(store, executor, clue_batch_max)
@@ -70,6 +71,7 @@ class AssignmentServicer(assignment_pb2_grpc.AssignmentServiceServicer):
         self._poll_s = dispatch_poll_s
         self._recommendations = recommendations or NotConfigured()
         self._on_offer = on_offer
+        self._on_recycled = on_recycled
 
     # ------------------------------------------------------------------ clues & reads
 
@@ -203,7 +205,7 @@ class AssignmentServicer(assignment_pb2_grpc.AssignmentServiceServicer):
                         "deadline": offer.deadline.isoformat(),
                     },
                 )
-                self._timeouts.offer_made(offer.task.id, offer.deadline)
+                self._timeouts.offer_made(offer.task.id, offer.offer_event_id, offer.deadline)
                 if self._on_offer is not None:
                     self._on_offer(offer)
                 yield pb.StreamOffersResponse(offer=convert.offer_pb(offer))
@@ -257,6 +259,7 @@ class AssignmentServicer(assignment_pb2_grpc.AssignmentServiceServicer):
         self._hub.wake_agent(request.agent_id)  # capacity freed
         response = pb.CompleteTaskResponse(task=convert.task_pb(task))
         if revisit is not None:
+            self._timeouts.revisit_created(revisit.id, revisit.due_at)
             response.revisit.CopyFrom(convert.task_pb(revisit))
         return response
 
@@ -270,6 +273,47 @@ class AssignmentServicer(assignment_pb2_grpc.AssignmentServiceServicer):
         )
         self._hub.wake_agent(request.agent_id)  # capacity freed
         return pb.FailTaskResponse(task=convert.task_pb(task))
+
+    # ------------------------------------------------------------------ scheduler targets
+
+    async def ExpireOffer(
+        self, request: pb.ExpireOfferRequest, context: Context
+    ) -> pb.ExpireOfferResponse:
+        """Called by the scheduler at an offer's deadline; idempotent (see the proto)."""
+        with Validator() as v:
+            validation.positive_id(v, request.task_id, "task_id")
+            validation.positive_id(v, request.offer_event_id, "offer_event_id")
+        outcome = await self._run(
+            self._store.expire_offer, request.task_id, request.offer_event_id, self._clock()
+        )
+        if outcome.early:  # the job ran before the deadline (clock skew): retry later
+            raise Unavailable(
+                f"the offer of task {request.task_id} has not expired yet",
+                reason="OFFER_NOT_EXPIRED",
+            )
+        task = outcome.recycled
+        if task is None:
+            return pb.ExpireOfferResponse(recycled=False)
+        log.info("offer expired", extra={"task_id": task.id})
+        if self._on_recycled is not None:
+            self._on_recycled([task])
+        return pb.ExpireOfferResponse(recycled=True)
+
+    async def WakeRevisit(
+        self, request: pb.WakeRevisitRequest, context: Context
+    ) -> pb.WakeRevisitResponse:
+        """Called by the scheduler when a revisit is due: wake its line's offer streams."""
+        with Validator() as v:
+            validation.positive_id(v, request.task_id, "task_id")
+        task = await self._run(self._store.find_task, request.task_id)
+        if task is None or task.status not in WAITING_STATUSES:
+            return pb.WakeRevisitResponse(woken=False)
+        if task.due_at > self._clock():  # the job ran early (clock skew): retry later
+            raise Unavailable(f"task {task.id} is not due yet", reason="REVISIT_NOT_DUE")
+        if task.preferred_agent_id is not None:
+            self._hub.wake_agent(task.preferred_agent_id)  # reserved first for this agent
+        self._hub.task_waiting(task.business_line)
+        return pb.WakeRevisitResponse(woken=True)
 
     async def CancelTask(
         self, request: pb.CancelTaskRequest, context: Context

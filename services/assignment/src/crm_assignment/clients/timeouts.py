@@ -1,10 +1,17 @@
-"""Offer timeouts: who recycles an offer that was not accepted before its deadline.
+"""Offer timeouts: who recycles an offer that was not accepted before its deadline, and
+who wakes the offer streams when a revisit becomes due.
 
-:class:`OfferTimeouts` is the small interface the service depends on. Today the only
-implementation is :class:`LocalRecycleLoop`, an interim poller inside each replica
-(``store.recycle_expired`` every ``recycle_poll_s``; replicas do not collide thanks to
-``FOR UPDATE SKIP LOCKED``). The scheduler service replaces it later with a delayed job
-per offer (``offer_made``) that calls back into the assignment service at the deadline.
+:class:`OfferTimeouts` is the small interface the service depends on, told of every offer
+(``offer_made``) and every revisit (``revisit_created``) once committed. Two
+implementations:
+
+- :class:`LocalRecycleLoop` (``scheduler_target`` empty, the development default): a
+  poller inside each replica (``store.recycle_expired`` every ``recycle_poll_s``; replicas
+  do not collide thanks to ``FOR UPDATE SKIP LOCKED``); revisits are found by the offer
+  streams' own ``dispatch_poll_s`` poll;
+- ``SchedulerOfferTimeouts`` (``clients/scheduler_timeouts.py``): a scheduler job per offer
+  calling ``ExpireOffer`` at the deadline and one per revisit calling ``WakeRevisit``
+  when due, with this loop kept as a slow safety sweep (``recycle_safety_sweep_s``).
 """
 
 from __future__ import annotations
@@ -33,12 +40,17 @@ class OfferTimeouts(Protocol):
 
     async def stop(self) -> None: ...
 
-    def offer_made(self, task_id: int, deadline: datetime) -> None:
-        """An offer was made (a scheduler-backed implementation schedules its timeout)."""
+    def offer_made(self, task_id: int, offer_event_id: int, deadline: datetime) -> None:
+        """An offer was committed (a scheduler-backed implementation schedules its
+        timeout); ``offer_event_id`` is the id of its OFFERED task event."""
+
+    def revisit_created(self, task_id: int, due_at: datetime) -> None:
+        """A revisit task was committed, due at ``due_at`` (a scheduler-backed
+        implementation schedules the wake-up of the offer streams then)."""
 
 
 class LocalRecycleLoop:
-    """Polls the store for expired offers every ``poll_s`` seconds (interim, see module)."""
+    """Polls the store for expired offers every ``poll_s`` seconds (see module)."""
 
     def __init__(
         self,
@@ -69,8 +81,11 @@ class LocalRecycleLoop:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
 
-    def offer_made(self, task_id: int, deadline: datetime) -> None:
+    def offer_made(self, task_id: int, offer_event_id: int, deadline: datetime) -> None:
         """Nothing to do: the poll finds every expired offer."""
+
+    def revisit_created(self, task_id: int, due_at: datetime) -> None:
+        """Nothing to do: the offer streams' poll finds due revisits."""
 
     async def run_once(self) -> list[Task]:
         """Recycle what is expired now (until a batch comes back short)."""

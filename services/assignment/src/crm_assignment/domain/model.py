@@ -281,6 +281,9 @@ class Offer:
     agent_full: bool = False
     """The agent holds as many tasks as its capacity now (no use asking again until one
     is released)."""
+    offer_event_id: int = 0
+    """Id of the OFFERED task event of this offer (0 when not known: a pushed-again offer);
+    names the offer in its scheduled timeout (``ExpireOffer``)."""
 
 
 @dataclass(frozen=True, slots=True)

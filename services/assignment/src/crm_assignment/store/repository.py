@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
@@ -87,7 +88,7 @@ from crm_assignment.store.schema import (
     TaskRow,
 )
 
-__all__ = ["AssignmentStore"]
+__all__ = ["AssignmentStore", "ExpireOutcome"]
 
 log = logging.getLogger("crm.assignment.store")
 
@@ -109,6 +110,17 @@ _upsert_customers = _upsert_customers.on_duplicate_key_update(
 _insert_tasks = insert(_task_t).returning(_task_t.c.id, sort_by_parameter_order=True)
 _insert_clues = insert(_clue_t).returning(_clue_t.c.id, sort_by_parameter_order=True)
 _insert_events = insert(_event_t)
+
+
+@dataclass(frozen=True, slots=True)
+class ExpireOutcome:
+    """What ``expire_offer`` did: ``recycled`` is the task it recycled (None: nothing to
+    do, the offer is no longer current); ``early`` is True when the offer is current but
+    its deadline has not passed yet (the caller should retry later)."""
+
+    recycled: Task | None
+    early: bool
+
 
 ClueRequest = tuple[NewClue, datetime, LineConfig]
 """One CreateClue of a batch: the clue, the time it was asked at, its line's config."""
@@ -196,19 +208,19 @@ def _record(
     now: datetime,
     agent_id: int | None = None,
     reason: str = "",
-) -> None:
+) -> TaskEventRow:
     """Append the audit row of a transition (same transaction as the change)."""
-    s.add(
-        TaskEventRow(
-            task_id=task.id,
-            kind=kind,
-            from_status=from_status,
-            to_status=task.status,
-            agent_id=agent_id,
-            reason=reason[:500],
-            at=now,
-        )
+    event = TaskEventRow(
+        task_id=task.id,
+        kind=kind,
+        from_status=from_status,
+        to_status=task.status,
+        agent_id=agent_id,
+        reason=reason[:500],
+        at=now,
     )
+    s.add(event)
+    return event
 
 
 def _is_duplicate_key(exc: IntegrityError) -> bool:
@@ -816,7 +828,9 @@ class AssignmentStore:
                 points = dispatch.score(
                     dispatch.Candidate.of(task), agent_id, brands, now, cfg.weights
                 )
-                _record(s, row, EventKind.OFFERED, before, now, agent_id, f"score {points:.1f}")
+                event = _record(
+                    s, row, EventKind.OFFERED, before, now, agent_id, f"score {points:.1f}"
+                )
                 customer = s.get_one(CustomerRow, row.customer_id)
                 s.flush()
                 return Offer(
@@ -824,6 +838,7 @@ class AssignmentStore:
                     customer=_customer(customer),
                     deadline=deadline,
                     agent_full=active + 1 >= agent.capacity,
+                    offer_event_id=event.id,
                 )
         return None
 
@@ -868,6 +883,41 @@ class AssignmentStore:
                 _record(s, row, EventKind.TIMED_OUT, Status.ASSIGNED, now, lost, "not accepted")
             s.flush()
             return [_task(r) for r in rows]
+
+        return self._tx.run(go)
+
+    def expire_offer(self, task_id: int, offer_event_id: int, now: datetime) -> ExpireOutcome:
+        """Recycle the task (RECYCLED, TIMED_OUT) only if it is still ASSIGNED under the
+        offer recorded by the OFFERED event ``offer_event_id`` and its deadline passed.
+        Idempotent: a stale or repeated call changes nothing (see :class:`ExpireOutcome`)."""
+
+        def go(s: Session) -> ExpireOutcome:
+            row = s.get(TaskRow, task_id, with_for_update=True, populate_existing=True)
+            if row is None or row.status is not Status.ASSIGNED:
+                return ExpireOutcome(None, early=False)
+            current = s.scalar(
+                select(func.max(TaskEventRow.id)).where(
+                    TaskEventRow.task_id == task_id, TaskEventRow.kind == EventKind.OFFERED
+                )
+            )
+            if current != offer_event_id:  # re-offered since (or a wrong id): not ours
+                return ExpireOutcome(None, early=False)
+            if row.offer_deadline is not None and row.offer_deadline > now:
+                return ExpireOutcome(None, early=True)
+            lost = row.agent_id
+            self._recycle(row, now)
+            _record(s, row, EventKind.TIMED_OUT, Status.ASSIGNED, now, lost, "not accepted")
+            s.flush()
+            return ExpireOutcome(_task(row), early=False)
+
+        return self._tx.run(go)
+
+    def find_task(self, task_id: int) -> Task | None:
+        """The task, or None when the id is unknown."""
+
+        def go(s: Session) -> Task | None:
+            row = s.get(TaskRow, task_id, populate_existing=True)
+            return None if row is None else _task(row)
 
         return self._tx.run(go)
 

@@ -1392,3 +1392,95 @@ class SetCustomerStarResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetCustomerStarResponse: _TypeAlias = SetCustomerStarResponse  # noqa: Y015
+
+@_typing.final
+class ExpireOfferRequest(_message.Message):
+    """Request of ExpireOffer (sent by the scheduler)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    OFFER_EVENT_ID_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.int
+    """The offered task."""
+    offer_event_id: _builtins.int
+    """Id of the task event (kind OFFERED) that recorded the offer to expire."""
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.int = ...,
+        offer_event_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["offer_event_id", b"offer_event_id", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExpireOfferRequest: _TypeAlias = ExpireOfferRequest  # noqa: Y015
+
+@_typing.final
+class ExpireOfferResponse(_message.Message):
+    """Response of ExpireOffer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECYCLED_FIELD_NUMBER: _builtins.int
+    recycled: _builtins.bool
+    """True when this call recycled the task; false for a no-op (stale or repeated call)."""
+    def __init__(
+        self,
+        *,
+        recycled: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["recycled", b"recycled"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExpireOfferResponse: _TypeAlias = ExpireOfferResponse  # noqa: Y015
+
+@_typing.final
+class WakeRevisitRequest(_message.Message):
+    """Request of WakeRevisit (sent by the scheduler)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.int
+    """The revisit task that is due."""
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WakeRevisitRequest: _TypeAlias = WakeRevisitRequest  # noqa: Y015
+
+@_typing.final
+class WakeRevisitResponse(_message.Message):
+    """Response of WakeRevisit."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WOKEN_FIELD_NUMBER: _builtins.int
+    woken: _builtins.bool
+    """True when offer streams were woken; false when the task is gone or not waiting."""
+    def __init__(
+        self,
+        *,
+        woken: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["woken", b"woken"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WakeRevisitResponse: _TypeAlias = WakeRevisitResponse  # noqa: Y015

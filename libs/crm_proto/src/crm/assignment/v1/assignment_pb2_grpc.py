@@ -105,6 +105,16 @@ class AssignmentServiceStub:
                 request_serializer=crm_dot_assignment_dot_v1_dot_assignment__pb2.SetCustomerStarRequest.SerializeToString,
                 response_deserializer=crm_dot_assignment_dot_v1_dot_assignment__pb2.SetCustomerStarResponse.FromString,
                 _registered_method=True)
+        self.ExpireOffer = channel.unary_unary(
+                '/crm.assignment.v1.AssignmentService/ExpireOffer',
+                request_serializer=crm_dot_assignment_dot_v1_dot_assignment__pb2.ExpireOfferRequest.SerializeToString,
+                response_deserializer=crm_dot_assignment_dot_v1_dot_assignment__pb2.ExpireOfferResponse.FromString,
+                _registered_method=True)
+        self.WakeRevisit = channel.unary_unary(
+                '/crm.assignment.v1.AssignmentService/WakeRevisit',
+                request_serializer=crm_dot_assignment_dot_v1_dot_assignment__pb2.WakeRevisitRequest.SerializeToString,
+                response_deserializer=crm_dot_assignment_dot_v1_dot_assignment__pb2.WakeRevisitResponse.FromString,
+                _registered_method=True)
 
 
 class AssignmentServiceServicer:
@@ -217,6 +227,26 @@ class AssignmentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExpireOffer(self, request, context):
+        """Internal, called by the scheduler service at an offer's accept deadline (job
+        `assignment.expire-offer`): recycles the task (ASSIGNED -> RECYCLED, event TIMED_OUT)
+        only if it is still ASSIGNED under that very offer and the deadline has passed.
+        Idempotent: a repeated or stale call (accepted, rejected, re-offered, gone) is a
+        no-op answering OK. UNAVAILABLE when called before the deadline (retried later).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WakeRevisit(self, request, context):
+        """Internal, called by the scheduler service when a revisit becomes due (job
+        `assignment.wake-revisit`): wakes the offer streams of the task's business line so
+        the revisit is offered at once. OK (a no-op) when the task is gone or not waiting.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AssignmentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -289,6 +319,16 @@ def add_AssignmentServiceServicer_to_server(servicer, server):
                     servicer.SetCustomerStar,
                     request_deserializer=crm_dot_assignment_dot_v1_dot_assignment__pb2.SetCustomerStarRequest.FromString,
                     response_serializer=crm_dot_assignment_dot_v1_dot_assignment__pb2.SetCustomerStarResponse.SerializeToString,
+            ),
+            'ExpireOffer': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExpireOffer,
+                    request_deserializer=crm_dot_assignment_dot_v1_dot_assignment__pb2.ExpireOfferRequest.FromString,
+                    response_serializer=crm_dot_assignment_dot_v1_dot_assignment__pb2.ExpireOfferResponse.SerializeToString,
+            ),
+            'WakeRevisit': grpc.unary_unary_rpc_method_handler(
+                    servicer.WakeRevisit,
+                    request_deserializer=crm_dot_assignment_dot_v1_dot_assignment__pb2.WakeRevisitRequest.FromString,
+                    response_serializer=crm_dot_assignment_dot_v1_dot_assignment__pb2.WakeRevisitResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -670,6 +710,60 @@ class AssignmentService:
             '/crm.assignment.v1.AssignmentService/SetCustomerStar',
             crm_dot_assignment_dot_v1_dot_assignment__pb2.SetCustomerStarRequest.SerializeToString,
             crm_dot_assignment_dot_v1_dot_assignment__pb2.SetCustomerStarResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExpireOffer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.assignment.v1.AssignmentService/ExpireOffer',
+            crm_dot_assignment_dot_v1_dot_assignment__pb2.ExpireOfferRequest.SerializeToString,
+            crm_dot_assignment_dot_v1_dot_assignment__pb2.ExpireOfferResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WakeRevisit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.assignment.v1.AssignmentService/WakeRevisit',
+            crm_dot_assignment_dot_v1_dot_assignment__pb2.WakeRevisitRequest.SerializeToString,
+            crm_dot_assignment_dot_v1_dot_assignment__pb2.WakeRevisitResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -76,6 +76,18 @@ class AssignmentServiceStub:
     """Cancels a task that is not finished: UNASSIGNED/ASSIGNED/RECYCLED -> CANCELLED."""
     SetCustomerStar: _grpc.UnaryUnaryMultiCallable[_assignment_pb2.SetCustomerStarRequest, _assignment_pb2.SetCustomerStarResponse]
     """Sets or clears a customer's star flag; star customers are served first."""
+    ExpireOffer: _grpc.UnaryUnaryMultiCallable[_assignment_pb2.ExpireOfferRequest, _assignment_pb2.ExpireOfferResponse]
+    """Internal, called by the scheduler service at an offer's accept deadline (job
+    `assignment.expire-offer`): recycles the task (ASSIGNED -> RECYCLED, event TIMED_OUT)
+    only if it is still ASSIGNED under that very offer and the deadline has passed.
+    Idempotent: a repeated or stale call (accepted, rejected, re-offered, gone) is a
+    no-op answering OK. UNAVAILABLE when called before the deadline (retried later).
+    """
+    WakeRevisit: _grpc.UnaryUnaryMultiCallable[_assignment_pb2.WakeRevisitRequest, _assignment_pb2.WakeRevisitResponse]
+    """Internal, called by the scheduler service when a revisit becomes due (job
+    `assignment.wake-revisit`): wakes the offer streams of the task's business line so
+    the revisit is offered at once. OK (a no-op) when the task is gone or not waiting.
+    """
 
 @_typing.type_check_only
 class AssignmentServiceAsyncStub(AssignmentServiceStub):
@@ -123,6 +135,18 @@ class AssignmentServiceAsyncStub(AssignmentServiceStub):
     """Cancels a task that is not finished: UNASSIGNED/ASSIGNED/RECYCLED -> CANCELLED."""
     SetCustomerStar: _aio.UnaryUnaryMultiCallable[_assignment_pb2.SetCustomerStarRequest, _assignment_pb2.SetCustomerStarResponse]  # type: ignore[assignment]
     """Sets or clears a customer's star flag; star customers are served first."""
+    ExpireOffer: _aio.UnaryUnaryMultiCallable[_assignment_pb2.ExpireOfferRequest, _assignment_pb2.ExpireOfferResponse]  # type: ignore[assignment]
+    """Internal, called by the scheduler service at an offer's accept deadline (job
+    `assignment.expire-offer`): recycles the task (ASSIGNED -> RECYCLED, event TIMED_OUT)
+    only if it is still ASSIGNED under that very offer and the deadline has passed.
+    Idempotent: a repeated or stale call (accepted, rejected, re-offered, gone) is a
+    no-op answering OK. UNAVAILABLE when called before the deadline (retried later).
+    """
+    WakeRevisit: _aio.UnaryUnaryMultiCallable[_assignment_pb2.WakeRevisitRequest, _assignment_pb2.WakeRevisitResponse]  # type: ignore[assignment]
+    """Internal, called by the scheduler service when a revisit becomes due (job
+    `assignment.wake-revisit`): wakes the offer streams of the task's business line so
+    the revisit is offered at once. OK (a no-op) when the task is gone or not waiting.
+    """
 
 class AssignmentServiceServicer(metaclass=_abc_1.ABCMeta):
     """Clues, tasks, agents and dispatch for the sales, after-sales and finance call centers."""
@@ -251,5 +275,29 @@ class AssignmentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_assignment_pb2.SetCustomerStarResponse, _abc.Awaitable[_assignment_pb2.SetCustomerStarResponse]]:
         """Sets or clears a customer's star flag; star customers are served first."""
+
+    @_abc_1.abstractmethod
+    def ExpireOffer(
+        self,
+        request: _assignment_pb2.ExpireOfferRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_assignment_pb2.ExpireOfferResponse, _abc.Awaitable[_assignment_pb2.ExpireOfferResponse]]:
+        """Internal, called by the scheduler service at an offer's accept deadline (job
+        `assignment.expire-offer`): recycles the task (ASSIGNED -> RECYCLED, event TIMED_OUT)
+        only if it is still ASSIGNED under that very offer and the deadline has passed.
+        Idempotent: a repeated or stale call (accepted, rejected, re-offered, gone) is a
+        no-op answering OK. UNAVAILABLE when called before the deadline (retried later).
+        """
+
+    @_abc_1.abstractmethod
+    def WakeRevisit(
+        self,
+        request: _assignment_pb2.WakeRevisitRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_assignment_pb2.WakeRevisitResponse, _abc.Awaitable[_assignment_pb2.WakeRevisitResponse]]:
+        """Internal, called by the scheduler service when a revisit becomes due (job
+        `assignment.wake-revisit`): wakes the offer streams of the task's business line so
+        the revisit is offered at once. OK (a no-op) when the task is gone or not waiting.
+        """
 
 def add_AssignmentServiceServicer_to_server(servicer: AssignmentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
