@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
+from crm_common.db import ER_DUP_ENTRY, TransactionRunner, mysql_errno
 from crm_common.errors import CrmError, FailedPrecondition, NotFound, Unavailable
 from sqlalchemy import (
     Connection,
@@ -79,7 +80,6 @@ from crm_assignment.domain.model import (
     TaskFilter,
 )
 from crm_assignment.domain.paging import Cursor
-from crm_assignment.store.db import ER_DUP_ENTRY, TransactionRunner, mysql_errno
 from crm_assignment.store.schema import (
     AgentRow,
     ClueRow,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import numpy as np
+from crm_common.db import TransactionRunner
 from crm_common.errors import NotFound
 from sqlalchemy import Engine, select, text, update
 from sqlalchemy.dialects.mysql import insert as mysql_insert
@@ -21,7 +22,6 @@ from sqlalchemy.orm import Session
 
 from crm_recommendation.domain.model import Car, Interaction, InteractionKind
 from crm_recommendation.index.car_index import InteractionArrays
-from crm_recommendation.store.db import TransactionRunner
 from crm_recommendation.store.schema import (
     SEQUENCE_NAME,
     CarRow,

@@ -1,6 +1,14 @@
 """Persistence of the scheduler (MySQL/MariaDB): the record of every job."""
 
-from crm_scheduler.store.db import make_engine
+from crm_common.db import make_engine as _make_engine
+from sqlalchemy import Engine
+
 from crm_scheduler.store.repository import ReapResult, SchedulerStore
 
 __all__ = ["ReapResult", "SchedulerStore", "make_engine"]
+
+
+def make_engine(url: str, pool_size: int) -> Engine:
+    """The shared engine with the server's default lock wait: the scheduler's statements
+    are SKIP LOCKED scans and single-row conditional updates (group-committed)."""
+    return _make_engine(url, pool_size, lock_wait_timeout_s=None)

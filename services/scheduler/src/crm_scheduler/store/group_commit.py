@@ -17,10 +17,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from crm_common.db import ER_LOCK_DEADLOCK, ER_LOCK_WAIT_TIMEOUT, mysql_errno
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
-
-from crm_scheduler.store.db import ER_LOCK_DEADLOCK, ER_LOCK_WAIT_TIMEOUT, mysql_errno
 
 __all__ = ["GroupCommitter"]
 

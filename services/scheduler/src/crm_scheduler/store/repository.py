@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from crm_common.db import ER_DUP_ENTRY, TransactionRunner, mysql_errno
 from crm_common.errors import AlreadyExists, FailedPrecondition, NotFound, PreconditionViolation
 from sqlalchemy import (
     ColumnElement,
@@ -48,7 +49,6 @@ from crm_scheduler.domain.model import (
     Target,
 )
 from crm_scheduler.domain.retry import LEASE_EXPIRED, AttemptOutcome
-from crm_scheduler.store.db import ER_DUP_ENTRY, TransactionRunner, mysql_errno
 from crm_scheduler.store.group_commit import GroupCommitter
 from crm_scheduler.store.schema import JobRow
 

@@ -1,9 +1,11 @@
-"""Engine construction and transaction helpers (MySQL/MariaDB through PyMySQL).
+"""MySQL/MariaDB plumbing shared by every service's store (through PyMySQL).
 
-Every transaction runs at READ COMMITTED: consistent reads see the latest committed rows
-(needed after waiting for a row lock) and InnoDB takes no gap locks, so concurrent
-dispatchers and clue writers do not block on ranges. Deadlocks and lock wait timeouts are
-retried a few times; a database that cannot be reached surfaces as UNAVAILABLE.
+``make_engine`` builds a bounded pool (no overflow: each service sizes its
+BlockingExecutor like the pool). Every transaction runs at READ COMMITTED: consistent
+reads see the latest committed rows (needed after waiting for a row lock) and InnoDB
+takes no gap locks, so concurrent writers do not block on ranges. ``TransactionRunner``
+retries deadlocks and lock wait timeouts a few times (then ABORTED); a database that
+cannot be reached surfaces as UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -14,14 +16,23 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from crm_common.errors import Aborted, Unavailable
 from sqlalchemy import Connection, Engine, create_engine, text
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
-__all__ = ["LOCK_WAIT_TIMEOUT_S", "TransactionRunner", "make_engine", "mysql_errno"]
+from crm_common.errors import Aborted, Unavailable
 
-log = logging.getLogger("crm.assignment.store")
+__all__ = [
+    "ER_DUP_ENTRY",
+    "ER_LOCK_DEADLOCK",
+    "ER_LOCK_WAIT_TIMEOUT",
+    "LOCK_WAIT_TIMEOUT_S",
+    "TransactionRunner",
+    "make_engine",
+    "mysql_errno",
+]
+
+log = logging.getLogger("crm.store")
 
 R = TypeVar("R")
 
@@ -36,8 +47,19 @@ _RETRYABLE = frozenset({ER_LOCK_WAIT_TIMEOUT, ER_LOCK_DEADLOCK})
 _UNREACHABLE = frozenset({2003, 2006, 2013, 2055})
 
 
-def make_engine(url: str, pool_size: int) -> Engine:
-    """An engine with a bounded pool (no overflow: the executor is sized like the pool)."""
+def make_engine(
+    url: str, pool_size: int, lock_wait_timeout_s: int | None = LOCK_WAIT_TIMEOUT_S
+) -> Engine:
+    """An engine with a bounded pool (no overflow: the executor is sized like the pool).
+
+    ``lock_wait_timeout_s`` sets the sessions' innodb_lock_wait_timeout (a blocked row lock
+    fails fast and is retried by TransactionRunner); None keeps the server default.
+    """
+    connect_args: dict[str, object] = {"connect_timeout": 5, "charset": "utf8mb4"}
+    if lock_wait_timeout_s is not None:
+        connect_args["init_command"] = (
+            f"SET SESSION innodb_lock_wait_timeout = {int(lock_wait_timeout_s)}"
+        )
     return create_engine(
         url,
         pool_size=pool_size,
@@ -46,11 +68,7 @@ def make_engine(url: str, pool_size: int) -> Engine:
         pool_recycle=1800,
         pool_timeout=30,
         isolation_level="READ COMMITTED",
-        connect_args={
-            "connect_timeout": 5,
-            "charset": "utf8mb4",
-            "init_command": f"SET SESSION innodb_lock_wait_timeout = {LOCK_WAIT_TIMEOUT_S}",
-        },
+        connect_args=connect_args,
     )
 
 
