@@ -14,6 +14,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,13 +64,19 @@ def run_module(module: str, args: list[str], env: dict[str, str], log_path: Path
 
 
 def start_service(
-    name: str, module: str, port: int, env: dict[str, str], log_path: Path
+    name: str,
+    module: str,
+    port: int,
+    env: dict[str, str],
+    log_path: Path,
+    args: list[str] | None = None,
 ) -> ServiceProc:
-    """Start ``python -m module serve`` in its own session, logging to ``log_path``."""
+    """Start ``python -m module serve`` (or ``module *args``) in its own session, logging
+    to ``log_path``."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     log = log_path.open("ab")
     popen = subprocess.Popen(
-        [sys.executable, "-m", module, "serve"],
+        [sys.executable, "-m", module, *(args if args is not None else ["serve"])],
         env={**os.environ, **env},
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -94,3 +102,44 @@ async def wait_serving(proc: ServiceProc, timeout: float = 60.0) -> None:
                     return
             await asyncio.sleep(0.1)
     raise RuntimeError(f"{proc.name} not SERVING after {timeout:.0f}s; see {proc.log_path}")
+
+
+def _check_alive(proc: ServiceProc) -> None:
+    if proc.popen.poll() is not None:
+        code = proc.popen.returncode
+        raise RuntimeError(f"{proc.name} exited with {code}; see {proc.log_path}")
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as resp:  # noqa: S310 (local URL)
+            return bool(resp.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+async def wait_http(proc: ServiceProc, path: str, timeout: float = 60.0) -> None:
+    """Poll ``GET http://127.0.0.1:<port><path>`` until it answers 200 (or the process dies)."""
+    url = f"http://{proc.target}{path}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        _check_alive(proc)
+        if await asyncio.to_thread(_http_ok, url):
+            return
+        await asyncio.sleep(0.1)
+    raise RuntimeError(f"{proc.name}: GET {url} not OK after {timeout:.0f}s; see {proc.log_path}")
+
+
+async def wait_log(proc: ServiceProc, text: str, timeout: float = 60.0) -> None:
+    """Wait until ``text`` appears in the process's log (for processes without a health
+    endpoint, e.g. a Kafka consumer that logs when its partitions are assigned)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        _check_alive(proc)
+        with contextlib.suppress(OSError):
+            if text in proc.log_path.read_text(errors="replace"):
+                return
+        await asyncio.sleep(0.2)
+    raise RuntimeError(
+        f"{proc.name}: no {text!r} in its log after {timeout:.0f}s; see {proc.log_path}"
+    )
