@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import TracebackType
 
 from crm.assignment.v1 import assignment_pb2, assignment_pb2_grpc
 from crm_common.aio import BlockingExecutor
+from crm_common.app import ServiceApp, local_target
 from crm_common.config_watch import ConfigSnapshot, ConfigWatcher
 from crm_common.metrics import RpcMetrics
 from crm_common.server import GrpcServer
@@ -78,7 +77,7 @@ class RoutingSource:
 
 
 @dataclass
-class App:
+class App(ServiceApp):
     """The assembled service (see module doc); attributes are for tests and tools."""
 
     settings: AssignmentSettings
@@ -97,19 +96,6 @@ class App:
     recommendations: TaskRecommender = field(default_factory=NotConfigured)
     outbox: OutboxRelay | None = None
     """Publishes task transitions to bilog (None when ``bilog_target`` is empty)."""
-    _stopped: bool = field(default=False, repr=False)
-
-    @property
-    def port(self) -> int:
-        """The bound gRPC port (after start)."""
-        if self.server.port is None:
-            raise RuntimeError("the app is not started")
-        return self.server.port
-
-    @property
-    def target(self) -> str:
-        """``host:port`` to dial the started app locally."""
-        return _local_target(self.settings.host, self.port)
 
     async def start(self) -> None:
         if self.settings.uses_dev_keys:
@@ -126,51 +112,9 @@ class App:
         else:
             log.info("bilog_target is empty: task transitions are not sent to the BI log")
 
-    async def wait_ready(self, timeout: float = 30.0) -> None:
-        """Until the config is loaded and the database answers (what health waits for)."""
-        async with asyncio.timeout(timeout):
-            while True:
-                if not await self.server.check_readiness():
-                    return
-                await asyncio.sleep(0.05)
-
-    async def stop(self, grace: float | None = None) -> None:
-        """End offer streams, drain the server, close everything (idempotent)."""
-        if self._stopped:
-            return
-        self._stopped = True
+    async def before_stop(self) -> None:
+        """End the offer streams before the server drains (they would hold it open)."""
         self.hub.shutdown()
-        await self.server.stop(grace)
-
-    async def run_until_signal(self) -> None:
-        """Start, serve until SIGTERM/SIGINT, stop gracefully."""
-        loop = asyncio.get_running_loop()
-        requested = asyncio.Event()
-        signals = (signal.SIGTERM, signal.SIGINT)
-        for sig in signals:
-            loop.add_signal_handler(sig, requested.set)
-        try:
-            await self.start()
-            await requested.wait()
-            log.info("stop signal received")
-        finally:
-            try:
-                await self.stop()
-            finally:
-                for sig in signals:
-                    loop.remove_signal_handler(sig)
-
-    async def __aenter__(self) -> App:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
 
 def build_app(
@@ -239,7 +183,7 @@ def build_app(
         port = server_ref[0].port if server_ref else None
         if port is None:
             raise RuntimeError("the server is not started: no self_target yet")
-        return _local_target(settings.host, port)
+        return local_target(settings.host, port)
 
     timeouts = _timeouts(settings, store, executor, clock, on_recycled, self_target)
     recommendations_total = PromCounter(
@@ -319,12 +263,6 @@ def build_app(
         recommendations=recommendations,
         outbox=outbox,
     )
-
-
-def _local_target(host: str, port: int) -> str:
-    if host in ("0.0.0.0", "::", "[::]", ""):
-        host = "127.0.0.1"
-    return f"{host}:{port}"
 
 
 def _timeouts(

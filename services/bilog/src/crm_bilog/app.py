@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
-from dataclasses import dataclass, field
-from types import TracebackType
+from dataclasses import dataclass
 
 from crm.bilog.v1 import bilog_pb2, bilog_pb2_grpc
+from crm_common.app import ServiceApp
 from crm_common.metrics import RpcMetrics
 from crm_common.server import GrpcServer
 from prometheus_client import Counter
@@ -43,7 +42,7 @@ SERVICE_NAME: str = bilog_pb2.DESCRIPTOR.services_by_name["BilogService"].full_n
 
 
 @dataclass
-class App:
+class App(ServiceApp):
     """The assembled service (see module doc); attributes are for tests and tools."""
 
     settings: BilogSettings
@@ -54,20 +53,6 @@ class App:
     servicer: BilogServicer
     server: GrpcServer
     metrics: RpcMetrics
-    _stopped: bool = field(default=False, repr=False)
-
-    @property
-    def port(self) -> int:
-        if self.server.port is None:
-            raise RuntimeError("the app is not started")
-        return self.server.port
-
-    @property
-    def target(self) -> str:
-        host = self.settings.host
-        if host in ("0.0.0.0", "::", "[::]", ""):
-            host = "127.0.0.1"
-        return f"{host}:{self.port}"
 
     async def start(self) -> None:
         if self.settings.uses_dev_key:
@@ -77,49 +62,6 @@ class App:
             )
         await self.producer.start()
         await self.server.start()
-
-    async def wait_ready(self, timeout: float = 30.0) -> None:
-        """Until Kafka answers and the schema ids are known (what health waits for)."""
-        async with asyncio.timeout(timeout):
-            while True:
-                if not await self.server.check_readiness():
-                    return
-                await asyncio.sleep(0.05)
-
-    async def stop(self, grace: float | None = None) -> None:
-        if self._stopped:
-            return
-        self._stopped = True
-        await self.server.stop(grace)
-
-    async def run_until_signal(self) -> None:
-        loop = asyncio.get_running_loop()
-        requested = asyncio.Event()
-        signals = (signal.SIGTERM, signal.SIGINT)
-        for sig in signals:
-            loop.add_signal_handler(sig, requested.set)
-        try:
-            await self.start()
-            await requested.wait()
-            log.info("stop signal received")
-        finally:
-            try:
-                await self.stop()
-            finally:
-                for sig in signals:
-                    loop.remove_signal_handler(sig)
-
-    async def __aenter__(self) -> App:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
 
 def build_app(settings: BilogSettings, *, catalog: SchemaCatalog | None = None) -> App:

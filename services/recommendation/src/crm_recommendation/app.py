@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
-from types import TracebackType
 
 from crm.recommendation.v1 import recommendation_pb2, recommendation_pb2_grpc
 from crm_common.aio import BlockingExecutor
+from crm_common.app import ServiceApp
 from crm_common.config_watch import ConfigSnapshot, ConfigWatcher
 from crm_common.metrics import RpcMetrics
 from crm_common.server import GrpcServer
@@ -63,7 +62,7 @@ class RankingSource:
 
 
 @dataclass
-class App:
+class App(ServiceApp):
     """The assembled service (see module doc); attributes are for tests and tools."""
 
     settings: RecommendationSettings
@@ -76,72 +75,11 @@ class App:
     servicer: RecommendationServicer
     server: GrpcServer
     metrics: RpcMetrics
-    _stopped: bool = field(default=False, repr=False)
-
-    @property
-    def port(self) -> int:
-        """The bound gRPC port (after start)."""
-        if self.server.port is None:
-            raise RuntimeError("the app is not started")
-        return self.server.port
-
-    @property
-    def target(self) -> str:
-        """``host:port`` to dial the started app locally."""
-        host = self.settings.host
-        if host in ("0.0.0.0", "::", "[::]", ""):
-            host = "127.0.0.1"
-        return f"{host}:{self.port}"
 
     async def start(self) -> None:
         await self.watcher.start(wait=False)
         await self.server.start()
         await self.sync.start()
-
-    async def wait_ready(self, timeout: float = 30.0) -> None:
-        """Until the config is loaded, the database answers and the index is built."""
-        async with asyncio.timeout(timeout):
-            while True:
-                if not await self.server.check_readiness():
-                    return
-                await asyncio.sleep(0.05)
-
-    async def stop(self, grace: float | None = None) -> None:
-        """Drain the server, close everything (idempotent)."""
-        if self._stopped:
-            return
-        self._stopped = True
-        await self.server.stop(grace)
-
-    async def run_until_signal(self) -> None:
-        """Start, serve until SIGTERM/SIGINT, stop gracefully."""
-        loop = asyncio.get_running_loop()
-        requested = asyncio.Event()
-        signals = (signal.SIGTERM, signal.SIGINT)
-        for sig in signals:
-            loop.add_signal_handler(sig, requested.set)
-        try:
-            await self.start()
-            await requested.wait()
-            log.info("stop signal received")
-        finally:
-            try:
-                await self.stop()
-            finally:
-                for sig in signals:
-                    loop.remove_signal_handler(sig)
-
-    async def __aenter__(self) -> App:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
 
 def build_app(

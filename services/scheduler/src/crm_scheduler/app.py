@@ -14,12 +14,12 @@ workers (``python -m crm_scheduler worker``) run the jobs. Building does no I/O.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
-from types import TracebackType
 
 from crm.scheduler.v1 import scheduler_pb2, scheduler_pb2_grpc
 from crm_common.aio import BlockingExecutor
+from crm_common.app import ServiceApp
 from crm_common.metrics import RpcMetrics
 from crm_common.server import GrpcServer
 from sqlalchemy import Engine
@@ -45,7 +45,7 @@ def limits_from(settings: SchedulerSettings) -> Limits:
 
 
 @dataclass
-class App:
+class App(ServiceApp):
     """The assembled API server (see module doc)."""
 
     settings: SchedulerSettings
@@ -56,56 +56,6 @@ class App:
     servicer: SchedulerServicer
     server: GrpcServer
     metrics: RpcMetrics
-    _stopped: bool = field(default=False, repr=False)
-
-    @property
-    def port(self) -> int:
-        """The bound gRPC port (after start)."""
-        if self.server.port is None:
-            raise RuntimeError("the app is not started")
-        return self.server.port
-
-    @property
-    def target(self) -> str:
-        """``host:port`` to dial the started app locally."""
-        host = self.settings.host
-        if host in ("0.0.0.0", "::", "[::]", ""):
-            host = "127.0.0.1"
-        return f"{host}:{self.port}"
-
-    async def start(self) -> None:
-        await self.server.start()
-
-    async def wait_ready(self, timeout: float = 30.0) -> None:
-        """Until the database answers (what health waits for)."""
-        async with asyncio.timeout(timeout):
-            while True:
-                if not await self.server.check_readiness():
-                    return
-                await asyncio.sleep(0.05)
-
-    async def stop(self, grace: float | None = None) -> None:
-        """Drain the server and close everything (idempotent)."""
-        if self._stopped:
-            return
-        self._stopped = True
-        await self.server.stop(grace)
-
-    async def run_until_signal(self) -> None:
-        """Start, serve until SIGTERM/SIGINT, stop gracefully."""
-        await self.server.run_until_signal()
-
-    async def __aenter__(self) -> App:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
 
 def build_app(
