@@ -12,6 +12,7 @@ import aetcd
 import pytest
 from crm_common import config_watch
 from crm_common.config_watch import (
+    STOP_TIMEOUT,
     ConfigSnapshot,
     ConfigWatcher,
     ConfigWatchError,
@@ -442,3 +443,23 @@ async def test_stop_closes(etcd: Etcd, make_watcher: WatcherFactory) -> None:
     with pytest.raises(TimeoutError):
         await w.wait_for_revision(rev, timeout=0.3)
     await w.stop()  # idempotent
+
+
+async def test_stop_returns_when_the_client_turns_cancellation_into_an_error(
+    etcd: Etcd, make_watcher: WatcherFactory
+) -> None:
+    """grpc/aetcd may raise an ordinary error when a call is cancelled; the reconnect loop
+    must not swallow stop()'s cancel (that hung a CI run in a fixture's teardown)."""
+
+    class Wrapping(ConfigWatcher[Limits]):
+        async def _watch(self, client: Any, start_revision: int, where: str) -> None:
+            try:
+                await super()._watch(client, start_revision, where)
+            except asyncio.CancelledError:
+                raise RuntimeError("call cancelled") from None
+
+    w = make_watcher(etcd.endpoint, cls=Wrapping)
+    await w.start(timeout=WAIT)
+    await eventually(lambda: w.connected, "the watch")
+    await asyncio.wait_for(w.stop(), timeout=STOP_TIMEOUT / 2)  # well under the safety net
+    assert not w.connected

@@ -230,6 +230,10 @@ def _parse_endpoints(endpoints: str) -> list[tuple[str, int]]:
     return out
 
 
+STOP_TIMEOUT = 10.0
+"""How long ``stop()`` waits for a cancelled background task."""
+
+
 def _client(host: str, port: int) -> aetcd.Client:
     return aetcd.Client(host=host, port=port, timeout=RPC_TIMEOUT, options=_CHANNEL_OPTIONS)
 
@@ -237,6 +241,15 @@ def _client(host: str, port: int) -> aetcd.Client:
 async def _close(client: aetcd.Client) -> None:
     with contextlib.suppress(Exception):
         await asyncio.wait_for(client.close(), RPC_TIMEOUT)
+
+
+def _reraise_if_cancelled(exc: Exception) -> None:
+    """Re-raise as CancelledError when our task is being cancelled: client libraries (grpc,
+    aetcd) may turn a cancellation into an ordinary error, and a reconnect loop catching
+    ``Exception`` would otherwise swallow ``stop()``'s cancel and run forever."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError from exc
 
 
 def _reason(exc: Exception) -> str:
@@ -384,7 +397,10 @@ class ConfigWatcher(Generic[T]):
         for task in (self._task, self._ack_task):
             if task is not None and not task.done():
                 task.cancel()
-                await asyncio.wait({task})
+                _, pending = await asyncio.wait({task}, timeout=STOP_TIMEOUT)
+                if pending:  # never let a stuck client hang a service's shutdown
+                    log.warning("%s: background task did not stop within %.0fs; leaving it",
+                                self._name, STOP_TIMEOUT)  # fmt: skip
         self._task = self._ack_task = None
         self._connected = False
 
@@ -417,6 +433,7 @@ class ConfigWatcher(Generic[T]):
                             self._name, revision + 1, exc, self._prefix,
                         )  # fmt: skip
             except Exception as exc:  # any etcd/grpc failure: back off and reconnect
+                _reraise_if_cancelled(exc)
                 self._last_error = exc
                 log.warning(
                     "%s: etcd at %s:%d %s (%s: %s); retrying in %.1fs",
@@ -656,6 +673,7 @@ class ConfigWatcher(Generic[T]):
                         await asyncio.wait_for(lease.revoke(), 1.0)
                 raise
             except Exception as exc:
+                _reraise_if_cancelled(exc)
                 log.warning("%s: cannot write ack %s (%s: %s); retrying in %.1fs",
                             self._name, self._ack_key.decode(), type(exc).__name__, exc,
                             delay)  # fmt: skip
