@@ -11,10 +11,11 @@ export PATH := $(HOME)/.local/bin:$(PATH)
 # (it is checked for staleness instead) and type-checked through its .pyi stubs.
 PY_SRC := libs/crm_common/src libs/crm_devstack/src services/assignment/src \
           services/recommendation/src services/scheduler/src services/bilog/src \
-          operator/src tools
+          operator/src libs/crm_ctl/src libs/crm_web/src tools
 
 .PHONY: help setup lock proto proto-check docs docs-check lint fmt typecheck buf-lint \
-        stack-up stack-down k8s-check schemas-check check pytest test demo bench eval manifests clean
+        stack-up stack-down k8s-check schemas-check check pytest test demo bench eval manifests clean web-lock \
+        web web-check
 
 help:
 	@echo "make demo   - start the platform locally and play a short call-center scenario"
@@ -23,6 +24,7 @@ help:
 	@echo "make proto  - regenerate Python code from proto/;  make docs - API reference"
 	@echo "make eval   - offline evaluation of the car recommendations (hit@10, NDCG@10)"
 	@echo "make lock   - re-pin dependencies into requirements.lock"
+	@echo "make web    - build the agent console (web/dist), served by python -m crm_web serve"
 
 setup:
 	@tools/setup.sh
@@ -32,9 +34,11 @@ lock:
 
 proto: setup
 	$(PY) tools/gen_proto.py
+	$(PY) tools/gen_web_proto.py
 
 proto-check: setup
 	$(PY) tools/gen_proto.py --check
+	$(PY) tools/gen_web_proto.py --check
 
 docs: setup
 	$(PY) tools/gen_docs.py
@@ -70,15 +74,36 @@ k8s-check: setup
 schemas-check: setup
 	$(PY) tools/crm_tools/schemas_check.py
 
-check: lint typecheck buf-lint proto-check docs-check k8s-check schemas-check
+# The console: TypeScript type-check; package-lock.json must name no download address
+# (web/.npmrc: omit-lockfile-registry-resolved) and no other URL (`make web-lock` drops
+# the sponsors' funding URLs npm records).
+web-check: setup
+	@if grep -nE '"resolved"|registry\.|\.tgz|https?://' web/package-lock.json; then \
+	    echo "web: package-lock.json names a URL; run make web-lock" >&2; exit 1; fi
+	cd web && npx --no-install tsc --noEmit && echo "web: typecheck ok"
+
+# web/dist is rebuilt only when a source of the console changed (fast when nothing did).
+WEB_SRC := $(shell find web/src -type f 2>/dev/null) web/index.html web/package-lock.json \
+           web/vite.config.ts web/tsconfig.json
+web/dist/index.html: $(WEB_SRC)
+	cd web && npm run build
+
+web: setup web/dist/index.html
+
+# Re-lock the console's npm dependencies (after editing web/package.json).
+web-lock:
+	cd web && npm install --package-lock-only --no-audit --no-fund --loglevel=error
+	$(PY) tools/npm_lock_clean.py
+
+check: lint typecheck buf-lint proto-check docs-check k8s-check schemas-check web-check
 
 pytest: stack-up
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test: setup check pytest
 
-demo: setup stack-up
-	PYTHONPATH=tools $(PY) -m crm_tools.demo
+demo: setup stack-up web
+	PYTHONPATH=tools $(PY) -m crm_tools.demo $(DEMO_ARGS)
 
 bench: setup stack-up
 	PYTHONPATH=tools $(PY) -m crm_tools.bench

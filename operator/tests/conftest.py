@@ -52,6 +52,8 @@ def operator_env(
         "CRM_OPERATOR_TASK_RESTART_BACKOFF_MAX_S": "5",
         "CRM_OPERATOR_DRIFT_RESYNC_S": "30",
         "CRM_OPERATOR_HISTORY_LIMIT": "5",
+        "CRM_OPERATOR_BILOG_SINK_KAFKA_BOOTSTRAP": "kafka.test:9092",
+        "CRM_OPERATOR_BILOG_SINK_SCHEMA_REGISTRY_URL": "http://registry.test:8081",
     }
     for k, v in env.items():
         monkeypatch.setenv(k, v)

@@ -128,16 +128,36 @@ async def test_hanging_connect_does_not_delay_another_sink(
         await hanging.stop()
 
 
+def builtin_sink(**builtin: Any) -> dict[str, Any]:
+    """A spec the built-in sink can run: hourly Avro files, one Connect task."""
+    return sink(
+        "http://unused",
+        partitioning="hourly",
+        tasksMax=1,
+        target={"builtin": {"image": "crm-bilog:1.2.3", "replicas": 2, **builtin}},
+    )
+
+
 async def test_builtin_sink_is_a_deployment(operator: Operator, kube: Kube) -> None:
-    spec = sink("http://unused", target={"builtin": {"image": "crm-bilog:1.2.3", "replicas": 2}})
-    await kube.create("bilogsinks", "BILogSink", NS, "local", spec)
+    await kube.create("bilogsinks", "BILogSink", NS, "local", builtin_sink(claimName="bi-files"))
     dep = await eventually(lambda: kube.get("deployments", NS, "bilog-sink-local"), "Deployment")
-    container = dep["spec"]["template"]["spec"]["containers"][0]
+    pod = dep["spec"]["template"]["spec"]
+    container = pod["containers"][0]
     env = {e["name"]: e["value"] for e in container["env"]}
     assert container["image"] == "crm-bilog:1.2.3"
+    assert container["args"] == ["sink"]  # the entrypoint is python -m crm_bilog
     assert dep["spec"]["replicas"] == 2
     assert env["CRM_BILOG_SINK_TOPICS"] == "crm.assignment.events,crm.call.records"
-    assert env["CRM_BILOG_SINK_PARTITIONING"] == "daily"
+    assert env["CRM_BILOG_SINK_FLUSH_RECORDS"] == "500"
+    assert env["CRM_BILOG_SINK_ROTATE_INTERVAL_S"] == "60.0"
+    assert env["CRM_BILOG_SINK_GROUP_ID"] == f"crm-bilog-sink.{NS}.local"
+    assert env["CRM_BILOG_KAFKA_BOOTSTRAP"] == "kafka.test:9092"  # the operator's settings
+    assert env["CRM_BILOG_SCHEMA_REGISTRY_URL"] == "http://registry.test:8081"
+    claim = next(v for v in pod["volumes"] if v["name"] == "data")
+    assert claim["persistentVolumeClaim"] == {"claimName": "bi-files"}
+    assert dep["spec"]["strategy"] == {"type": "Recreate"}
+    assert pod["securityContext"]["runAsUser"] == 10001
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
     assert dep["metadata"]["ownerReferences"][0]["kind"] == "BILogSink"
 
     await kube.patch("bilogsinks", NS, "local", {"spec": {"state": "paused"}})
@@ -152,3 +172,51 @@ async def test_builtin_sink_is_a_deployment(operator: Operator, kube: Kube) -> N
     await kube.delete("bilogsinks", NS, "local")
     await eventually(lambda: kube.get("bilogsinks", NS, "local") is None, "finalizer released")
     assert kube.get("deployments", NS, "bilog-sink-local") is None
+
+
+async def test_builtin_sink_refuses_what_it_cannot_honour(operator: Operator, kube: Kube) -> None:
+    """Daily partitions have no setting in the built-in sink: the webhook refuses them and,
+    without the webhook, the operator reports InvalidSpec and creates nothing."""
+    spec = {**builtin_sink(), "partitioning": "daily"}
+    review = {
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "u-1",
+            "operation": "CREATE",
+            "resource": {
+                "group": "crm.platform.io",
+                "version": "v1alpha1",
+                "resource": "bilogsinks",
+            },
+            "userInfo": {"username": "ops"},
+            "object": {
+                "apiVersion": "crm.platform.io/v1alpha1",
+                "kind": "BILogSink",
+                "metadata": {"name": "daily", "namespace": NS},
+                "spec": spec,
+            },
+        },
+    }
+    async with kube.session.post(f"{operator.webhook_url}/validate-bilogsink", json=review) as r:
+        assert r.status == 200
+        answer = (await r.json())["response"]
+    assert not answer["allowed"]
+    assert answer["status"]["code"] == 422
+    assert answer["status"]["message"].startswith("spec.partitioning:")
+
+    await kube.create("bilogsinks", "BILogSink", NS, "daily", spec)
+
+    def invalid() -> Any:
+        o = kube.get("bilogsinks", NS, "daily")
+        for c in (o or {}).get("status", {}).get("conditions", []):
+            if c["type"] == "Ready" and c["status"] == "False" and c["reason"] == "InvalidSpec":
+                return c
+        return None
+
+    condition = await eventually(invalid, "Ready False InvalidSpec")
+    assert condition["message"].startswith("spec.partitioning:")
+    assert kube.get("deployments", NS, "bilog-sink-daily") is None
+    # fixed: the Deployment follows
+    await kube.patch("bilogsinks", NS, "daily", {"spec": {"partitioning": "hourly"}})
+    await eventually(lambda: kube.get("deployments", NS, "bilog-sink-daily"), "Deployment")

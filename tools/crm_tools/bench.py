@@ -8,8 +8,9 @@ assignment (issue #3): target >= 0.33x the no-op RPC throughput
   baseline  a bare grpc.aio no-op unary RPC (own process, no interceptors, no database)
   clue      CreateClue alone (new customer each time: customer upsert + task + audit)
   flow      one task through the platform: CreateClue -> dispatched to a streaming agent
-            -> AcceptTask -> CompleteTask (4 RPCs/stream messages and 4 transactions);
-            flows/s and, for a like-for-like ratio, the gRPC messages/s it takes.
+            -> AcceptTask -> CompleteTask (4 RPCs/stream messages; 16 agents, 4 concurrent
+            CreateClue producers, up to 32 clues in flight); flows/s and, for a
+            like-for-like ratio, the gRPC messages/s it takes.
 
 bilog (issue #5): acked events/s through LogBatch(500) vs a raw confluent-kafka + fastavro
   producer loop on the same broker (target >= 0.5x); sink events/s written (see
@@ -184,10 +185,12 @@ async def bench_clue(
 
 
 async def bench_flow(
-    stub: pb_grpc.AssignmentServiceAsyncStub, agents: int, seconds: float
+    stub: pb_grpc.AssignmentServiceAsyncStub, agents: int, seconds: float, producers: int = 4
 ) -> Measure:
-    """Agents stream offers and accept+complete at once; a producer keeps the queue fed
-    with ``agents`` clues in flight. A flow's latency runs from CreateClue to Complete."""
+    """Agents stream offers and accept+complete at once; ``producers`` concurrent
+    CreateClue callers keep up to ``2 * agents`` clues in flight (one serial producer
+    capped the flow at one CreateClue round trip per flow). A flow's latency runs from
+    CreateClue to Complete."""
     base = 5000
     for a in range(agents):
         await stub.UpsertAgent(
@@ -208,15 +211,16 @@ async def bench_flow(
     t_measure, t_end = t0 + 1.0, t0 + 1.0 + seconds
     stop = asyncio.Event()
 
+    counter = 0
+
     async def producer() -> None:
-        i = 0
+        nonlocal counter
         while time.perf_counter() < t_end:
             await slots.acquire()
-            i += 1
+            counter += 1
             t = time.perf_counter()
-            resp = await stub.CreateClue(clue(i, "flow", FLOW_LINE))
+            resp = await stub.CreateClue(clue(counter, "flow", FLOW_LINE))
             sent[resp.task.id] = t
-        stop.set()
 
     async def agent(aid: int) -> None:
         stream = stub.StreamOffers(pb.StreamOffersRequest(agent_id=aid))
@@ -237,7 +241,8 @@ async def bench_flow(
                 raise
 
     workers = [asyncio.create_task(agent(base + a)) for a in range(agents)]
-    await producer()
+    await asyncio.gather(*(producer() for _ in range(producers)))
+    stop.set()
     await asyncio.sleep(0.5)
     for w in workers:
         w.cancel()

@@ -13,10 +13,17 @@ What is measured, honestly:
   index from MySQL exactly as in production (`python -m crm_recommendation serve`, its
   own process); the index build time is reported;
 - baseline: the standard health ``Check`` on the *same* server (interceptor, metrics and
-  logging included), closed loop at the same concurrency, measured just before;
+  logging included), closed loop, same client channel, same concurrency;
 - Recommend top-20 as the console sends it: customer id, 1-3 intent cars, their city and
-  a +-25 % budget band; then the same without city and budget (every car on sale is a
-  candidate: the worst case, no target);
+  a +-25 % budget band;
+- the two are measured *interleaved*: after a warm-up of each, ``--seconds`` are split
+  into windows of about one second that alternate baseline / Recommend (the order
+  flipped every round), and each side's p50 / p99 is taken over all its windows. The
+  machine is shared, so its load changes over seconds; measured back to back, one side
+  could get a quiet machine and the other a loaded one. Interleaved, both see the same
+  load. The ratio of each round is kept too (its spread is printed);
+- then Recommend without city and budget (every car on sale is a candidate: the worst
+  case, no target), one window;
 - memory: the index's own estimate (``crm_recommendation_index_bytes`` on /metrics) and
   the process RSS.
 
@@ -32,6 +39,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +53,7 @@ from crm_devstack import create_database, drop_database, free_port, up
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy.engine import make_url
 
-from crm_tools.bench import OUT, closed_loop
+from crm_tools.bench import OUT, Measure, closed_loop, pct
 from crm_tools.eval_recommendation import make_cars
 from crm_tools.procs import ServiceProc, run_module, start_service, wait_serving
 
@@ -190,6 +198,59 @@ def _queries(
     return with_filters, open_ones
 
 
+async def _window(
+    call: Callable[[int], Awaitable[None]], concurrency: int, seconds: float
+) -> list[float]:
+    """One closed-loop window: ``concurrency`` workers call back to back for ``seconds``;
+    the latency (s) of every call started inside the window."""
+    lat: list[float] = []
+    counter = 0
+    t_end = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        nonlocal counter
+        while True:
+            counter += 1
+            i = counter
+            t0 = time.perf_counter()
+            if t0 >= t_end:
+                return
+            await call(i)
+            lat.append(time.perf_counter() - t0)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return lat
+
+
+async def interleaved(
+    base: tuple[str, Callable[[int], Awaitable[None]]],
+    other: tuple[str, Callable[[int], Awaitable[None]]],
+    concurrency: int,
+    seconds: float,
+    window: float = 1.0,
+) -> tuple[Measure, Measure, list[tuple[float, float]]]:
+    """Both calls measured in alternating windows (see the module doc): the two measures
+    over all windows, and each round's (p50 ratio, p99 ratio) of other / base."""
+    for _, call in (base, other):
+        await _window(call, concurrency, 1.0)  # warm-up, not counted
+    rounds = max(1, round(seconds / window))
+    lat: dict[str, list[float]] = {base[0]: [], other[0]: []}
+    per_round: list[tuple[float, float]] = []
+    for r in range(rounds):
+        got: dict[str, list[float]] = {}
+        for name, call in (base, other) if r % 2 == 0 else (other, base):
+            got[name] = await _window(call, concurrency, window)
+            lat[name].extend(got[name])
+        b, o = got[base[0]], got[other[0]]
+        if b and o:
+            per_round.append((pct(o, 0.5) / pct(b, 0.5), pct(o, 0.99) / pct(b, 0.99)))
+    measures = tuple(
+        Measure(name, len(lat[name]), rounds * window, pct(lat[name], 0.5), pct(lat[name], 0.99))
+        for name in (base[0], other[0])
+    )
+    return measures[0], measures[1], per_round
+
+
 async def run(seconds: float, concurrency: int) -> list[dict[str, Any]]:
     """Loads the data, starts the service, measures; one dict per measure."""
     seed = 6
@@ -235,10 +296,12 @@ async def run(seconds: float, concurrency: int) -> list[dict[str, Any]]:
             async def rec_open(i: int) -> None:
                 await stub.Recommend(unfiltered[i % len(unfiltered)])
 
-            base = await closed_loop(
-                "health Check (no-op, same server)", noop, concurrency, seconds
+            base, m_rec, per_round = await interleaved(
+                ("health Check (no-op, same server)", noop),
+                ("Recommend top-20 (city+budget)", rec),
+                concurrency,
+                seconds,
             )
-            m_rec = await closed_loop("Recommend top-20 (city+budget)", rec, concurrency, seconds)
             m_open = await closed_loop(
                 "Recommend top-20 (no city/budget)", rec_open, concurrency, seconds
             )
@@ -249,19 +312,31 @@ async def run(seconds: float, concurrency: int) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for m, target in ((base, None), (m_rec, TARGET_RATIO), (m_open, None)):
         ratio = m.p99_ms / base.p99_ms if base.p99_ms else 0.0
-        rows.append(
-            {
-                "measure": m.name,
-                "rate": m.rate,
-                "unit": "RPC/s",
-                "p50_ms": m.p50_ms,
-                "p99_ms": m.p99_ms,
-                "p99_ratio_to_noop": ratio,
-                "target": target,
-                "ok": None if target is None else ratio <= target,
-                "ops": m.ops,
-                "seconds": m.seconds,
-            }
+        row: dict[str, Any] = {
+            "measure": m.name,
+            "rate": m.rate,
+            "unit": "RPC/s",
+            "p50_ms": m.p50_ms,
+            "p99_ms": m.p99_ms,
+            "p50_ratio_to_noop": m.p50_ms / base.p50_ms if base.p50_ms else 0.0,
+            "p99_ratio_to_noop": ratio,
+            "target": target,
+            "ok": None if target is None else ratio <= target,
+            "ops": m.ops,
+            "seconds": m.seconds,
+        }
+        if m is m_rec:
+            row["per_round_p50_ratio"] = [round(a, 2) for a, _ in per_round]
+            row["per_round_p99_ratio"] = [round(b, 2) for _, b in per_round]
+        rows.append(row)
+    if base.p50_ms and base.p99_ms and per_round:
+        p50s = sorted(a for a, _ in per_round)
+        p99s = sorted(b for _, b in per_round)
+        print(
+            f"bench: Recommend / no-op interleaved over {len(per_round)} rounds: "
+            f"p50 {m_rec.p50_ms / base.p50_ms:.2f}x, p99 {m_rec.p99_ms / base.p99_ms:.2f}x; "
+            f"per round p50 {p50s[0]:.2f}..{p50s[-1]:.2f}x (median {p50s[len(p50s) // 2]:.2f}), "
+            f"p99 {p99s[0]:.2f}..{p99s[-1]:.2f}x (median {p99s[len(p99s) // 2]:.2f})"
         )
     rows.append(
         {
@@ -278,7 +353,10 @@ async def run(seconds: float, concurrency: int) -> list[dict[str, Any]]:
 
 
 def _print(rows: list[dict[str, Any]]) -> None:
-    print(f"\n{'measure':<38}{'RPC/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'p99/no-op':>11}{'target':>10}")
+    print(
+        f"\n{'measure':<38}{'RPC/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'p50/no-op':>11}"
+        f"{'p99/no-op':>11}{'target':>10}"
+    )
     for r in rows:
         if "p99_ms" not in r:
             continue
@@ -287,8 +365,9 @@ def _print(rows: list[dict[str, Any]]) -> None:
         )
         print(
             f"{r['measure']:<38}{r['rate']:>9.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
-            f"{r['p99_ratio_to_noop']:>10.2f}x{target:>10}"
+            f"{r['p50_ratio_to_noop']:>10.2f}x{r['p99_ratio_to_noop']:>10.2f}x{target:>10}"
         )
+
     idx = rows[-1]
     print(
         f"\nindex: {idx['index_mb']:.0f} MB (estimate), process RSS {idx['process_rss_mb']:.0f} MB;"

@@ -2,11 +2,15 @@
 
 - lateness: 10,000 jobs spread evenly over ``seconds`` (10 s by default), each calling a
   recording gRPC target in this process; lateness = receive time - ETA; p50/p99
-  (target p99 < 250 ms).
+  (target p99 < 250 ms). The jobs are inserted in ETA order, starting 5 s ahead, and
+  the row counts any inserted after their ETA (``inserted_after_eta``, should be 0).
 - throughput: N no-op jobs due at once (bulk insert), until all are SUCCEEDED, against a
   raw Celery no-op task loop (same Redis, same pool, concurrency and worker processes,
   acks_late, prefetch 1; the task only counts itself) measured in the same run
-  (target >= 0.5x).
+  (target >= 0.5x). Both sides submit in bulk: our jobs by one bulk insert, the raw
+  tasks (one message each) through kombu's pipelined batch publish, as our pump
+  publishes. Our scheduler packs several jobs into one Celery message; the raw loop
+  is plain Celery, one task per message: the ratio compares jobs/s to tasks/s.
 - memory: RSS of a worker process before and after 100,000 future jobs are pending (it
   must stay flat: pending jobs live in MySQL, never in a worker).
 
@@ -47,6 +51,7 @@ RAW_COUNTER = "crm-bench-raw-celery-done"
 WORKERS = 2
 CONCURRENCY = 8
 LATENESS_JOBS = 10_000
+LATENESS_LEAD_S = 5.0
 THROUGHPUT_JOBS = 4_000
 PENDING_JOBS = 100_000
 RECORD_SERVICE = "crm.bench.Record"
@@ -184,11 +189,18 @@ async def _poll(cond: Any, timeout: float, what: str, interval: float = 0.2) -> 
 
 
 async def _lateness(store: Any, recorder: _Recorder, seconds: float) -> dict[str, Any]:
-    start = datetime.now(UTC) + timedelta(seconds=3)
+    start = datetime.now(UTC) + timedelta(seconds=LATENESS_LEAD_S)
     step = seconds / LATENESS_JOBS
     etas = [start + timedelta(seconds=i * step) for i in range(LATENESS_JOBS)]
     specs = _specs("bench-late", f"127.0.0.1:{recorder.port}", RECORD_METHOD, etas)
-    await _insert(store, specs)
+    # in ETA order, in small transactions: each is committed long before its first ETA
+    # (a job inserted after its ETA would be late through no fault of the scheduler;
+    # such jobs are counted and reported)
+    inserted_late = 0
+    for at in range(0, len(specs), 500):
+        chunk = specs[at : at + 500]
+        await _insert(store, chunk)
+        inserted_late += sum(1 for s in chunk if s.eta <= datetime.now(UTC))
 
     async def all_in() -> bool:
         return recorder.count() >= LATENESS_JOBS
@@ -205,6 +217,7 @@ async def _lateness(store: Any, recorder: _Recorder, seconds: float) -> dict[str
         "p50_ms": p50,
         "p99_ms": p99,
         "max_ms": max(late) * 1000,
+        "inserted_after_eta": inserted_late,
         "unit": "ms",
         "value": p99,
         "target": "p99 < 250",
@@ -262,10 +275,18 @@ async def _raw_celery(redis_url: str) -> float:
 
 
 def _send_raw(app: Any, n: int) -> None:
-    with app.producer_or_acquire() as producer:
+    """Publishes ``n`` no-op tasks, one message each, through kombu's pipelined batch
+    publish (as our pump does): the baseline is measured by its workers, not held back
+    by a sender publishing one message per round trip."""
+    with app.producer_or_acquire() as producer, producer.batch(max_size=1000):
         for i in range(n):
             app.send_task(
-                "bench.noop", kwargs={"message": {"i": i}}, queue=RAW_QUEUE, producer=producer
+                "bench.noop",
+                kwargs={"message": {"i": i}},
+                queue=RAW_QUEUE,
+                producer=producer,
+                argsrepr="()",
+                kwargsrepr="{}",
             )
 
 

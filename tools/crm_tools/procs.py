@@ -32,6 +32,8 @@ class ServiceProc:
     popen: subprocess.Popen[bytes]
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
+    log_start: int = 0
+    """Size of the log file when this process started (earlier runs write before it)."""
 
     @property
     def target(self) -> str:
@@ -74,6 +76,7 @@ def start_service(
     """Start ``python -m module serve`` (or ``module *args``) in its own session, logging
     to ``log_path``."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_start = log_path.stat().st_size if log_path.exists() else 0
     log = log_path.open("ab")
     popen = subprocess.Popen(
         [sys.executable, "-m", module, *(args if args is not None else ["serve"])],
@@ -84,7 +87,9 @@ def start_service(
         start_new_session=True,  # Ctrl-C goes to us; we stop children gracefully
     )
     log.close()
-    return ServiceProc(name=name, port=port, popen=popen, log_path=log_path, env=env)
+    return ServiceProc(
+        name=name, port=port, popen=popen, log_path=log_path, env=env, log_start=log_start
+    )
 
 
 async def wait_serving(proc: ServiceProc, timeout: float = 60.0) -> None:
@@ -136,8 +141,9 @@ async def wait_log(proc: ServiceProc, text: str, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         _check_alive(proc)
-        with contextlib.suppress(OSError):
-            if text in proc.log_path.read_text(errors="replace"):
+        with contextlib.suppress(OSError), proc.log_path.open("rb") as f:
+            f.seek(proc.log_start)
+            if text.encode() in f.read():
                 return
         await asyncio.sleep(0.2)
     raise RuntimeError(

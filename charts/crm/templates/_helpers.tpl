@@ -24,16 +24,152 @@ Names and labels.
 {{- end -}}
 
 {{/*
-The component templates below take one context:
-  dict "root" $ "name" "<svc>" "svc" .Values.<svc>
-<svc> is the service's short name (assignment): image crm-<svc>, Helm resources
-<fullname>-<svc> (crm-assignment for a release named crm), environment CRM_<SVC>_*.
+What each process of the platform talks to: the single source of the environment the
+chart wires (endpoints, targets) and of the NetworkPolicies (egress to what a process
+uses or calls, ingress from what calls it). Keys are <service>/<component>; "server" is
+the service's main process (values block <service>), every other component is the
+values block <service>.<component>.
+  uses:       external endpoints (global.mysql, global.etcd, global.redis, global.kafka,
+              global.schemaRegistry); schemaRegistry is the in-release bilog registry
+              when global.schemaRegistry.url is empty; kafka also sets the topic
+              prefix (global.kafka.topicPrefix), so every producer and consumer of the
+              BI topics (intake, sink, KPI consumer) names the same topics
+  calls:      in-release gRPC servers: <service>/<component>: the setting naming its
+              host:port (CRM_<SVC>_<SETTING>), "" when the address comes with the call
+              (scheduler jobs carry their target)
+  args:       arguments of the image's entrypoint (python -m crm_<svc>)
+  protocol:   grpc (native gRPC probes on the standard health service) or http
+  portEnv / metricsPortEnv: the settings of its serving and /metrics ports ("" none)
+  selfTargetEnv: the setting telling others where to call this process back
+  migrations: the component owns the service's database: its `migrate` Job runs when
+              the component is deployed and <service>.migrations.enabled
 */}}
-{{- define "crm.componentName" -}}
-{{- printf "%s-%s" (include "crm.fullname" .root) .name | trunc 63 | trimSuffix "-" -}}
+{{- define "crm.topology" -}}
+assignment/server:
+  migrations: true
+  args: [serve]
+  protocol: grpc
+  portEnv: PORT
+  metricsPortEnv: METRICS_PORT
+  uses: [mysql, etcd]
+  calls:
+    recommendation/server: RECOMMENDATION_TARGET
+    bilog/server: BILOG_TARGET
+    scheduler/server: SCHEDULER_TARGET
+  selfTargetEnv: SELF_TARGET
+recommendation/server:
+  migrations: true
+  args: [serve]
+  protocol: grpc
+  portEnv: PORT
+  metricsPortEnv: METRICS_PORT
+  uses: [mysql, etcd]
+  calls: {}
+scheduler/server:
+  migrations: true
+  args: [serve]
+  protocol: grpc
+  portEnv: PORT
+  metricsPortEnv: METRICS_PORT
+  uses: [mysql]
+  calls: {}
+scheduler/pump:
+  args: [pump]
+  protocol: grpc
+  portEnv: PUMP_HEALTH_PORT
+  metricsPortEnv: PUMP_METRICS_PORT
+  uses: [mysql, redis]
+  calls: {}
+scheduler/worker:
+  args: [worker]
+  protocol: grpc
+  portEnv: WORKER_HEALTH_PORT
+  metricsPortEnv: WORKER_METRICS_PORT
+  uses: [mysql, redis]
+  calls:
+    assignment/server: ""
+bilog/server:
+  args: [serve]
+  protocol: grpc
+  portEnv: PORT
+  metricsPortEnv: METRICS_PORT
+  uses: [kafka, schemaRegistry]
+  calls: {}
+bilog/registry:
+  migrations: true
+  args: [registry]
+  protocol: http
+  portEnv: REGISTRY_PORT
+  metricsPortEnv: ""
+  uses: [mysql]
+  calls: {}
+bilog/kpi:
+  args: [kpi]
+  protocol: grpc
+  portEnv: KPI_PORT
+  metricsPortEnv: KPI_METRICS_PORT
+  uses: [kafka, schemaRegistry]
+  calls: {}
+bilog/sink:
+  args: [sink]
+  protocol: none
+  portEnv: ""
+  metricsPortEnv: ""
+  uses: [kafka, schemaRegistry]
+  calls: {}
 {{- end -}}
 
-{{/* Selector of the serving pods. The migrations Job's pods (component=migrations) never match it. */}}
+{{/*
+The values of one component: .Values.<service> for "server", .Values.<service>.<component>
+otherwise. Returns YAML (use with fromYaml); "" when the service or component is off.
+*/}}
+{{- define "crm.procValues" -}}
+{{- $svcName := index (splitList "/" .key) 0 -}}
+{{- $comp := index (splitList "/" .key) 1 -}}
+{{- $svc := index .root.Values $svcName -}}
+{{- if $svc.enabled -}}
+{{- if eq $comp "server" -}}
+{{- toYaml $svc -}}
+{{- else if (index $svc $comp).enabled -}}
+{{- toYaml (index $svc $comp) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* "true" when the component <service>/<component> (.key) is deployed, else "". */}}
+{{- define "crm.enabled" -}}
+{{- $parts := splitList "/" .key -}}
+{{- $svc := index .root.Values (index $parts 0) -}}
+{{- if $svc.enabled -}}
+{{- if eq (index $parts 1) "server" -}}
+true
+{{- else if (index $svc (index $parts 1)).enabled -}}
+true
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The serving port of a component (.key). */}}
+{{- define "crm.procPort" -}}
+{{- $parts := splitList "/" .key -}}
+{{- $svc := index .root.Values (index $parts 0) -}}
+{{- if eq (index $parts 1) "server" -}}
+{{- $svc.port -}}
+{{- else -}}
+{{- (index $svc (index $parts 1)).port -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Name of a component's objects: <fullname>-<service>[-<component>]. */}}
+{{- define "crm.componentName" -}}
+{{- $base := printf "%s-%s" (include "crm.fullname" .root) .name -}}
+{{- if and .component (ne .component "server") -}}
+{{- $base = printf "%s-%s" $base .component -}}
+{{- end -}}
+{{- $base | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Selector of a component's pods. The migrations Job's pods (component=migrations) never match a server's. */}}
 {{- define "crm.selectorLabels" -}}
 app.kubernetes.io/name: crm-{{ .name }}
 app.kubernetes.io/instance: {{ .root.Release.Name }}
@@ -66,57 +202,119 @@ app.kubernetes.io/managed-by: {{ .root.Release.Service }}
 {{- printf "CRM_%s" (.name | upper | replace "-" "_") -}}
 {{- end -}}
 
+{{/* host:port of an in-release component's Service; "" when it is not deployed. */}}
+{{- define "crm.target" -}}
+{{- if include "crm.enabled" . -}}
+{{- $parts := splitList "/" .key -}}
+{{- printf "%s:%s" (include "crm.componentName" (dict "root" .root "name" (index $parts 0) "component" (index $parts 1))) (include "crm.procPort" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Schema registry URL: global.schemaRegistry.url, else the in-release bilog registry. */}}
+{{- define "crm.schemaRegistryUrl" -}}
+{{- if .Values.global.schemaRegistry.url -}}
+{{- .Values.global.schemaRegistry.url -}}
+{{- else -}}
+{{- $t := include "crm.target" (dict "root" . "key" "bilog/registry") -}}
+{{- if not $t -}}
+{{- fail "global.schemaRegistry.url is required when bilog.registry is disabled" -}}
+{{- end -}}
+{{- printf "http://%s" $t -}}
+{{- end -}}
+{{- end -}}
+
+{{/* A secretKeyRef env entry. */}}
+{{- define "crm.secretEnvVar" -}}
+- name: {{ .env }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ .secretName }}
+      key: {{ .key }}
+      {{- if .optional }}
+      optional: true
+      {{- end }}
+{{- end -}}
+
 {{/*
-Container environment: the settings the chart owns (ports, log level, shutdown grace,
-etcd, config prefix, database URL from a Secret), then <svc>.secretEnv, then <svc>.env.
-<svc>.env may not redefine a variable the chart owns.
+Container environment of a component: the settings the chart owns (ports, log level,
+shutdown timing, endpoints of what it uses, targets of what it calls), then
+<svc>.secretEnv, then <svc>.env, then the component's own env. A user env may not
+redefine a variable the chart owns.
 */}}
 {{- define "crm.env" -}}
 {{- $p := include "crm.envPrefix" . -}}
-{{- $g := .root.Values.global -}}
-{{- $owned := list "PORT" "METRICS_PORT" "LOG_LEVEL" "SHUTDOWN_DELAY_S" "SHUTDOWN_GRACE_S" "ETCD_ENDPOINTS" "CONFIG_PREFIX" "DATABASE_URL" -}}
-{{- range $name, $_ := .svc.env -}}
-{{- range $owned -}}
-{{- if eq $name (printf "%s_%s" $p .) -}}
-{{- fail (printf "%s.env.%s: set by the chart from other values, do not set it here" $.name $name) -}}
+{{- $root := .root -}}
+{{- $g := $root.Values.global -}}
+{{- $topo := .topo -}}
+{{- $proc := .proc -}}
+{{- $owned := dict -}}
+{{- with $topo.portEnv }}{{ $_ := set $owned (printf "%s_%s" $p .) (toString $proc.port) }}{{ end -}}
+{{- with $topo.metricsPortEnv }}{{ $_ := set $owned (printf "%s_%s" $p .) (toString $proc.metricsPort) }}{{ end -}}
+{{- $_ := set $owned (printf "%s_LOG_LEVEL" $p) ($proc.logLevel | default .svc.logLevel | default $g.logLevel) -}}
+{{- $_ := set $owned (printf "%s_SHUTDOWN_DELAY_S" $p) (toString $proc.shutdownDelaySeconds) -}}
+{{- $_ := set $owned (printf "%s_SHUTDOWN_GRACE_S" $p) (toString $proc.shutdownGraceSeconds) -}}
+{{- if has "etcd" $topo.uses -}}
+{{- $_ := set $owned (printf "%s_ETCD_ENDPOINTS" $p) (join "," $g.etcd.endpoints) -}}
+{{- $_ := set $owned (printf "%s_CONFIG_PREFIX" $p) $g.configPrefix -}}
 {{- end -}}
+{{- if and (has "redis" $topo.uses) (not $g.redis.existingSecret) -}}
+{{- $_ := set $owned (printf "%s_REDIS_URL" $p) $g.redis.url -}}
+{{- end -}}
+{{- if has "kafka" $topo.uses -}}
+{{- $_ := set $owned (printf "%s_KAFKA_BOOTSTRAP" $p) (join "," $g.kafka.bootstrapServers) -}}
+{{- $_ := set $owned (printf "%s_TOPIC_PREFIX" $p) $g.kafka.topicPrefix -}}
+{{- end -}}
+{{- if has "schemaRegistry" $topo.uses -}}
+{{- $_ := set $owned (printf "%s_SCHEMA_REGISTRY_URL" $p) (include "crm.schemaRegistryUrl" $root) -}}
+{{- end -}}
+{{- range $key, $setting := $topo.calls -}}
+{{- if $setting -}}
+{{- with include "crm.target" (dict "root" $root "key" $key) -}}
+{{- $_ := set $owned (printf "%s_%s" $p $setting) . -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- with $topo.selfTargetEnv -}}
+{{- $_ := set $owned (printf "%s_%s" $p .) (printf "%s:%v" (include "crm.componentName" $) $proc.port) -}}
+{{- end -}}
+{{- range $k, $v := .extraOwned -}}
+{{- $_ := set $owned $k $v -}}
+{{- end -}}
+{{- $secretOwned := list -}}
+{{- if and (has "mysql" $topo.uses) .svc.database.enabled -}}
+{{- $secretOwned = append $secretOwned (printf "%s_DATABASE_URL" $p) -}}
+{{- end -}}
+{{- if and (has "redis" $topo.uses) $g.redis.existingSecret -}}
+{{- $secretOwned = append $secretOwned (printf "%s_REDIS_URL" $p) -}}
+{{- end -}}
+{{- $userEnv := merge (dict) (.procEnv | default dict) (.svc.env | default dict) -}}
+{{- range $name, $_ := $userEnv -}}
+{{- if or (hasKey $owned $name) (has $name $secretOwned) -}}
+{{- fail (printf "%s.env.%s: set by the chart from other values, do not set it here" $.name $name) -}}
 {{- end -}}
 {{- if hasKey $.svc.secretEnv $name -}}
 {{- fail (printf "%s.env.%s is also in %s.secretEnv" $.name $name $.name) -}}
 {{- end -}}
 {{- end -}}
-- name: {{ $p }}_PORT
-  value: {{ .svc.port | quote }}
-- name: {{ $p }}_METRICS_PORT
-  value: {{ .svc.metricsPort | quote }}
-- name: {{ $p }}_LOG_LEVEL
-  value: {{ .svc.logLevel | default $g.logLevel | quote }}
-- name: {{ $p }}_SHUTDOWN_DELAY_S
-  value: {{ .svc.shutdownDelaySeconds | quote }}
-- name: {{ $p }}_SHUTDOWN_GRACE_S
-  value: {{ .svc.shutdownGraceSeconds | quote }}
-- name: {{ $p }}_ETCD_ENDPOINTS
-  value: {{ join "," $g.etcd.endpoints | quote }}
-- name: {{ $p }}_CONFIG_PREFIX
-  value: {{ $g.configPrefix | quote }}
-{{- if .svc.database.enabled }}
-- name: {{ $p }}_DATABASE_URL
-  valueFrom:
-    secretKeyRef:
-      name: {{ .svc.database.existingSecret | default $g.mysql.existingSecret | required "global.mysql.existingSecret (or <svc>.database.existingSecret) is required" }}
-      key: {{ .svc.database.secretKey }}
+{{- range $name, $_ := .svc.secretEnv -}}
+{{- if or (hasKey $owned $name) (has $name $secretOwned) -}}
+{{- fail (printf "%s.secretEnv.%s: set by the chart from other values, do not set it here" $.name $name) -}}
+{{- end -}}
+{{- end -}}
+{{- range $name := keys $owned | sortAlpha }}
+- name: {{ $name }}
+  value: {{ index $owned $name | toString | quote }}
+{{- end }}
+{{- if and (has "mysql" $topo.uses) .svc.database.enabled }}
+{{ include "crm.secretEnvVar" (dict "env" (printf "%s_DATABASE_URL" $p) "secretName" (.svc.database.existingSecret | default $g.mysql.existingSecret | required "global.mysql.existingSecret (or <svc>.database.existingSecret) is required") "key" .svc.database.secretKey) }}
+{{- end }}
+{{- if and (has "redis" $topo.uses) $g.redis.existingSecret }}
+{{ include "crm.secretEnvVar" (dict "env" (printf "%s_REDIS_URL" $p) "secretName" $g.redis.existingSecret "key" $g.redis.secretKey) }}
 {{- end }}
 {{- range $name, $ref := .svc.secretEnv }}
-- name: {{ $name }}
-  valueFrom:
-    secretKeyRef:
-      name: {{ $ref.secretName }}
-      key: {{ $ref.key }}
-      {{- if $ref.optional }}
-      optional: true
-      {{- end }}
+{{ include "crm.secretEnvVar" (dict "env" $name "secretName" $ref.secretName "key" $ref.key "optional" $ref.optional) }}
 {{- end }}
-{{- range $name, $value := .svc.env }}
+{{- range $name, $value := $userEnv }}
 - name: {{ $name }}
   value: {{ $value | toString | quote }}
 {{- end }}
@@ -146,7 +344,7 @@ seccompProfile:
   type: RuntimeDefault
 {{- end -}}
 
-{{/* The root filesystem is read-only: /tmp is the only writable path. */}}
+{{/* The root filesystem is read-only: /tmp is the only writable path (plus a sink's data). */}}
 {{- define "crm.tmpVolume" -}}
 - name: tmp
   emptyDir:
@@ -158,6 +356,31 @@ seccompProfile:
   mountPath: /tmp
 {{- end -}}
 
+{{/*
+The CA of a MySQL server that requires TLS (global.mysql.tls.caSecret), for processes
+using MySQL; their URLs then end in ?ssl_ca=/etc/crm/mysql-tls/<caKey>.
+*/}}
+{{- define "crm.mysqlTlsMount" -}}
+{{- if and (has "mysql" .topo.uses) .root.Values.global.mysql.tls.caSecret }}
+- name: mysql-tls
+  mountPath: /etc/crm/mysql-tls
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{- define "crm.mysqlTlsVolume" -}}
+{{- with .root.Values.global.mysql.tls }}
+{{- if and (has "mysql" $.topo.uses) .caSecret }}
+- name: mysql-tls
+  secret:
+    secretName: {{ .caSecret }}
+    items:
+      - key: {{ .caKey }}
+        path: {{ .caKey }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
 {{- define "crm.grpcProbe" -}}
 grpc:
   port: {{ .port }}
@@ -167,38 +390,115 @@ grpc:
 {{ toYaml .timing }}
 {{- end -}}
 
-{{/*
-One gRPC service: ServiceAccount, Service, Deployment, PodDisruptionBudget,
-HorizontalPodAutoscaler, NetworkPolicy and the migrations Job hook, each as its values
-ask. A new service is a values block plus templates/<svc>.yaml:
-  {{- if .Values.<svc>.enabled }}
-  {{- include "crm.grpcService" (dict "root" $ "name" "<svc>" "svc" .Values.<svc>) }}
-  {{- end }}
-*/}}
-{{- define "crm.grpcService" -}}
-{{- $fullName := include "crm.componentName" . -}}
-{{- $svc := .svc -}}
-{{- $root := .root -}}
-{{- $grace := int $svc.terminationGracePeriodSeconds -}}
-{{- $drain := add (int $svc.shutdownDelaySeconds) (int $svc.shutdownGraceSeconds) -}}
-{{- if le $grace (int $drain) -}}
-{{- fail (printf "%s.terminationGracePeriodSeconds (%d) must exceed shutdownDelaySeconds + shutdownGraceSeconds (%d): the kubelet would kill the server mid-drain" .name $grace (int $drain)) -}}
+{{- define "crm.httpProbe" -}}
+httpGet:
+  port: http
+  path: {{ .path }}
+{{ toYaml .timing }}
 {{- end -}}
-{{- if and $svc.autoscaling.enabled (gt (int $svc.autoscaling.minReplicas) (int $svc.autoscaling.maxReplicas)) -}}
-{{- fail (printf "%s.autoscaling.minReplicas exceeds maxReplicas" .name) -}}
+
+{{/*
+skaffold dev (global.devReload): the installed package is copied to /tmp/dev-src (the
+/tmp emptyDir: the root filesystem stays read-only) and put first on PYTHONPATH; skaffold
+syncs changed sources there and its after-sync hook stops the process (not the container,
+whose files would be reset); this loop starts it again on the synced code.
+*/}}
+{{- define "crm.devReloadScript" -}}
+set -eu
+src="$(python -c 'import crm_{{ .name }}, os; print(os.path.dirname(crm_{{ .name }}.__file__))')"
+mkdir -p /tmp/dev-src
+cp -R "$src" /tmp/dev-src/
+export PYTHONPATH=/tmp/dev-src
+pid=""
+trap 'kill -TERM "$pid" 2>/dev/null; wait "$pid"; exit 0' TERM INT
+while :; do
+  python -m crm_{{ .name }} "$@" &
+  pid=$!
+  echo "$pid" > /tmp/dev-server.pid
+  wait "$pid" || true
+  sleep 1
+done
+{{- end -}}
+
+{{- define "crm.imagePullSecrets" -}}
+{{- with .Values.global.imagePullSecrets }}
+imagePullSecrets:
+  {{- range . }}
+  - name: {{ . }}
+  {{- end }}
 {{- end }}
+{{- end -}}
+
+{{/*
+One service: its ServiceAccount, every enabled component (crm.component) and the
+migrations Job. A service is a values block plus templates/<svc>.yaml:
+  {{- include "crm.service" (dict "root" $ "name" "<svc>") }}
+and its components in crm.topology.
+*/}}
+{{- define "crm.service" -}}
+{{- $svc := index .root.Values .name -}}
+{{- if $svc.enabled -}}
+{{- $ctx := dict "root" .root "name" .name "svc" $svc "component" "server" }}
 ---
 apiVersion: v1
 kind: ServiceAccount
 metadata:
-  name: {{ $fullName }}
+  name: {{ include "crm.componentName" (dict "root" .root "name" .name) }}
   labels:
-    {{- include "crm.labels" . | nindent 4 }}
+    {{- include "crm.labels" $ctx | nindent 4 }}
   {{- with $svc.serviceAccount.annotations }}
   annotations:
     {{- toYaml . | nindent 4 }}
   {{- end }}
 automountServiceAccountToken: false
+{{- $topology := include "crm.topology" . | fromYaml }}
+{{- range $key := keys $topology | sortAlpha }}
+{{- $parts := splitList "/" $key }}
+{{- if eq (index $parts 0) $.name }}
+{{- if include "crm.enabled" (dict "root" $.root "key" $key) }}
+{{- $proc := ternary $svc (index $svc (index $parts 1)) (eq (index $parts 1) "server") }}
+{{ include "crm.component" (dict "root" $.root "name" $.name "svc" $svc "component" (index $parts 1) "proc" $proc "topo" (index $topology $key) "topology" $topology) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- range $key, $t := $topology }}
+{{- if and $t.migrations (eq (index (splitList "/" $key) 0) $.name) $svc.migrations.enabled (include "crm.enabled" (dict "root" $.root "key" $key)) }}
+{{ include "crm.migrationsJob" $ctx }}
+{{- end }}
+{{- end }}
+{{- end -}}
+{{- end -}}
+
+{{/*
+One component: Service (when it has a port), Deployment, PodDisruptionBudget,
+HorizontalPodAutoscaler, NetworkPolicy and ServiceMonitor, each as its values ask.
+Context: root, name (service), svc (service values), component, proc (component values),
+topo (its crm.topology entry), topology.
+*/}}
+{{- define "crm.component" -}}
+{{- $fullName := include "crm.componentName" . -}}
+{{- $svc := .svc -}}
+{{- $proc := .proc -}}
+{{- $root := .root -}}
+{{- $topo := .topo -}}
+{{- $where := ternary .name (printf "%s.%s" .name .component) (eq .component "server") -}}
+{{- $grace := int $proc.terminationGracePeriodSeconds -}}
+{{- $drain := add (int $proc.shutdownDelaySeconds) (int $proc.shutdownGraceSeconds) -}}
+{{- if le $grace (int $drain) -}}
+{{- fail (printf "%s.terminationGracePeriodSeconds (%d) must exceed shutdownDelaySeconds + shutdownGraceSeconds (%d): the kubelet would kill the server mid-drain" $where $grace (int $drain)) -}}
+{{- end -}}
+{{- if and $proc.autoscaling $proc.autoscaling.enabled (gt (int $proc.autoscaling.minReplicas) (int $proc.autoscaling.maxReplicas)) -}}
+{{- fail (printf "%s.autoscaling.minReplicas exceeds maxReplicas" $where) -}}
+{{- end -}}
+{{- $autoscaling := and $proc.autoscaling $proc.autoscaling.enabled -}}
+{{- $portName := ternary "grpc" "http" (eq $topo.protocol "grpc") -}}
+{{- $hasMetrics := and $topo.metricsPortEnv (gt (int $proc.metricsPort) 0) -}}
+{{- $extraOwned := dict -}}
+{{- $persistence := $proc.persistence | default dict -}}
+{{- if $proc.dataDir -}}
+{{- $_ := set $extraOwned (printf "%s_SINK_DIR" (include "crm.envPrefix" .)) $proc.dataDir -}}
+{{- end -}}
+{{- if $topo.portEnv }}
 ---
 apiVersion: v1
 kind: Service
@@ -206,28 +506,52 @@ metadata:
   name: {{ $fullName }}
   labels:
     {{- include "crm.labels" . | nindent 4 }}
-  {{- with $svc.service.annotations }}
+  {{- with ($proc.service).annotations }}
   annotations:
     {{- toYaml . | nindent 4 }}
   {{- end }}
 spec:
   type: ClusterIP
-  {{- if $svc.service.headless }}
+  {{- if ($proc.service).headless }}
   clusterIP: "None"
   {{- end }}
   selector:
     {{- include "crm.selectorLabels" . | nindent 4 }}
   ports:
-    - name: grpc
-      port: {{ $svc.port }}
-      targetPort: grpc
+    - name: {{ $portName }}
+      port: {{ $proc.port }}
+      targetPort: {{ $portName }}
       protocol: TCP
-      appProtocol: grpc
+      appProtocol: {{ ternary "grpc" "http" (eq $topo.protocol "grpc") }}
+    {{- if $hasMetrics }}
     - name: metrics
-      port: {{ $svc.metricsPort }}
+      port: {{ $proc.metricsPort }}
       targetPort: metrics
       protocol: TCP
       appProtocol: http
+    {{- end }}
+{{- end }}
+{{- if and $persistence.enabled (not $persistence.existingClaim) }}
+---
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata:
+  name: {{ $fullName }}
+  labels:
+    {{- include "crm.labels" . | nindent 4 }}
+  annotations:
+    # the files are the data: `helm uninstall` leaves the claim
+    helm.sh/resource-policy: keep
+spec:
+  accessModes:
+    {{- toYaml $persistence.accessModes | nindent 4 }}
+  {{- with $persistence.storageClassName }}
+  storageClassName: {{ . | quote }}
+  {{- end }}
+  resources:
+    requests:
+      storage: {{ $persistence.size }}
+{{- end }}
 ---
 apiVersion: apps/v1
 kind: Deployment
@@ -236,44 +560,49 @@ metadata:
   labels:
     {{- include "crm.labels" . | nindent 4 }}
 spec:
-  {{- if not $svc.autoscaling.enabled }}
-  replicas: {{ $svc.replicaCount }}
+  {{- if not $autoscaling }}
+  replicas: {{ $proc.replicaCount }}
   {{- end }}
   revisionHistoryLimit: 5
   selector:
     matchLabels:
       {{- include "crm.selectorLabels" . | nindent 6 }}
+  {{- if $persistence.enabled }}
+  # one writer of the data volume at a time
+  strategy:
+    type: Recreate
+  {{- else }}
   strategy:
     type: RollingUpdate
     rollingUpdate:
       maxSurge: 25%
       maxUnavailable: 0
+  {{- end }}
   template:
     metadata:
       labels:
         {{- include "crm.labels" . | nindent 8 }}
+      {{- if or $hasMetrics $proc.podAnnotations }}
       annotations:
+        {{- if and $hasMetrics $root.Values.metrics.podAnnotations }}
         prometheus.io/scrape: "true"
-        prometheus.io/port: {{ $svc.metricsPort | quote }}
+        prometheus.io/port: {{ $proc.metricsPort | quote }}
         prometheus.io/path: /metrics
-        {{- with $svc.podAnnotations }}
+        {{- end }}
+        {{- with $proc.podAnnotations }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
+      {{- end }}
     spec:
-      serviceAccountName: {{ $fullName }}
+      serviceAccountName: {{ include "crm.componentName" (dict "root" $root "name" .name) }}
       automountServiceAccountToken: false
       {{- /* Service links would inject CRM_<SVC>_PORT=tcp://... for a Service named crm-<svc>. */}}
       enableServiceLinks: false
       terminationGracePeriodSeconds: {{ $grace }}
       securityContext:
         {{- include "crm.podSecurityContext" . | nindent 8 }}
-      {{- with $root.Values.global.imagePullSecrets }}
-      imagePullSecrets:
-        {{- range . }}
-        - name: {{ . }}
-        {{- end }}
-      {{- end }}
-      {{- with $svc.topologySpreadKeys }}
+      {{- include "crm.imagePullSecrets" $root | nindent 6 }}
+      {{- with $proc.topologySpreadKeys }}
       topologySpreadConstraints:
         {{- range . }}
         - topologyKey: {{ . }}
@@ -284,54 +613,83 @@ spec:
               {{- include "crm.selectorLabels" $ | nindent 14 }}
         {{- end }}
       {{- end }}
-      {{- with $svc.nodeSelector }}
+      {{- with $proc.nodeSelector }}
       nodeSelector:
         {{- toYaml . | nindent 8 }}
       {{- end }}
-      {{- with $svc.tolerations }}
+      {{- with $proc.tolerations }}
       tolerations:
         {{- toYaml . | nindent 8 }}
       {{- end }}
-      {{- with $svc.affinity }}
+      {{- with $proc.affinity }}
       affinity:
         {{- toYaml . | nindent 8 }}
       {{- end }}
       containers:
-        - name: {{ .name }}
+        - name: {{ ternary .name (printf "%s-%s" .name .component) (eq .component "server") }}
           image: {{ include "crm.image" . | quote }}
           imagePullPolicy: {{ $svc.image.pullPolicy | default $root.Values.global.imagePullPolicy }}
-          {{- with $svc.command }}
+          {{- if $proc.command }}
           command:
-            {{- toYaml . | nindent 12 }}
+            {{- toYaml $proc.command | nindent 12 }}
+          {{- else if $root.Values.global.devReload.enabled }}
+          command: ["/bin/sh", "-c", {{ include "crm.devReloadScript" . | quote }}, "crm-dev"]
           {{- end }}
-          {{- with $svc.args }}
           args:
-            {{- toYaml . | nindent 12 }}
-          {{- end }}
+            {{- toYaml ($proc.args | default $topo.args) | nindent 12 }}
+          {{- if $topo.portEnv }}
           ports:
-            - name: grpc
-              containerPort: {{ $svc.port }}
+            - name: {{ $portName }}
+              containerPort: {{ $proc.port }}
               protocol: TCP
+            {{- if $hasMetrics }}
             - name: metrics
-              containerPort: {{ $svc.metricsPort }}
+              containerPort: {{ $proc.metricsPort }}
               protocol: TCP
+            {{- end }}
+          {{- end }}
           env:
-            {{- include "crm.env" . | nindent 12 }}
+            {{- include "crm.env" (dict "root" $root "name" .name "svc" $svc "component" .component "proc" $proc "topo" $topo "procEnv" (ternary (dict) $proc.env (eq .component "server")) "extraOwned" $extraOwned) | nindent 12 }}
+          {{- if eq $topo.protocol "grpc" }}
           startupProbe:
-            {{- include "crm.grpcProbe" (dict "port" $svc.port "service" $svc.probes.readinessService "timing" $svc.probes.startup) | nindent 12 }}
+            {{- include "crm.grpcProbe" (dict "port" $proc.port "service" $proc.probes.readinessService "timing" $proc.probes.startup) | nindent 12 }}
           readinessProbe:
-            {{- include "crm.grpcProbe" (dict "port" $svc.port "service" $svc.probes.readinessService "timing" $svc.probes.readiness) | nindent 12 }}
+            {{- include "crm.grpcProbe" (dict "port" $proc.port "service" $proc.probes.readinessService "timing" $proc.probes.readiness) | nindent 12 }}
           livenessProbe:
-            {{- include "crm.grpcProbe" (dict "port" $svc.port "service" $svc.probes.livenessService "timing" $svc.probes.liveness) | nindent 12 }}
+            {{- include "crm.grpcProbe" (dict "port" $proc.port "service" $proc.probes.livenessService "timing" $proc.probes.liveness) | nindent 12 }}
+          {{- else if eq $topo.protocol "http" }}
+          startupProbe:
+            {{- include "crm.httpProbe" (dict "path" $proc.probes.livenessPath "timing" $proc.probes.startup) | nindent 12 }}
+          readinessProbe:
+            {{- include "crm.httpProbe" (dict "path" $proc.probes.readinessPath "timing" $proc.probes.readiness) | nindent 12 }}
+          livenessProbe:
+            {{- include "crm.httpProbe" (dict "path" $proc.probes.livenessPath "timing" $proc.probes.liveness) | nindent 12 }}
+          {{- end }}
           resources:
-            {{- toYaml $svc.resources | nindent 12 }}
+            {{- toYaml $proc.resources | nindent 12 }}
           securityContext:
             {{- include "crm.containerSecurityContext" . | nindent 12 }}
           volumeMounts:
             {{- include "crm.tmpMount" . | nindent 12 }}
+            {{- include "crm.mysqlTlsMount" . | nindent 12 }}
+            {{- if $proc.dataDir }}
+            - name: data
+              mountPath: {{ $proc.dataDir }}
+            {{- end }}
       volumes:
         {{- include "crm.tmpVolume" . | nindent 8 }}
-{{- if $svc.podDisruptionBudget.enabled }}
+        {{- include "crm.mysqlTlsVolume" . | nindent 8 }}
+        {{- if $proc.dataDir }}
+        - name: data
+          {{- if $persistence.enabled }}
+          persistentVolumeClaim:
+            claimName: {{ $persistence.existingClaim | default $fullName }}
+          {{- else }}
+          emptyDir:
+            sizeLimit: {{ $persistence.size }}
+          {{- end }}
+        {{- end }}
+{{- if $proc.podDisruptionBudget.enabled }}
 ---
 apiVersion: policy/v1
 kind: PodDisruptionBudget
@@ -340,17 +698,17 @@ metadata:
   labels:
     {{- include "crm.labels" . | nindent 4 }}
 spec:
-  {{- if not (kindIs "invalid" $svc.podDisruptionBudget.minAvailable) }}
-  minAvailable: {{ $svc.podDisruptionBudget.minAvailable }}
+  {{- if not (kindIs "invalid" $proc.podDisruptionBudget.minAvailable) }}
+  minAvailable: {{ $proc.podDisruptionBudget.minAvailable }}
   {{- else }}
-  maxUnavailable: {{ $svc.podDisruptionBudget.maxUnavailable }}
+  maxUnavailable: {{ $proc.podDisruptionBudget.maxUnavailable }}
   {{- end }}
   unhealthyPodEvictionPolicy: AlwaysAllow
   selector:
     matchLabels:
       {{- include "crm.selectorLabels" . | nindent 6 }}
 {{- end }}
-{{- if $svc.autoscaling.enabled }}
+{{- if $autoscaling }}
 ---
 apiVersion: autoscaling/v2
 kind: HorizontalPodAutoscaler
@@ -363,61 +721,209 @@ spec:
     apiVersion: apps/v1
     kind: Deployment
     name: {{ $fullName }}
-  minReplicas: {{ $svc.autoscaling.minReplicas }}
-  maxReplicas: {{ $svc.autoscaling.maxReplicas }}
+  minReplicas: {{ $proc.autoscaling.minReplicas }}
+  maxReplicas: {{ $proc.autoscaling.maxReplicas }}
   metrics:
     - type: Resource
       resource:
         name: cpu
         target:
           type: Utilization
-          averageUtilization: {{ $svc.autoscaling.targetCPUUtilizationPercentage }}
+          averageUtilization: {{ $proc.autoscaling.targetCPUUtilizationPercentage }}
 {{- end }}
-{{- with $root.Values.global.networkPolicy }}
-{{- if .enabled }}
+{{- if $root.Values.global.networkPolicy.enabled }}
+{{ include "crm.networkPolicy" (merge (dict "fullName" $fullName "portName" $portName "hasMetrics" $hasMetrics) .) }}
+{{- end }}
+{{- if and $hasMetrics $root.Values.metrics.serviceMonitor.enabled }}
+---
+apiVersion: monitoring.coreos.com/v1
+kind: ServiceMonitor
+metadata:
+  name: {{ $fullName }}
+  labels:
+    {{- include "crm.labels" . | nindent 4 }}
+    {{- with $root.Values.metrics.serviceMonitor.labels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+spec:
+  selector:
+    matchLabels:
+      {{- include "crm.selectorLabels" . | nindent 6 }}
+  endpoints:
+    - port: metrics
+      path: /metrics
+      interval: {{ $root.Values.metrics.serviceMonitor.interval }}
+      scrapeTimeout: {{ $root.Values.metrics.serviceMonitor.scrapeTimeout }}
+{{- end }}
+{{- end -}}
+
+{{/* Egress to an external endpoint: its ports, to its peers (anywhere when none are given). */}}
+{{- define "crm.externalEgress" -}}
+- ports:
+    {{- range .ports }}
+    - port: {{ . }}
+      protocol: TCP
+    {{- end }}
+  {{- with .peers }}
+  to:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end -}}
+
+{{/* Port of a URL ("scheme://[user@]host:port/..."), else the scheme's default. */}}
+{{- define "crm.urlPort" -}}
+{{- $u := urlParse . -}}
+{{- $hostport := $u.host -}}
+{{- if contains ":" $hostport -}}
+{{- last (splitList ":" $hostport) -}}
+{{- else if eq $u.scheme "https" -}}443{{- else if eq $u.scheme "redis" -}}6379{{- else if eq $u.scheme "rediss" -}}6379{{- else -}}80{{- end -}}
+{{- end -}}
+
+{{/*
+NetworkPolicy of a component, from crm.topology: ingress from the in-release components
+that call it (plus global.networkPolicy.extraGrpcFrom on servers), /metrics from the
+monitoring namespace; egress to DNS, to the components it calls and to the external
+endpoints it uses (their ports; their peers when global.<endpoint>.networkPolicyPeers
+is set). Kubelet probes are always allowed by Kubernetes.
+*/}}
+{{- define "crm.networkPolicy" -}}
+{{- $root := .root -}}
+{{- $g := $root.Values.global -}}
+{{- $np := $g.networkPolicy -}}
+{{- $self := printf "%s/%s" .name .component -}}
+{{- $callers := list -}}
+{{- range $key, $t := .topology -}}
+{{- if and (hasKey $t.calls $self) (include "crm.enabled" (dict "root" $root "key" $key)) -}}
+{{- $callers = append $callers $key -}}
+{{- end -}}
+{{- if and (eq $self "bilog/registry") (has "schemaRegistry" $t.uses) (not $g.schemaRegistry.url) (include "crm.enabled" (dict "root" $root "key" $key)) -}}
+{{- $callers = append $callers $key -}}
+{{- end -}}
+{{- end -}}
+{{- $callees := list -}}
+{{- range $key, $_ := .topo.calls -}}
+{{- if include "crm.enabled" (dict "root" $root "key" $key) -}}
+{{- $callees = append $callees $key -}}
+{{- end -}}
+{{- end -}}
+{{- $registry := "" -}}
+{{- if has "schemaRegistry" .topo.uses -}}
+{{- if $g.schemaRegistry.url -}}
+{{- $registry = "external" -}}
+{{- else -}}
+{{- $callees = append $callees "bilog/registry" -}}
+{{- end -}}
+{{- end -}}
+{{- $ingressOpen := and .topo.portEnv (or $callers (and (eq .component "server") $np.extraGrpcFrom) .proc.networkPolicy.extraIngressFrom) -}}
 ---
 apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
 metadata:
-  name: {{ $fullName }}
+  name: {{ .fullName }}
   labels:
-    {{- include "crm.labels" $ | nindent 4 }}
+    {{- include "crm.labels" . | nindent 4 }}
 spec:
   podSelector:
     matchLabels:
-      {{- include "crm.selectorLabels" $ | nindent 6 }}
+      {{- include "crm.selectorLabels" . | nindent 6 }}
   policyTypes:
     - Ingress
+    - Egress
+  {{- if not (or $ingressOpen .hasMetrics) }}
+  ingress: []
+  {{- else }}
   ingress:
+    {{- if $ingressOpen }}
     - from:
+        {{- range $callers }}
+        {{- $parts := splitList "/" . }}
         - podSelector:
             matchLabels:
-              app.kubernetes.io/instance: {{ $root.Release.Name }}
-              app.kubernetes.io/part-of: crm
-        {{- with .extraGrpcFrom }}
+              {{- include "crm.selectorLabels" (dict "root" $root "name" (index $parts 0) "component" (index $parts 1)) | nindent 14 }}
+        {{- end }}
+        {{- if eq .component "server" }}
+        {{- with $np.extraGrpcFrom }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+        {{- end }}
+        {{- with .proc.networkPolicy.extraIngressFrom }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
       ports:
-        - port: grpc
+        - port: {{ .portName }}
           protocol: TCP
+    {{- end }}
+    {{- if .hasMetrics }}
     - from:
         - namespaceSelector:
             matchLabels:
-              kubernetes.io/metadata.name: {{ .metricsNamespace }}
+              kubernetes.io/metadata.name: {{ $np.metricsNamespace }}
       ports:
         - port: metrics
           protocol: TCP
-{{- end }}
-{{- end }}
-{{- if $svc.migrations.enabled }}
-{{- $job := merge (dict "component" "migrations") . }}
+    {{- end }}
+  {{- end }}
+  egress:
+    # DNS
+    - ports:
+        - port: 53
+          protocol: UDP
+        - port: 53
+          protocol: TCP
+      {{- with $np.dnsPeers }}
+      to:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+    {{- range $callees }}
+    {{- $parts := splitList "/" . }}
+    {{- $port := include "crm.procPort" (dict "root" $root "key" .) }}
+    - to:
+        - podSelector:
+            matchLabels:
+              {{- include "crm.selectorLabels" (dict "root" $root "name" (index $parts 0) "component" (index $parts 1)) | nindent 14 }}
+      ports:
+        - port: {{ $port }}
+          protocol: TCP
+    {{- end }}
+    {{- if has "mysql" .topo.uses }}
+    {{- include "crm.externalEgress" (dict "ports" (list $g.mysql.port) "peers" $g.mysql.networkPolicyPeers) | nindent 4 }}
+    {{- end }}
+    {{- if has "etcd" .topo.uses }}
+    {{- $ports := list }}
+    {{- range $g.etcd.endpoints }}{{ $ports = append $ports (last (splitList ":" .)) }}{{ end }}
+    {{- include "crm.externalEgress" (dict "ports" ($ports | uniq) "peers" $g.etcd.networkPolicyPeers) | nindent 4 }}
+    {{- end }}
+    {{- if has "redis" .topo.uses }}
+    {{- include "crm.externalEgress" (dict "ports" (list $g.redis.port) "peers" $g.redis.networkPolicyPeers) | nindent 4 }}
+    {{- end }}
+    {{- if has "kafka" .topo.uses }}
+    {{- $ports := list }}
+    {{- range $g.kafka.bootstrapServers }}{{ $ports = append $ports (last (splitList ":" .)) }}{{ end }}
+    {{- $ports = concat $ports ($g.kafka.brokerPorts | default list) }}
+    {{- include "crm.externalEgress" (dict "ports" ($ports | uniq) "peers" $g.kafka.networkPolicyPeers) | nindent 4 }}
+    {{- end }}
+    {{- if $registry }}
+    {{- include "crm.externalEgress" (dict "ports" (list (include "crm.urlPort" $g.schemaRegistry.url)) "peers" $g.schemaRegistry.networkPolicyPeers) | nindent 4 }}
+    {{- end }}
+    {{- with .proc.networkPolicy.extraEgress }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+{{- end -}}
+
+{{/* Schema migrations of a service (its `migrate` command) before the new pods start. */}}
+{{- define "crm.migrationsJob" -}}
+{{- $svc := .svc -}}
+{{- $root := .root -}}
+{{- $job := merge (dict "component" "migrations") . -}}
+{{- $topo := dict "uses" (list "mysql") "calls" dict "portEnv" "" "metricsPortEnv" "" -}}
+{{- $proc := dict "logLevel" "" "shutdownDelaySeconds" 0 "shutdownGraceSeconds" 0 -}}
 ---
-# Schema migrations before the new pods start. A hook: it runs before the release's own
-# objects exist, so it uses the namespace's default ServiceAccount (token not mounted).
+# A hook: it runs before the release's own objects exist, so it uses the namespace's
+# default ServiceAccount (token not mounted).
 apiVersion: batch/v1
 kind: Job
 metadata:
-  name: {{ printf "%s-migrate" $fullName | trunc 63 | trimSuffix "-" }}
+  name: {{ printf "%s-migrate" (include "crm.componentName" .) | trunc 63 | trimSuffix "-" }}
   labels:
     {{- include "crm.labels" $job | nindent 4 }}
   annotations:
@@ -437,12 +943,7 @@ spec:
       enableServiceLinks: false
       securityContext:
         {{- include "crm.podSecurityContext" . | nindent 8 }}
-      {{- with $root.Values.global.imagePullSecrets }}
-      imagePullSecrets:
-        {{- range . }}
-        - name: {{ . }}
-        {{- end }}
-      {{- end }}
+      {{- include "crm.imagePullSecrets" $root | nindent 6 }}
       {{- with $svc.nodeSelector }}
       nodeSelector:
         {{- toYaml . | nindent 8 }}
@@ -457,14 +958,15 @@ spec:
           imagePullPolicy: {{ $svc.image.pullPolicy | default $root.Values.global.imagePullPolicy }}
           args: ["migrate"]
           env:
-            {{- include "crm.env" . | nindent 12 }}
+            {{- include "crm.env" (dict "root" $root "name" .name "svc" $svc "component" "migrations" "proc" $proc "topo" $topo "procEnv" dict "extraOwned" dict) | nindent 12 }}
           resources:
             {{- toYaml $svc.migrations.resources | nindent 12 }}
           securityContext:
             {{- include "crm.containerSecurityContext" . | nindent 12 }}
           volumeMounts:
             {{- include "crm.tmpMount" . | nindent 12 }}
+            {{- include "crm.mysqlTlsMount" (merge (dict "topo" $topo) .) | nindent 12 }}
       volumes:
         {{- include "crm.tmpVolume" . | nindent 8 }}
-{{- end }}
+        {{- include "crm.mysqlTlsVolume" (merge (dict "topo" $topo) .) | nindent 8 }}
 {{- end -}}

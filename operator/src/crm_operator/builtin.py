@@ -1,9 +1,38 @@
-"""The built-in BI log sink: a Deployment of the bilog sink image, managed over the
-Kubernetes API (``kubernetes`` client in a worker thread, every call time-boxed).
+"""The built-in BI log sink: a Deployment of the bilog image running ``python -m crm_bilog
+sink``, managed over the Kubernetes API (``kubernetes`` client in a worker thread, every
+call time-boxed).
 
-The sink process reads its settings from ``CRM_BILOG_SINK_*`` environment variables
-(topics, format, partitioning, flush size, rotate interval); ``state`` maps to replicas:
-running -> ``target.builtin.replicas`` (default 1), paused/stopped -> 0.
+The image's entrypoint is ``python -m crm_bilog``: the container passes only the command
+(``args: ["sink"]``). The BILogSink spec maps onto the sink's own settings
+(``crm_bilog.settings.BilogSettings``, ``CRM_BILOG_*``):
+
+==================  =========================================================================
+spec                environment of the sink
+==================  =========================================================================
+topics              ``CRM_BILOG_SINK_TOPICS`` (comma-separated)
+flushSize           ``CRM_BILOG_SINK_FLUSH_RECORDS``
+rotateIntervalMs    ``CRM_BILOG_SINK_ROTATE_INTERVAL_S`` (seconds; must be > 0)
+format              nothing: the sink writes Avro container files only (``avro``)
+partitioning        nothing: the sink partitions files by UTC hour (``dt=.../hour=...``);
+                    only ``hourly`` is accepted
+tasksMax            a Kafka Connect setting; the built-in sink scales with
+                    ``target.builtin.replicas`` instead: only 1 is accepted
+state               replicas: running -> ``target.builtin.replicas`` (default 1),
+                    paused/stopped -> 0
+(operator)          ``CRM_BILOG_KAFKA_BOOTSTRAP`` / ``CRM_BILOG_SCHEMA_REGISTRY_URL`` from the
+                    operator's settings; ``CRM_BILOG_SINK_GROUP_ID`` =
+                    ``crm-bilog-sink.<namespace>.<name>`` (every BILogSink gets every
+                    record); ``CRM_BILOG_SINK_DIR`` = the data volume
+==================  =========================================================================
+
+:func:`builtin_spec_problems` names the spec fields the built-in sink cannot honour (the
+admission webhook refuses them; the handler reports them as ``Ready=False InvalidSpec``).
+
+The pod runs like every pod of the charts: uid 10001, read-only root filesystem, all
+capabilities dropped, seccomp RuntimeDefault, no service-account token, requests and
+limits, ``/tmp`` an emptyDir; the files go to ``target.builtin.claimName`` (an existing
+PersistentVolumeClaim: one writer, strategy Recreate) or, without it, to an emptyDir
+(lost with the pod: development only).
 """
 
 from __future__ import annotations
@@ -15,33 +44,118 @@ from typing import Any
 
 import kubernetes
 
-__all__ = ["DeploymentClient", "deployment_name", "render_deployment"]
+__all__ = [
+    "DATA_DIR",
+    "SINK_ARGS",
+    "DeploymentClient",
+    "builtin_spec_problems",
+    "deployment_name",
+    "render_deployment",
+    "sink_environment",
+]
 
 _TIMEOUT = 10.0
+RUN_AS_USER = 10001
+DATA_DIR = "/var/lib/crm/bilog-sink"
+SINK_ARGS = ("sink",)
+"""The command passed to the image's entrypoint ``python -m crm_bilog``."""
+RESOURCES: dict[str, dict[str, str]] = {
+    "requests": {"cpu": "100m", "memory": "192Mi"},
+    "limits": {"cpu": "1", "memory": "512Mi"},
+}
+"""The charts' bilog.sink defaults."""
+TERMINATION_GRACE_S = 60
+"""Room to publish the open files on SIGTERM."""
 
 
 def deployment_name(name: str) -> str:
     return f"bilog-sink-{name}"[:63]
 
 
+def builtin_spec_problems(spec: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """``(field path, message)`` of every spec field the built-in sink has no setting for
+    (or a value it cannot honour); empty when it can run the spec as declared."""
+    problems: list[tuple[str, str]] = []
+    if spec.get("format", "avro") != "avro":
+        problems.append(("spec.format", "the built-in sink writes Avro files only"))
+    if spec.get("partitioning", "hourly") != "hourly":
+        problems.append(
+            (
+                "spec.partitioning",
+                "the built-in sink partitions files by hour (dt=YYYY-MM-DD/hour=HH) only; "
+                "use hourly or a kafkaConnect target",
+            )
+        )
+    if int(spec.get("tasksMax", 1)) != 1:
+        problems.append(
+            (
+                "spec.tasksMax",
+                "a Kafka Connect setting: the built-in sink scales with target.builtin.replicas",
+            )
+        )
+    if int(spec.get("rotateIntervalMs", 600_000)) <= 0:
+        problems.append(
+            ("spec.rotateIntervalMs", "the built-in sink needs a rotate interval above 0")
+        )
+    return problems
+
+
+def sink_environment(
+    name: str,
+    namespace: str,
+    spec: Mapping[str, Any],
+    *,
+    kafka_bootstrap: str,
+    schema_registry_url: str,
+) -> dict[str, str]:
+    """The ``CRM_BILOG_*`` settings of the sink process for a BILogSink spec."""
+    rotate_s = int(spec.get("rotateIntervalMs", 600_000)) / 1000
+    return {
+        "CRM_BILOG_KAFKA_BOOTSTRAP": kafka_bootstrap,
+        "CRM_BILOG_SCHEMA_REGISTRY_URL": schema_registry_url,
+        "CRM_BILOG_SINK_TOPICS": ",".join(spec["topics"]),
+        "CRM_BILOG_SINK_GROUP_ID": f"crm-bilog-sink.{namespace}.{name}",
+        "CRM_BILOG_SINK_DIR": DATA_DIR,
+        "CRM_BILOG_SINK_FLUSH_RECORDS": str(int(spec.get("flushSize", 1000))),
+        "CRM_BILOG_SINK_ROTATE_INTERVAL_S": str(rotate_s),
+    }
+
+
 def render_deployment(
-    name: str, namespace: str, spec: Mapping[str, Any], default_image: str
+    name: str,
+    namespace: str,
+    spec: Mapping[str, Any],
+    default_image: str,
+    *,
+    kafka_bootstrap: str = "kafka:9092",
+    schema_registry_url: str = "http://schema-registry:8081",
 ) -> dict[str, Any]:
+    """The Deployment of a BILogSink with a ``builtin`` target (see the module doc)."""
     builtin = spec["target"]["builtin"] or {}
     running = spec.get("state", "running") == "running"
+    claim = str(builtin.get("claimName") or "")
     labels = {
         "app.kubernetes.io/name": "crm-bilog-sink",
         "app.kubernetes.io/instance": name,
         "app.kubernetes.io/managed-by": "crm-operator",
     }
-    env = {
-        "CRM_BILOG_SINK_NAME": name,
-        "CRM_BILOG_SINK_TOPICS": ",".join(spec["topics"]),
-        "CRM_BILOG_SINK_FORMAT": spec.get("format", "avro"),
-        "CRM_BILOG_SINK_PARTITIONING": spec.get("partitioning", "hourly"),
-        "CRM_BILOG_SINK_FLUSH_SIZE": str(spec.get("flushSize", 1000)),
-        "CRM_BILOG_SINK_ROTATE_INTERVAL_MS": str(spec.get("rotateIntervalMs", 600_000)),
-    }
+    env = sink_environment(
+        name,
+        namespace,
+        spec,
+        kafka_bootstrap=kafka_bootstrap,
+        schema_registry_url=schema_registry_url,
+    )
+    data_volume: dict[str, Any] = (
+        {"name": "data", "persistentVolumeClaim": {"claimName": claim}}
+        if claim
+        else {"name": "data", "emptyDir": {"sizeLimit": "1Gi"}}
+    )
+    strategy: dict[str, Any] = (
+        {"type": "Recreate"}  # one writer of the claim at a time
+        if claim
+        else {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    )
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -49,21 +163,46 @@ def render_deployment(
         "spec": {
             "replicas": int(builtin.get("replicas", 1)) if running else 0,
             "selector": {"matchLabels": labels},
+            "strategy": strategy,
             "template": {
                 "metadata": {"labels": labels},
                 "spec": {
-                    "securityContext": {"runAsNonRoot": True},
+                    "automountServiceAccountToken": False,
+                    "enableServiceLinks": False,
+                    "terminationGracePeriodSeconds": TERMINATION_GRACE_S,
+                    "securityContext": {
+                        "runAsNonRoot": True,
+                        "runAsUser": RUN_AS_USER,
+                        "runAsGroup": RUN_AS_USER,
+                        "fsGroup": RUN_AS_USER,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
                     "containers": [
                         {
                             "name": "sink",
                             "image": builtin.get("image") or default_image,
-                            "args": ["python", "-m", "crm_bilog.sink"],
+                            "args": list(SINK_ARGS),
                             "env": [{"name": k, "value": v} for k, v in env.items()],
+                            "resources": json.loads(json.dumps(RESOURCES)),
                             "securityContext": {
+                                "runAsNonRoot": True,
+                                "runAsUser": RUN_AS_USER,
+                                "runAsGroup": RUN_AS_USER,
+                                "privileged": False,
                                 "readOnlyRootFilesystem": True,
                                 "allowPrivilegeEscalation": False,
+                                "capabilities": {"drop": ["ALL"]},
+                                "seccompProfile": {"type": "RuntimeDefault"},
                             },
+                            "volumeMounts": [
+                                {"name": "tmp", "mountPath": "/tmp"},  # noqa: S108 (emptyDir)
+                                {"name": "data", "mountPath": DATA_DIR},
+                            ],
                         }
+                    ],
+                    "volumes": [
+                        {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
+                        data_volume,
                     ],
                 },
             },

@@ -27,7 +27,15 @@ from crm_common.config_watch import (
 )
 from crm_common.settings import parse_endpoints
 
-__all__ = ["Applied", "ConfigStore", "Declared", "DriftGuard", "HistoryEntry", "envelope"]
+__all__ = [
+    "Applied",
+    "ConfigStore",
+    "Declared",
+    "DriftGuard",
+    "HistoryEntry",
+    "RevisionConflict",
+    "envelope",
+]
 
 log = logging.getLogger("crm.operator.etcd")
 
@@ -61,8 +69,22 @@ class Applied:
 class HistoryEntry:
     revision: int
     generation: int | None
+    """The CRMConfig generation that wrote it (None: written by crmctl / ConfigAdmin)."""
     time: str
     data: dict[str, Any]
+    author: str | None = None
+    """Who wrote it through crmctl / ConfigAdmin (None: the operator)."""
+
+
+class RevisionConflict(Exception):
+    """The stable key's mod_revision is not the one the writer expected (optimistic
+    concurrency of :meth:`ConfigStore.apply` with ``expect_revision``)."""
+
+    def __init__(self, key: str, expected: int, actual: int) -> None:
+        super().__init__(f"{key} is at revision {actual}, not the expected {expected}")
+        self.key = key
+        self.expected = expected
+        self.actual = actual
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,13 +140,29 @@ class ConfigStore:
         result: tuple[bytes, int] | None = await self._call(op)
         return result
 
-    async def _put_if(self, key: str, value: bytes, expect_mod: int) -> int | None:
-        """Put when the key's mod_revision is still ``expect_mod`` (0: absent); returns
-        the revision written, or None when someone changed the key meanwhile."""
+    async def list_prefix(self, prefix: str) -> list[tuple[str, bytes, int]]:
+        """(key, value, mod_revision) of every key under ``prefix``, sorted by key."""
+
+        async def op(c: aetcd.Client) -> list[tuple[str, bytes, int]]:
+            return sorted(
+                (bytes(kv.key).decode(), bytes(kv.value), int(kv.mod_revision))
+                for kv in await c.get_prefix(prefix.encode())
+            )
+
+        result: list[tuple[str, bytes, int]] = await self._call(op)
+        return result
+
+    async def _put_if(
+        self, key: str, value: bytes, expect_mod: int, guard_key: str | None = None
+    ) -> int | None:
+        """Put when the mod_revision of ``guard_key`` (default: ``key``) is still
+        ``expect_mod`` (0: absent); returns the revision written, or None when someone
+        changed it meanwhile."""
+        guard = (guard_key or key).encode()
 
         async def op(c: aetcd.Client) -> int | None:
             ok, responses = await c.transaction(
-                compare=[c.transactions.mod(key.encode()) == expect_mod],
+                compare=[c.transactions.mod(guard) == expect_mod],
                 success=[c.transactions.put(key.encode(), value)],
                 failure=[],
             )
@@ -159,29 +197,64 @@ class ConfigStore:
         value: bytes,
         rollout_percent: int | None,
         generation: int | None,
+        *,
+        author: str | None = None,
+        expect_revision: int | None = None,
     ) -> Applied:
         """Make etcd hold the declared state (idempotent).
 
         No rollout (None or 100): the stable key holds ``value`` and the rollout key is
-        gone; every new stable value is recorded in the history. A rollout below 100 %: the
-        rollout key holds the envelope, the stable key is left as it is.
+        gone; every new stable value is recorded in the history (with ``author``). A
+        rollout below 100 %: the rollout key holds the envelope, the stable key is left as
+        it is. With ``expect_revision`` (0: absent) the write only happens while the stable
+        key is still at that mod_revision, else :class:`RevisionConflict` is raised.
         """
         stable_k = config_key(self.config_prefix, service, key)
         rollout_k = rollout_key(self.config_prefix, service, key)
         async with self._lock:
             if rollout_percent is None or rollout_percent >= 100:
-                revision, wrote = await self._ensure(stable_k, value)
+                if expect_revision is None:
+                    revision, wrote = await self._ensure(stable_k, value)
+                else:
+                    revision, wrote = await self._ensure_at(stable_k, stable_k, value,
+                                                            expect_revision)  # fmt: skip
+                # a promotion to a value the stable key already holds keeps the version's
+                # history entry (its author and time); one is written only when missing
+                record = wrote
                 if await self.get(rollout_k) is not None:
                     await self._delete(rollout_k)
+                    hist = history_prefix(self.config_prefix, service, key)
+                    record = wrote or await self.get(f"{hist}{revision:012d}") is None
                     wrote = True
-                if wrote:
-                    await self._record(service, key, revision, value, generation)
+                if record:
+                    await self._record(service, key, revision, value, generation, author)
                 return Applied(revision, 0, wrote)
-            rollout_revision, wrote = await self._ensure(
-                rollout_k, envelope(rollout_percent, value)
-            )
+            body = envelope(rollout_percent, value)
+            if expect_revision is None:
+                rollout_revision, wrote = await self._ensure(rollout_k, body)
+            else:
+                rollout_revision, wrote = await self._ensure_at(rollout_k, stable_k, body,
+                                                                expect_revision)  # fmt: skip
             stable = await self.get(stable_k)
             return Applied(stable[1] if stable else 0, rollout_revision, wrote)
+
+    async def _ensure_at(self, key: str, guard_key: str, value: bytes, expect: int) -> tuple[
+        int, bool
+    ]:  # fmt: skip
+        """Make ``key`` hold ``value`` provided ``guard_key`` is at mod_revision ``expect``
+        (checked in the same transaction as the write): (revision, whether written)."""
+        guard = await self.get(guard_key)
+        actual = guard[1] if guard else 0
+        if actual != expect:
+            raise RevisionConflict(guard_key, expect, actual)
+        current = await self.get(key)
+        if current is not None and current[0] == value:
+            return current[1], False
+        written = await self._put_if(key, value, expect, guard_key=guard_key)
+        if written is None:
+            guard = await self.get(guard_key)
+            raise RevisionConflict(guard_key, expect, guard[1] if guard else 0)
+        return written, True
 
     async def remove(self, service: str, key: str) -> int:
         """Delete the stable key, the rollout key and the history of one config key."""
@@ -196,10 +269,13 @@ class ConfigStore:
             return await self._delete(config_key(self.config_prefix, service, key))
 
     async def _record(
-        self, service: str, key: str, revision: int, value: bytes, generation: int | None
-    ) -> None:
+        self, service: str, key: str, revision: int, value: bytes, generation: int | None,
+        author: str | None = None,
+    ) -> None:  # fmt: skip
         prefix = history_prefix(self.config_prefix, service, key)
-        doc = {"generation": generation, "time": _now(), "data": json.loads(value)}
+        doc: dict[str, Any] = {"generation": generation, "time": _now(), "data": json.loads(value)}
+        if author is not None:
+            doc["author"] = author
         body = json.dumps(doc, sort_keys=True).encode()
 
         async def op(c: aetcd.Client) -> None:
@@ -219,7 +295,8 @@ class ConfigStore:
             for kv in await c.get_prefix(prefix):
                 doc = json.loads(kv.value)
                 rev = int(kv.key[len(prefix) :].decode())
-                out.append(HistoryEntry(rev, doc.get("generation"), doc["time"], doc["data"]))
+                out.append(HistoryEntry(rev, doc.get("generation"), doc["time"], doc["data"],
+                                        doc.get("author")))  # fmt: skip
             return sorted(out, key=lambda e: -e.revision)
 
         result: list[HistoryEntry] = await self._call(op)

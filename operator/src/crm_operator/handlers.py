@@ -20,7 +20,12 @@ import kopf
 from crm_common.config_watch import config_key, rollout_key
 
 from crm_operator import schemas, statuses
-from crm_operator.builtin import DeploymentClient, deployment_name, render_deployment
+from crm_operator.builtin import (
+    DeploymentClient,
+    builtin_spec_problems,
+    deployment_name,
+    render_deployment,
+)
 from crm_operator.conditions import condition
 from crm_operator.connect import (
     RESERVED_CONFIG,
@@ -460,6 +465,9 @@ def validate_bilogsink(spec: kopf.Spec, **_: Any) -> None:
                 f"spec.target.kafkaConnect.config.{reserved[0]}: is set by the operator from "
                 "the typed spec fields", code=422,
             )  # fmt: skip
+    if chosen == ["builtin"]:
+        for path, message in builtin_spec_problems(spec):
+            raise kopf.AdmissionError(f"{path}: {message}", code=422)
 
 
 _WANT = {"running": "RUNNING", "paused": "PAUSED", "stopped": "STOPPED"}
@@ -526,7 +534,18 @@ async def _reconcile_builtin(
     rt: Runtime, body: kopf.Body, spec: Mapping[str, Any], namespace: str, name: str,
     gen: int | None, patch: kopf.Patch, status: Mapping[str, Any],
 ) -> None:  # fmt: skip
-    manifest = render_deployment(name, namespace, spec, rt.settings.bilog_sink_image)
+    problems = builtin_spec_problems(spec)
+    if problems:  # only without the admission webhook
+        message = "; ".join(f"{path}: {msg}" for path, msg in problems)
+        statuses.patch_status(patch, status, {"observedGeneration": gen}, [
+            condition("Ready", "False", "InvalidSpec", message, gen),
+        ])  # fmt: skip
+        return
+    manifest = render_deployment(
+        name, namespace, spec, rt.settings.bilog_sink_image,
+        kafka_bootstrap=rt.settings.bilog_sink_kafka_bootstrap,
+        schema_registry_url=rt.settings.bilog_sink_schema_registry_url,
+    )  # fmt: skip
     kopf.adopt(manifest, owner=body)
     try:
         deployment = await rt.deployment_client().apply(manifest)
@@ -557,7 +576,7 @@ async def monitor_sink(
     gen = _gen(meta)
     if (spec.get("target") or {}).get("builtin") is not None:
         deployment = await rt.deployment_client().get(str(namespace), deployment_name(name))
-        if deployment is None:
+        if deployment is None or builtin_spec_problems(spec):
             await _reconcile_builtin(rt, body, spec, str(namespace), name, gen, patch, status)
             return
         fields, conds = statuses.builtin_status(spec, deployment, gen)

@@ -40,6 +40,11 @@ def _structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
             return inner
         return {"x-kubernetes-preserve-unknown-fields": True}
     out: dict[str, Any] = {k: v for k, v in schema.items() if k not in _DROP}
+    # JSON Schema's numeric exclusive bounds -> OpenAPI v3.0's (the API server decodes
+    # exclusiveMinimum/exclusiveMaximum as booleans and rejects a number)
+    for bound, limit in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        if isinstance(out.get(bound), int | float) and not isinstance(out[bound], bool):
+            out[limit], out[bound] = out[bound], True
     if "properties" in schema:
         out["properties"] = {k: _structural(v, defs) for k, v in schema["properties"].items()}
     if schema.get("type") == "object" and isinstance(schema.get("additionalProperties"), dict):
@@ -298,9 +303,18 @@ def bilogsink_crd() -> dict[str, Any]:
                     },
                     "builtin": {
                         "type": "object",
+                        "description": "A Deployment of the bilog sink (python -m crm_bilog "
+                        "sink) writing hourly-partitioned Avro files; format avro, "
+                        "partitioning hourly and tasksMax 1 only.",
                         "properties": {
                             "image": {"type": "string"},
                             "replicas": {"type": "integer", "minimum": 1, "default": 1},
+                            "claimName": {
+                                "type": "string",
+                                "description": "Existing PersistentVolumeClaim for the files "
+                                "(one writer: keep replicas 1 unless it is ReadWriteMany); "
+                                "empty: an emptyDir, lost with the pod (development only).",
+                            },
                         },
                     },
                 },

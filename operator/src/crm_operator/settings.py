@@ -70,6 +70,16 @@ class OperatorSettings(ServiceSettings):
     bilog_sink_image: str = Field(
         default="crm-bilog:latest", description="Image of the built-in BI log sink."
     )
+    bilog_sink_kafka_bootstrap: str = Field(
+        default="kafka:9092",
+        description="Kafka bootstrap servers the built-in sinks read (their "
+        "CRM_BILOG_KAFKA_BOOTSTRAP).",
+    )
+    bilog_sink_schema_registry_url: str = Field(
+        default="http://crm-bilog-registry.crm.svc:8081",
+        description="Schema registry of the built-in sinks (their CRM_BILOG_SCHEMA_REGISTRY_URL); "
+        "the default is the crm chart's dev registry of release crm in namespace crm.",
+    )
     kube_api_server: str = Field(
         default="",
         description="Kubernetes API URL for the operator's own API calls (Deployments); empty: "

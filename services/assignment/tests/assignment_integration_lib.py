@@ -204,9 +204,13 @@ class BilogService(LoopThread):
 
     @property
     def transition_topic(self) -> str:
+        return self.topic("crm.bi.TaskTransition")
+
+    def topic(self, schema: str) -> str:
+        """The Kafka topic of a schema's events (with this instance's prefix)."""
         from crm_bilog.schemas import topic_name
 
-        return topic_name("crm.bi.TaskTransition", self.settings.topic_prefix)
+        return topic_name(schema, self.settings.topic_prefix)
 
     def close(self) -> None:
         try:

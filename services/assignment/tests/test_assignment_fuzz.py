@@ -191,6 +191,25 @@ def test_other_rpcs_never_internal(
         ),
         lambda: stub.QueueStats(pb.QueueStatsRequest(business_line=agent.business_line)),
         lambda: stub.SetCustomerStar(pb.SetCustomerStarRequest(customer_id=task_id, star=True)),
+        lambda: stub.RecordCall(
+            pb.RecordCallRequest(
+                call_id=text,
+                task_id=task_id,
+                agent_id=agent_id,
+                call_type=agent.presence,
+                provider=agent.business_line,
+                outcome=agent.capacity % 7,
+                started_at={"seconds": seconds},
+                duration_seconds=agent.capacity,
+                note=text,
+            )
+        ),
+        lambda: stub.SignIn(pb.SignInRequest(agent_id=agent_id, ttl_seconds=agent.capacity)),
+        lambda: stub.GetAgent(
+            # (metadata values must be printable ASCII, or the client refuses to send them)
+            pb.GetAgentRequest(id=agent_id),
+            metadata=(("authorization", "Bearer " + "".join(c for c in text if " " < c <= "~")),),
+        ),
     ]
     for call in calls:
         assert _call(call) not in BAD

@@ -27,6 +27,7 @@ from crm.assignment.v1 import assignment_pb2 as pb
 from crm.bilog.v1 import bilog_pb2 as bpb
 from crm.bilog.v1 import bilog_pb2_grpc
 from crm.recommendation.v1 import recommendation_pb2 as rpb
+from crm_assignment.api.convert import timestamp
 from crm_assignment.clients.bilog_outbox import transition_payload
 from crm_assignment.clients.recommendation import recommend_query
 from crm_assignment.domain.model import (
@@ -40,7 +41,7 @@ from crm_assignment.domain.model import (
     Task,
     TaskDetail,
 )
-from crm_assignment.store.schema import TaskEventRow
+from crm_assignment.store.schema import BiOutboxRow, TaskEventRow
 from crm_devstack.stack import Stack
 from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
@@ -216,7 +217,10 @@ def test_task_detail_when_recommendation_is_down(service_with: Any) -> None:
     detail = svc.task(task.id)
     assert detail.task.id == task.id
     assert not detail.recommendations.available
-    assert detail.recommendations.unavailable_reason == "UNAVAILABLE"
+    # the channel retries UNAVAILABLE within the call's deadline (crm_common.channels):
+    # a peer that stays down ends as UNAVAILABLE, or DEADLINE_EXCEEDED when the retries'
+    # backoff outlasts the 0.3 s deadline on a slow machine
+    assert detail.recommendations.unavailable_reason in ("UNAVAILABLE", "DEADLINE_EXCEEDED")
     assert not detail.recommendations.cars
 
 
@@ -257,8 +261,19 @@ def _events(database_url: str) -> list[TaskEventRow]:
         engine.dispose()
 
 
-def _work_a_task(svc: Service, key: str, agent_id: int) -> int:
-    """Clue -> offered -> accepted -> completed: four task events."""
+def _bi_rows(database_url: str) -> list[BiOutboxRow]:
+    """Every bi_outbox row (call records, presence changes), committed now."""
+    engine = create_engine(database_url)
+    try:
+        with Session(engine) as s:
+            return list(s.scalars(select(BiOutboxRow).order_by(BiOutboxRow.id)))
+    finally:
+        engine.dispose()
+
+
+def _work_a_task(svc: Service, key: str, agent_id: int, *, call: bool = False) -> int:
+    """Clue -> offered -> accepted -> (a call recorded) -> completed: four task events,
+    one presence change (OFFLINE -> IDLE) and, with ``call``, one call record."""
     task = svc.clue(key, PHONE).task
     svc.agent(agent_id, line=SALE)
     reader = OfferReader(svc.stub, agent_id)
@@ -268,6 +283,13 @@ def _work_a_task(svc: Service, key: str, agent_id: int) -> int:
         reader.close()
     assert offer.task.id == task.id
     svc.stub.AcceptTask(pb.AcceptTaskRequest(task_id=task.id, agent_id=agent_id))
+    if call:
+        record = pb.RecordCallRequest(
+            call_id=f"{key}-call", task_id=task.id, agent_id=agent_id,
+            provider=pb.TELEPHONY_PROVIDER_RL, outcome=pb.CALL_OUTCOME_BUSY,
+            started_at=timestamp(svc.clock()), duration_seconds=12,
+        )  # fmt: skip
+        svc.stub.RecordCall(record, metadata=(("x-request-id", f"req-{key}"),))
     svc.stub.CompleteTask(pb.CompleteTaskRequest(task_id=task.id, agent_id=agent_id, note="sold"))
     return task.id
 
@@ -287,11 +309,19 @@ def test_every_transition_reaches_kafka_through_bilog(
     try:
         # a poll interval longer than the test: only the commit hook wakes the relay
         svc = service_with(bilog_target=bilog.target, outbox_poll_s=60)
-        task_id = _work_a_task(svc, "bi-1", 501)
+        task_id = _work_a_task(svc, "bi-1", 501, call=True)
         rows = wait_for(
             lambda: (r := _events(migrated_db)) and all(e.published_at for e in r) and r,
             "every task event published",
         )
+        others = wait_for(
+            lambda: (o := _bi_rows(migrated_db)) and all(e.published_at for e in o) and o,
+            "the call record and the presence change published",
+        )
+        assert sorted(o.schema_name for o in others) == [
+            "crm.bi.AgentPresenceChanged",
+            "crm.bi.FactCallRecord",
+        ]
         assert len(rows) == 4
         assert all(e.publish_error is None for e in rows)
         records = read_avro_topic(
@@ -306,11 +336,28 @@ def test_every_transition_reaches_kafka_through_bilog(
         assert [v["agent_id"] for _, v in records] == [None, 501, 501, 501]
         at = rows[0].at  # timestamp-millis, decoded as a datetime
         assert records[0][1]["at"] == at.replace(microsecond=at.microsecond // 1000 * 1000)
+        (call,) = read_avro_topic(
+            stack.kafka_bootstrap, registry.url, bilog.topic("crm.bi.FactCallRecord"), expected=1
+        )
+        assert call[0] == f"1:{task_id}".encode()
+        assert call[1]["bundle_id"] == str(task_id)
+        assert call[1]["contact_phone"] == "138****1111"
+        assert call[1]["call_tag_id"] == "BUSY"
+        assert call[1]["provider_type"] == "RL"
+        assert call[1]["operator_header"]["operator_id"] == 501
+        assert call[1]["operator_header"]["request_id"] == "req-bi-1"
+        (presence,) = read_avro_topic(
+            stack.kafka_bootstrap, registry.url, bilog.topic("crm.bi.AgentPresenceChanged"),
+            expected=1,
+        )  # fmt: skip
+        assert presence[0] == b"1:501"
+        assert (presence[1]["from_presence"], presence[1]["to_presence"]) == ("OFFLINE", "IDLE")
         relay = svc.app.outbox
         assert relay is not None
-        assert relay.published_total == 4
+        assert relay.published_total == 6
+        assert relay.rejected_total == 0
         registry_metrics = svc.app.metrics.registry
-        assert registry_metrics.get_sample_value("crm_assignment_outbox_published_total") == 4
+        assert registry_metrics.get_sample_value("crm_assignment_outbox_published_total") == 6
         wait_for(
             lambda: registry_metrics.get_sample_value("crm_assignment_outbox_pending") == 0,
             "the lag gauge to drop to 0",
@@ -355,17 +402,22 @@ def test_events_wait_while_bilog_is_down_and_none_is_lost(
 
 class RejectingBilogStandIn(bilog_pb2_grpc.BilogServiceServicer):
     """A STAND-IN for the bilog service (not the real one): rejects the event of one
-    task (as bilog does for a payload its schema refuses), accepts the others."""
+    task, and every event of the schemas in ``reject_schemas`` (as bilog does for a
+    payload its schema refuses), accepts the others; records the schemas it saw."""
 
-    def __init__(self, reject_task_id: int) -> None:
+    def __init__(self, reject_task_id: int, reject_schemas: frozenset[str] = frozenset()) -> None:
         self.reject_task_id = reject_task_id
+        self.reject_schemas = reject_schemas
+        self.seen: list[str] = []
 
     def LogBatch(self, request: bpb.LogBatchRequest, context: Any) -> bpb.LogBatchResponse:
         import json
 
         results = []
         for i, ev in enumerate(request.events):
-            if json.loads(ev.payload_json)["task_id"] == self.reject_task_id:
+            self.seen.append(ev.schema)
+            payload = json.loads(ev.payload_json)
+            if ev.schema in self.reject_schemas or payload.get("task_id") == self.reject_task_id:
                 errors = [bpb.FieldError(path="payload_json.category", reason="unknown symbol")]
                 results.append(bpb.EventResult(index=i, rejected=bpb.EventRejection(errors=errors)))
             else:
@@ -404,5 +456,47 @@ def test_a_rejected_event_is_set_aside_and_does_not_block_the_outbox(
         assert metrics.get_sample_value("crm_assignment_outbox_rejected_total") == 1
         svc.clue("rej-3", "13900004444")  # later events still flow
         wait_for(lambda: all(e.published_at for e in _events(migrated_db) if e.task_id != 1), "3")
+    finally:
+        server.stop(0)
+
+
+def test_outbox_tables_flow_independently_and_rejections_stay_in_their_table(
+    migrated_db: str, service_with: Any
+) -> None:
+    """Transitions, presence changes and call records share one relay: a rejected presence
+    event is set aside in bi_outbox, the transitions and the call record still go out."""
+    from concurrent import futures
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    standin = RejectingBilogStandIn(-1, frozenset({"crm.bi.AgentPresenceChanged"}))
+    bilog_pb2_grpc.add_BilogServiceServicer_to_server(standin, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        svc = service_with(bilog_target=f"127.0.0.1:{port}", outbox_poll_s=0.2)
+        _work_a_task(svc, "mix-1", 701, call=True)
+        wait_for(
+            lambda: (
+                all(e.published_at for e in _events(migrated_db))
+                and all(o.published_at or o.publish_error for o in _bi_rows(migrated_db))
+            ),
+            "every event published or set aside",
+        )
+        others = {o.schema_name: o for o in _bi_rows(migrated_db)}
+        presence = others["crm.bi.AgentPresenceChanged"]
+        assert presence.published_at is None
+        assert presence.publish_error == "payload_json.category: unknown symbol"
+        assert others["crm.bi.FactCallRecord"].published_at is not None
+        assert sorted(set(standin.seen)) == [
+            "crm.bi.AgentPresenceChanged", "crm.bi.FactCallRecord", "crm.bi.TaskTransition",
+        ]  # fmt: skip
+        relay = svc.app.outbox
+        assert relay is not None
+        assert (relay.published_total, relay.rejected_total) == (5, 1)
+        # a later presence change is rejected again, the transitions keep flowing
+        svc.stub.SetPresence(pb.SetPresenceRequest(agent_id=701, presence=pb.PRESENCE_BREAK))
+        svc.clue("mix-2", "13900005555")
+        wait_for(lambda: relay.rejected_total == 2, "the second presence event set aside")
+        wait_for(lambda: all(e.published_at for e in _events(migrated_db)), "transitions out")
     finally:
         server.stop(0)

@@ -11,6 +11,7 @@ import grpc
 import pytest
 from assignment_testlib import ManualClock, OfferReader, Service, settings_for
 from crm.assignment.v1 import assignment_pb2 as pb
+from crm_assignment.api.convert import timestamp
 from crm_common.logs import configure_logging
 from sqlalchemy import MetaData, select
 
@@ -72,6 +73,11 @@ def test_phone_never_stored_or_logged_in_clear(
         finally:
             reader.close()
         service.stub.AcceptTask(pb.AcceptTaskRequest(task_id=offered[0], agent_id=1))
+        record = pb.RecordCallRequest(
+            call_id="p-call", task_id=offered[0], agent_id=1, outcome=pb.CALL_OUTCOME_CONNECTED,
+            provider=pb.TELEPHONY_PROVIDER_ZT, started_at=timestamp(clock()), note="called",
+        )  # fmt: skip
+        service.stub.RecordCall(record)  # call_record and bi_outbox (FactCallRecord) rows
         service.stub.CompleteTask(pb.CompleteTaskRequest(task_id=offered[0], agent_id=1))
         for task_id in task_ids:
             masked = service.task(task_id).customer.phone.masked
@@ -90,6 +96,8 @@ def test_phone_never_stored_or_logged_in_clear(
                         else:
                             dumped.append(str(value))
         assert any("861****5678" in v for v in dumped)  # the masked form is there
+        assert {"call_record", "bi_outbox"} <= {t.name for t in meta.sorted_tables}
+        assert any("crm.bi.FactCallRecord" in v for v in dumped)
         db_text = "\n".join(dumped)
     finally:
         service.close()

@@ -209,3 +209,30 @@ def test_runner_drops_malformed_and_duplicate_messages(
     finally:
         runner.close()
     assert target.calls["dup"] == [1]
+
+
+def test_jobs_handed_over_early_are_claimed_at_once_and_called_when_due(
+    store: SchedulerStore, target: TargetServer
+) -> None:
+    t0 = now()
+    etas = {f"early-{i}": t0 + timedelta(seconds=0.3 + 0.1 * i) for i in range(4)}
+    store.schedule_many([spec("early", target, eta, key=k) for k, eta in etas.items()], t0)
+    move = store.move_due(now(), now() + timedelta(seconds=5), 100, 10, 1000)
+    assert sorted(d.idempotency_key for d in move.dispatches) == sorted(etas)
+    assert move.in_flight == 0
+    assert move.next_due is None
+    # the message lists them out of due order; one slot runs them all
+    messages = [d.to_message() for d in sorted(move.dispatches, key=lambda d: d.uid)]
+    runner = _runner(store)
+    claimed: list[JobState] = []
+    probe = threading.Timer(0.1, lambda: claimed.append(_one(store, "early-3")))
+    probe.start()
+    try:
+        assert runner.handle_batch(messages) == ["succeeded"] * 4
+    finally:
+        probe.join()
+        runner.close()
+    assert claimed == [JobState.RUNNING]  # claimed on receipt, before its due time
+    for key, eta in etas.items():
+        assert target.received_at[key] >= eta.timestamp(), f"{key} ran before it was due"
+        assert target.calls[key] == [1]

@@ -68,6 +68,7 @@ __all__ = [
     "acks_prefix",
     "config_key",
     "delete_key",
+    "delete_prefix",
     "history_prefix",
     "put_json",
     "rollout_bucket",
@@ -738,5 +739,17 @@ async def delete_key(endpoints: str, key: str) -> int:
 
     async def op(client: aetcd.Client) -> int:
         return int((await client.delete_range(raw, raw + b"\0")).header.revision)
+
+    return await _on_any(endpoints, op)
+
+
+async def delete_prefix(endpoints: str, prefix: str) -> int:
+    """Delete every key under ``prefix`` (e.g. a throwaway platform's config before it is
+    seeded again); returns the etcd revision after the delete."""
+    raw = prefix.encode()
+    end = raw[:-1] + bytes([raw[-1] + 1])
+
+    async def op(client: aetcd.Client) -> int:
+        return int((await client.delete_range(raw, end)).header.revision)
 
     return await _on_any(endpoints, op)

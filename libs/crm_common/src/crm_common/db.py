@@ -14,9 +14,11 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from datetime import UTC, datetime
+from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, create_engine, text
+from sqlalchemy import Connection, Dialect, Engine, TypeDecorator, create_engine, text
+from sqlalchemy.dialects import mysql
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -27,12 +29,49 @@ __all__ = [
     "ER_LOCK_DEADLOCK",
     "ER_LOCK_WAIT_TIMEOUT",
     "LOCK_WAIT_TIMEOUT_S",
+    "NAMING_CONVENTION",
+    "TABLE_ARGS",
     "TransactionRunner",
+    "UtcDateTime",
     "make_engine",
     "mysql_errno",
 ]
 
 log = logging.getLogger("crm.store")
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+"""Constraint and index names of every service's MetaData (stable migration diffs)."""
+
+TABLE_ARGS: dict[str, Any] = {
+    "mysql_engine": "InnoDB",
+    "mysql_charset": "utf8mb4",
+    "mysql_collate": "utf8mb4_bin",
+}
+"""``__table_args__`` of every table: InnoDB, utf8mb4, binary collation."""
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """``DATETIME(6)`` with naive UTC in the database and aware UTC in Python."""
+
+    impl = mysql.DATETIME(fsp=6)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return None if value is None else value.replace(tzinfo=UTC)
+
 
 R = TypeVar("R")
 
@@ -48,12 +87,23 @@ _UNREACHABLE = frozenset({2003, 2006, 2013, 2055})
 
 
 def make_engine(
-    url: str, pool_size: int, lock_wait_timeout_s: int | None = LOCK_WAIT_TIMEOUT_S
+    url: str,
+    pool_size: int,
+    lock_wait_timeout_s: int | None = LOCK_WAIT_TIMEOUT_S,
+    *,
+    lean: bool = False,
 ) -> Engine:
     """An engine with a bounded pool (no overflow: the executor is sized like the pool).
 
     ``lock_wait_timeout_s`` sets the sessions' innodb_lock_wait_timeout (a blocked row lock
     fails fast and is retried by TransactionRunner); None keeps the server default.
+
+    ``lean`` drops two round trips per transaction: the pre-ping at checkout and the
+    ROLLBACK the pool sends when a connection is returned. Only for callers whose every
+    use ends its transaction itself (TransactionRunner, ``ping``). A connection the server
+    dropped is then noticed when used: SQLAlchemy invalidates the whole pool on that
+    error, so after a database restart one transaction fails (UNAVAILABLE, retryable)
+    instead of none.
     """
     connect_args: dict[str, object] = {"connect_timeout": 5, "charset": "utf8mb4"}
     if lock_wait_timeout_s is not None:
@@ -64,7 +114,8 @@ def make_engine(
         url,
         pool_size=pool_size,
         max_overflow=0,
-        pool_pre_ping=True,
+        pool_pre_ping=not lean,
+        pool_reset_on_return=None if lean else "rollback",
         pool_recycle=1800,
         pool_timeout=30,
         isolation_level="READ COMMITTED",

@@ -21,6 +21,9 @@ handlers are passed through unobserved: services use async handlers only.
 
 Client side, :func:`insecure_channel` builds a channel whose calls carry the current
 request id, so one id follows a request across services.
+
+With tracing on (:mod:`crm_common.tracing`, off by default) server calls run in a span
+continuing the caller's W3C ``traceparent`` and client calls inject theirs.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar, cast
 import grpc
 from grpc import aio
 
+from crm_common import tracing
+from crm_common.channels import DEFAULT_RETRY, RetryPolicy, channel_options
 from crm_common.errors import CrmError, to_rpc_status
 from crm_common.logs import method_var, request_id_var
 from crm_common.metrics import RpcMetrics
@@ -115,7 +120,11 @@ class ServerInterceptor(_ServerInterceptorBase):
             return None
         method = handler_call_details.method
         request_id = _incoming_request_id(handler_call_details.invocation_metadata)
-        return self._wrap(handler, method, request_id)
+        wrapped = self._wrap(handler, method, request_id)
+        if tracing.enabled():  # off: this one check is all tracing costs
+            metadata = handler_call_details.invocation_metadata
+            return tracing.trace_server_handler(wrapped, method, request_id, metadata)
+        return wrapped
 
     def _wrap(self, handler: _Handler, method: str, request_id: str) -> _Handler:
         behavior: Any
@@ -272,6 +281,8 @@ def _with_request_id(details: aio.ClientCallDetails) -> aio.ClientCallDetails:
 
 
 async def _proceed(continuation: Any, details: aio.ClientCallDetails, request: Any) -> Any:
+    if tracing.enabled():  # off: this one check is all tracing costs
+        return await tracing.trace_client_call(continuation, _with_request_id(details), request)
     return await continuation(_with_request_id(details), request)
 
 
@@ -315,11 +326,13 @@ def insecure_channel(
     options: Sequence[tuple[str, Any]] | None = None,
     interceptors: Sequence[Any] = (),
     compression: grpc.Compression | None = None,
+    retry: RetryPolicy | None = DEFAULT_RETRY,
 ) -> aio.Channel:
-    """A ``grpc.aio`` channel to ``target`` (``host:port``) propagating request ids."""
+    """A ``grpc.aio`` channel to ``target`` (``host:port``) propagating request ids, with
+    gRPC's own retries of UNAVAILABLE (``crm_common.channels``; ``retry=None``: off)."""
     return aio.insecure_channel(
         target,
-        options=options,
+        options=channel_options(retry, options or ()),
         compression=compression,
         interceptors=[*request_id_client_interceptors(), *interceptors],
     )

@@ -36,6 +36,7 @@ from grpc_reflection.v1alpha import reflection
 from crm_common.interceptors import ServerInterceptor
 from crm_common.metrics import RpcMetrics
 from crm_common.settings import ServiceSettings
+from crm_common.tracing import configure_tracing, shutdown_tracing
 
 __all__ = [
     "DEFAULT_SERVER_OPTIONS",
@@ -101,7 +102,8 @@ class GrpcServer:
     ``start()`` binds ``settings.host:port`` (``.port`` is the bound one), serves health
     (every name and ``""`` NOT_SERVING until all ``readiness_checks`` pass, rechecked
     every ``settings.readiness_interval_s``), reflection and ``/metrics``
-    (``.metrics_port``). ``stop()`` drains gracefully, then runs ``on_stop`` hooks.
+    (``.metrics_port``), and installs tracing when ``settings.tracing_exporter`` asks.
+    ``stop()`` drains gracefully, then runs ``on_stop`` hooks.
     The :class:`~crm_common.interceptors.ServerInterceptor` is always installed first,
     ahead of ``interceptors``.
     """
@@ -135,6 +137,7 @@ class GrpcServer:
         self._stop_task: asyncio.Task[None] | None = None
         self._ready = False
         self._last_state: tuple[bool, tuple[str, ...]] | None = None
+        self._owns_tracing = False
 
     @property
     def ready(self) -> bool:
@@ -146,6 +149,7 @@ class GrpcServer:
         readiness loop and the metrics HTTP server."""
         if self._server is not None:
             raise RuntimeError("server already started")
+        self._owns_tracing = configure_tracing(self.metrics.service, self.settings)
         server = aio.server(
             interceptors=[ServerInterceptor(self.metrics), *self._interceptors],
             options=self._options,
@@ -213,6 +217,8 @@ class GrpcServer:
             except Exception:
                 _log.exception("on_stop hook %r failed", hook)
         await asyncio.to_thread(self.metrics.stop_http_server)
+        if self._owns_tracing:  # flush the last spans
+            await asyncio.to_thread(shutdown_tracing)
         _log.info("stopped")
 
     async def run_until_signal(

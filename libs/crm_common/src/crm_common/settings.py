@@ -90,6 +90,24 @@ class ServiceSettings(BaseSettings):
         description="Name of this process in logs, leases and metrics (default host-pid).",
     )
 
+    tracing_exporter: Literal["none", "console", "otlp"] = Field(
+        default="none",
+        description="OpenTelemetry tracing of gRPC calls: none (off, no cost), console "
+        "(spans as JSON on stdout) or otlp (OTLP/gRPC to an OpenTelemetry Collector).",
+    )
+    tracing_otlp_endpoint: str = Field(
+        default="",
+        description="OTLP/gRPC endpoint of the collector (e.g. http://otel-collector:4317); "
+        "empty: the exporter's OTEL_EXPORTER_OTLP_* variables or its default.",
+    )
+    tracing_sample_ratio: float = Field(
+        default=1.0,
+        ge=0.0,
+        le=1.0,
+        description="Share of new traces sampled; a call continuing a trace follows the "
+        "caller's decision.",
+    )
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper_log_level(cls, value: object) -> object:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from prometheus_client import Gauge
 from sqlalchemy import Engine
 
 from crm_assignment import config
+from crm_assignment.api.auth import AgentAuth
 from crm_assignment.api.offers import OfferHub
 from crm_assignment.api.servicer import AssignmentServicer
 from crm_assignment.clients.bilog_outbox import OutboxRelay, watch_transitions
@@ -48,8 +50,16 @@ from crm_assignment.clients.recommendation import (
 from crm_assignment.clients.scheduler_timeouts import SchedulerOfferTimeouts
 from crm_assignment.clients.timeouts import LocalRecycleLoop, OfferTimeouts
 from crm_assignment.config import LineConfig, RoutingConfig
-from crm_assignment.domain.model import Clock, Offer, OutboxBacklog, Task, utc_now
+from crm_assignment.domain.model import (
+    BusinessLine,
+    Clock,
+    Offer,
+    OutboxBacklog,
+    Task,
+    utc_now,
+)
 from crm_assignment.domain.phone import PhoneProtector
+from crm_assignment.domain.token import TokenSigner
 from crm_assignment.settings import AssignmentSettings
 from crm_assignment.store import AssignmentStore, make_engine
 
@@ -63,15 +73,20 @@ SERVICE_NAME: str = assignment_pb2.DESCRIPTOR.services_by_name["AssignmentServic
 class RoutingSource:
     """The current RoutingConfig, rebuilt only when the watcher's snapshot changes."""
 
-    def __init__(self, watcher: ConfigWatcher[LineConfig]) -> None:
+    def __init__(
+        self, watcher: ConfigWatcher[LineConfig], *, require_line_config: bool = False
+    ) -> None:
         self._watcher = watcher
+        self._require = require_line_config
         self._snapshot: ConfigSnapshot[LineConfig] | None = None
-        self._current = RoutingConfig()
+        self._current = RoutingConfig(require_line_config=require_line_config)
 
     def __call__(self) -> RoutingConfig:
         snapshot = self._watcher.snapshot
         if snapshot is not self._snapshot:
-            self._current = RoutingConfig.from_values(snapshot.values, snapshot.revision)
+            self._current = RoutingConfig.from_values(
+                snapshot.values, snapshot.revision, require_line_config=self._require
+            )
             self._snapshot = snapshot
         return self._current
 
@@ -95,9 +110,16 @@ class App(ServiceApp):
     metrics: RpcMetrics
     recommendations: TaskRecommender = field(default_factory=NotConfigured)
     outbox: OutboxRelay | None = None
-    """Publishes task transitions to bilog (None when ``bilog_target`` is empty)."""
+    """Publishes task transitions, call records and presence changes to bilog (None when
+    ``bilog_target`` is empty)."""
 
     async def start(self) -> None:
+        if not self.settings.auth_token_secret:
+            log.warning(
+                "CRM_ASSIGNMENT_AUTH_TOKEN_SECRET is not set: console tokens are signed with "
+                "a random secret of this process; they will not survive a restart and other "
+                "replicas will not accept them"
+            )
         if self.settings.uses_dev_keys:
             log.warning(
                 "phone hash/encryption keys are the development defaults: set "
@@ -110,7 +132,7 @@ class App(ServiceApp):
         if self.outbox is not None:
             await self.outbox.start()
         else:
-            log.info("bilog_target is empty: task transitions are not sent to the BI log")
+            log.info("bilog_target is empty: BI events are not sent to the BI log")
 
     async def before_stop(self) -> None:
         """End the offer streams before the server drains (they would hold it open)."""
@@ -126,7 +148,8 @@ def build_app(
     """Assemble the service from its settings (no I/O). ``clock`` replaces the real clock
     (tests); ``engine`` replaces the one built from ``settings.database_url``."""
     clock = clock or utc_now
-    engine = engine or make_engine(settings.database_url, settings.db_pool_size)
+    # lean: every use goes through TransactionRunner (no pre-ping, no reset ROLLBACK)
+    engine = engine or make_engine(settings.database_url, settings.db_pool_size, lean=True)
     store = AssignmentStore(engine)
     executor = BlockingExecutor(settings.db_pool_size, name="crm-assignment-db")
     hub = OfferHub()
@@ -150,7 +173,11 @@ def build_app(
     def on_apply(snapshot: ConfigSnapshot[LineConfig]) -> None:
         log.info(
             "routing config applied",
-            extra={"config_revision": snapshot.revision, "lines": sorted(snapshot.values)},
+            extra={
+                "config_revision": snapshot.revision,
+                "lines": sorted(snapshot.values),
+                "open_lines": [line.name for line in BusinessLine if routing().is_open(line)],
+            },
         )
         hub.wake_all()
 
@@ -160,8 +187,9 @@ def build_app(
         config.parse,
         on_apply=on_apply,
         name="assignment-routing",
+        ack=settings.instance_name,  # rollouts and "which instances applied it"
     )
-    routing = RoutingSource(watcher)
+    routing = RoutingSource(watcher, require_line_config=settings.require_line_config)
     protector = PhoneProtector(settings.phone_hash_key_bytes, settings.phone_encryption_key_bytes)
 
     def on_recycled(tasks: list[Task]) -> None:
@@ -203,6 +231,8 @@ def build_app(
         else NotConfigured()
     )
     outbox, unwatch = _outbox(settings, store, executor, clock, engine, metrics)
+    secret = settings.auth_token_secret.encode() or secrets.token_bytes(32)
+    auth = AgentAuth(TokenSigner(secret), clock)
     servicer = AssignmentServicer(
         store=store,
         executor=executor,
@@ -216,6 +246,9 @@ def build_app(
         clue_batch_max=settings.clue_batch_max,
         recommendations=recommendations,
         on_recycled=on_recycled,
+        auth=auth,
+        token_ttl_s=settings.auth_token_ttl_s,
+        host_name=settings.host_name,
     )
 
     async def db_ready() -> None:
@@ -235,6 +268,7 @@ def build_app(
 
     async def close_resources() -> None:
         await servicer.clues.aclose()
+        await servicer.actions.aclose()
         await timeouts.stop()
         if outbox is not None:
             await outbox.stop()
@@ -306,22 +340,22 @@ def _outbox(
         return None, lambda: None
     published = PromCounter(
         "crm_assignment_outbox_published_total",
-        "Task transition events acknowledged by bilog.",
+        "BI events (transitions, calls, presence) acknowledged by bilog.",
         registry=metrics.registry,
     )
     rejected = PromCounter(
         "crm_assignment_outbox_rejected_total",
-        "Task transition events bilog rejected (left with task_event.publish_error).",
+        "BI events bilog rejected (left with publish_error in their outbox table).",
         registry=metrics.registry,
     )
     pending = Gauge(
         "crm_assignment_outbox_pending",
-        "Task transition events not yet published to bilog.",
+        "BI events not yet published to bilog.",
         registry=metrics.registry,
     )
     oldest_age = Gauge(
         "crm_assignment_outbox_oldest_age_seconds",
-        "Age of the oldest task transition event not yet published (0 when none).",
+        "Age of the oldest BI event (transition, call, presence) not yet published (0 when none).",
         registry=metrics.registry,
     )
 

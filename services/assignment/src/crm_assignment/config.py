@@ -7,7 +7,9 @@ Key layout (under the service's config prefix, e.g. ``/crm/config``)::
     <config_prefix>/assignment/FINANCE
 
 Each value is a :class:`LineConfig` (unknown fields are rejected); an absent key means the
-defaults. The watcher rejects an invalid value and keeps the last good one of that key.
+defaults, or, with the service setting ``require_line_config``, that the line is closed
+(it takes no clues and its agents get no offers). ``"enabled": false`` closes a line in
+either mode. The watcher rejects an invalid value and keeps the last good one of that key.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ class LineConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    enabled: bool = True
+    """False closes the line: CreateClue answers FAILED_PRECONDITION, agents get no offers."""
     accept_timeout_s: int = Field(default=30, ge=1, le=3600)
     """Seconds an agent has to accept an offer before the task is recycled."""
     merge_window_s: int = Field(default=86400, ge=0, le=MAX_MERGE_WINDOW_S)
@@ -90,17 +94,36 @@ def parse(key: str, raw: bytes) -> LineConfig:
 
 @dataclass(frozen=True, slots=True)
 class RoutingConfig:
-    """The effective configuration: one LineConfig per line (defaults where absent) and the
-    etcd revision it was applied at (0: nothing loaded yet)."""
+    """The effective configuration: one LineConfig per line (defaults where absent), the
+    etcd revision it was applied at (0: nothing loaded yet) and whether a line needs its
+    key to be open (``require_line_config``)."""
 
     lines: Mapping[BusinessLine, LineConfig] = field(default_factory=lambda: MappingProxyType({}))
     version: int = 0
+    require_line_config: bool = False
 
     def line(self, line: BusinessLine) -> LineConfig:
         return self.lines.get(line, _DEFAULT_LINE)
 
+    def is_open(self, line: BusinessLine) -> bool:
+        """Whether the line takes clues and dispatches (see module doc)."""
+        cfg = self.lines.get(line)
+        if cfg is None:
+            return not self.require_line_config
+        return cfg.enabled
+
     @classmethod
-    def from_values(cls, values: Mapping[str, LineConfig], version: int) -> RoutingConfig:
+    def from_values(
+        cls,
+        values: Mapping[str, LineConfig],
+        version: int,
+        *,
+        require_line_config: bool = False,
+    ) -> RoutingConfig:
         """From a watcher snapshot's values (keys are line names)."""
         lines = {BusinessLine[k]: v for k, v in values.items() if k in BusinessLine.__members__}
-        return cls(lines=MappingProxyType(lines), version=version)
+        return cls(
+            lines=MappingProxyType(lines),
+            version=version,
+            require_line_config=require_line_config,
+        )

@@ -121,8 +121,10 @@ class AssignmentSettings(ServiceSettings):
     bilog_target: str = Field(
         default="",
         description="host:port of the bilog service: every task transition (task_event "
-        "row, the outbox) is sent to it as a crm.bi.TaskTransition event; empty: not sent "
-        "(the rows stay unpublished and go out once it is set).",
+        "row) is sent to it as a crm.bi.TaskTransition event, every call record and "
+        "presence change (bi_outbox row) as a crm.bi.FactCallRecord / "
+        "crm.bi.AgentPresenceChanged event; empty: not sent (the rows stay unpublished "
+        "and go out once it is set).",
     )
     bilog_timeout_s: float = Field(
         default=5.0, gt=0, le=120, description="Deadline of one LogBatch call of the outbox."
@@ -144,6 +146,40 @@ class AssignmentSettings(ServiceSettings):
         description="Longest wait between retries while bilog (or the database) fails "
         "(exponential back-off from 0.2 s).",
     )
+
+    require_line_config: bool = Field(
+        default=False,
+        description="When true, a business line is open only while its routing config key "
+        "<config_prefix>/assignment/<LINE> exists in etcd (and does not say "
+        '"enabled": false): CreateClue for a closed line answers FAILED_PRECONDITION '
+        "and its agents get no offers; putting the key opens the line live. When false, "
+        'a line without a key uses the defaults (only "enabled": false closes it).',
+    )
+    auth_token_secret: str = Field(
+        default="",
+        description="HMAC secret signing the agents' console tokens (SignIn), at least 16 "
+        "characters; empty: a random secret per process (logged as a warning: tokens do "
+        "not survive a restart and are not accepted by other replicas).",
+        repr=False,
+    )
+    auth_token_ttl_s: int = Field(
+        default=43200,
+        ge=60,
+        le=7 * 86400,
+        description="Lifetime of a console token (SignIn), and the longest one may ask for.",
+    )
+    host_name: str = Field(
+        default="",
+        description="Host name written in the BI call records' operator_header.http_host; "
+        "empty: this machine's host name (the pod name on Kubernetes).",
+    )
+
+    @field_validator("auth_token_secret")
+    @classmethod
+    def _check_secret(cls, value: str) -> str:
+        if value and len(value) < 16:
+            raise ValueError("must be empty or at least 16 characters")
+        return value
 
     @field_validator("phone_encryption_key")
     @classmethod

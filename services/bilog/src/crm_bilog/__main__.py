@@ -1,4 +1,4 @@
-"""``python -m crm_bilog [serve|migrate|registry|sink|replay]``: the one entry point.
+"""``python -m crm_bilog [serve|migrate|registry|sink|replay|kpi]``: the one entry point.
 
 - ``serve`` (default): the gRPC intake service until SIGTERM/SIGINT.
 - ``migrate``: upgrade the dev registry's database schema and exit.
@@ -6,6 +6,8 @@
   (``--migrate`` first upgrades its database).
 - ``sink``: the file sink (consumer group) until SIGTERM/SIGINT.
 - ``replay``: re-submit bad rows of the failed-events topic after a fix.
+- ``kpi``: the realtime KPI consumer (Prometheus metrics per business line, gRPC health)
+  until SIGTERM/SIGINT.
 
 Settings come from ``CRM_BILOG_*`` environment variables (see ``settings.py``).
 """
@@ -41,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument("--from-beginning", action="store_true", help="ignore committed offsets")
     replay.add_argument("--schema", help="only bad rows of this schema (full name)")
     replay.add_argument("--dry-run", action="store_true", help="validate only; produce nothing")
+    sub.add_parser("kpi", help="run the realtime KPI consumer (Prometheus metrics)")
     return parser
 
 
@@ -79,6 +82,12 @@ async def run_registry(settings: BilogSettings) -> None:
         await server.stop()
         await executor.aclose()
         engine.dispose()
+
+
+async def run_kpi(settings: BilogSettings) -> None:
+    from crm_bilog.kpi.app import build_kpi_app
+
+    await build_kpi_app(settings).run_until_signal()
 
 
 def sink_topics(settings: BilogSettings) -> list[str]:
@@ -130,6 +139,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if command == "sink":
         run_sink(settings)
+        return 0
+    if command == "kpi":
+        asyncio.run(run_kpi(settings))
         return 0
     if command == "replay":
         from crm_bilog.replay import replay

@@ -129,6 +129,38 @@ class BilogSettings(ServiceSettings):
         "about half of it on Tansu).",
     )
 
+    # -- realtime KPIs (python -m crm_bilog kpi) --------------------------------------------
+    kpi_port: int = Field(
+        default=50056, ge=0, le=65535, description="gRPC health port of the KPI consumer."
+    )
+    kpi_metrics_port: int = Field(
+        default=9156,
+        ge=-1,
+        le=65535,
+        description="Prometheus /metrics port of the KPI consumer (the KPIs); -1 disables it.",
+    )
+    kpi_group_id: str = Field(default="crm-bilog-kpi", description="KPI consumer group id.")
+    kpi_retention_s: float = Field(
+        default=86_400.0,
+        gt=0,
+        description="Event time a finished task (and a call, a bad row) is remembered to "
+        "dedupe replays; older events of forgotten tasks are dropped as late.",
+    )
+    kpi_window_s: float = Field(
+        default=900.0,
+        gt=0,
+        description="Event-time window of the offer / recycle gauges (the recycle rate).",
+    )
+    kpi_max_call_tags: int = Field(
+        default=50,
+        ge=0,
+        description="Distinct call tags labelled per business line; further tags count "
+        'as "other" (bounded cardinality).',
+    )
+    kpi_session_timeout_ms: int = Field(
+        default=10_000, ge=1000, description="KPI consumer session.timeout.ms."
+    )
+
     @property
     def pii_hash_key_bytes(self) -> bytes:
         return self.pii_hash_key.encode()

@@ -131,6 +131,7 @@ def build_app(
         config.parse,
         on_apply=on_apply,
         name="recommendation-ranking",
+        ack=settings.instance_name,  # rollouts and "which instances applied it"
     )
     ranking = RankingSource(watcher)
     servicer = RecommendationServicer(

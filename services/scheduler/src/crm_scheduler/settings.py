@@ -81,8 +81,34 @@ class SchedulerSettings(ServiceSettings):
         le=10,
         description="How often the pump looks for due jobs and expired leases when idle.",
     )
+    pump_lead_s: float = Field(
+        default=0.25,
+        ge=0,
+        le=5,
+        description="The pump hands a job to the workers up to this long before it is due; "
+        "the worker claims it on receipt (RUNNING: from then on Cancel answers "
+        "FAILED_PRECONDITION) and starts the call at the due time, never before. Hides the "
+        "hand-over (commits, Redis, Celery) from the lateness; 0: hand over when due.",
+    )
+    pump_coalesce_s: float = Field(
+        default=0.05,
+        ge=0,
+        le=1,
+        description="When the next job comes within the lead sooner than `pump_poll_s`, the "
+        "pump wakes up then, but not sooner than this after its last tick: jobs due this "
+        "close together travel in one message (fewer, fuller messages).",
+    )
     pump_batch: int = Field(
         default=500, ge=1, le=5000, description="Jobs moved per pump transaction."
+    )
+    pump_message_jobs: int = Field(
+        default=50,
+        ge=1,
+        le=1000,
+        description="Most jobs in one Celery message. The jobs of a pump transaction are "
+        "split evenly into as few messages as this allows; a worker claims, calls (all at "
+        "once) and records a message's jobs together, so Celery's and MySQL's cost per "
+        "message is shared by its jobs. 1: one message per job.",
     )
     pump_max_in_flight: int = Field(
         default=2000,
@@ -118,7 +144,11 @@ class SchedulerSettings(ServiceSettings):
         "every job), `solo`, or `prefork` (metrics then miss the child processes).",
     )
     worker_concurrency: int = Field(
-        default=8, ge=1, le=256, description="Jobs one worker process runs at once."
+        default=8,
+        ge=1,
+        le=256,
+        description="Messages one worker process runs at once (each of up to "
+        "`pump_message_jobs` jobs whose calls run concurrently).",
     )
     worker_health_port: int = Field(
         default=50055, ge=0, le=65535, description="gRPC health port of a worker."

@@ -10,6 +10,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from crm_assignment.domain.model import (
     Agent,
+    CallRecord,
     Clue,
     Customer,
     Offer,
@@ -20,6 +21,7 @@ from crm_assignment.domain.model import (
 
 __all__ = [
     "agent_pb",
+    "call_pb",
     "clue_pb",
     "customer_pb",
     "from_timestamp",
@@ -139,4 +141,20 @@ def queue_stats_pb(s: QueueStats) -> pb.QueueStatsResponse:
             )
             for p in s.agents
         ],
+    )
+
+
+def call_pb(c: CallRecord) -> pb.CallRecord:
+    return pb.CallRecord(
+        id=c.id,
+        call_id=c.call_id,
+        task_id=c.task_id,
+        agent_id=c.agent_id,
+        call_type=pb.CallType.ValueType(int(c.call_type)),
+        provider=pb.TelephonyProvider.ValueType(int(c.provider)),
+        started_at=timestamp(c.started_at),
+        duration_seconds=c.duration_s,
+        outcome=pb.CallOutcome.ValueType(int(c.outcome)),
+        note=c.note,
+        recorded_at=timestamp(c.recorded_at),
     )

@@ -10,7 +10,10 @@ Who is woken:
 - a task entering a line's queue (new or merged clue, reject, timeout) wakes *one*
   waiting stream of that line, the one waiting longest (so the longest-idle agent looks
   first), handing it a baton: if it finds nothing it can take (skills, capacity) it wakes
-  the next waiting stream, at most once around the line. Waking every stream of the line
+  the next waiting stream, at most once around the line, unless the store saw no task
+  waiting in the line at all (taken meanwhile by another stream, e.g. the one of an agent
+  who just completed a task: passing on would only cost a dispatch transaction per
+  stream). Waking every stream of the line
   instead would cost one dispatch transaction per connected agent per new task. When no
   stream of the line is waiting (all are busy asking the store), the wake-up is kept and
   the next stream that would wait goes round once more instead;
@@ -142,10 +145,12 @@ class OfferHub:
             if waiting.get(stream.agent_id) is stream:
                 del waiting[stream.agent_id]
 
-    def found_nothing(self, stream: OfferStream) -> None:
-        """The stream asked the store and got no offer: pass its baton on, if any."""
+    def found_nothing(self, stream: OfferStream, line_empty: bool = False) -> None:
+        """The stream asked the store and got no offer: pass its baton on, if any, unless
+        nothing waits in the line at all (``line_empty``: the task that woke it was taken
+        by another stream, so every other stream would find nothing too)."""
         hops, stream.baton = stream.baton, 0
-        if hops > 1:
+        if hops > 1 and not line_empty:
             self._wake_waiting(stream.line, hops - 1)
 
     # ------------------------------------------------------------------ wake-ups

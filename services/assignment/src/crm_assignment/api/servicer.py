@@ -9,25 +9,48 @@ interceptor turns them into statuses with field details.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import socket
 from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from crm.assignment.v1 import assignment_pb2 as pb
 from crm.assignment.v1 import assignment_pb2_grpc
 from crm_common.aio import BlockingExecutor
-from crm_common.errors import Aborted, Unavailable, Validator
+from crm_common.errors import (
+    Aborted,
+    FailedPrecondition,
+    NotFound,
+    PermissionDenied,
+    PreconditionViolation,
+    Unavailable,
+    Validator,
+)
+from crm_common.logs import request_id_var
 
 from crm_assignment.api import convert, validation
+from crm_assignment.api.action_batcher import ActionBatcher
+from crm_assignment.api.auth import AgentAuth
 from crm_assignment.api.clue_batcher import ClueBatcher
 from crm_assignment.api.offers import OfferHub
 from crm_assignment.clients.recommendation import NotConfigured, TaskRecommender
 from crm_assignment.clients.timeouts import OfferTimeouts
 from crm_assignment.config import RoutingConfig
-from crm_assignment.domain.model import WAITING_STATUSES, Clock, Offer, Presence, Task
+from crm_assignment.domain import rules
+from crm_assignment.domain.model import (
+    WAITING_STATUSES,
+    BusinessLine,
+    Clock,
+    Offer,
+    Presence,
+    Task,
+)
 from crm_assignment.domain.paging import Cursor
 from crm_assignment.domain.phone import PhoneProtector
-from crm_assignment.store import AssignmentStore
+from crm_assignment.store import AssignmentStore, NoOffer
+from crm_assignment.store.repository import ActionKind, TaskAction
 
 if TYPE_CHECKING:
     from grpc import aio
@@ -59,9 +82,13 @@ class AssignmentServicer(assignment_pb2_grpc.AssignmentServiceServicer):
         clue_batch_max: int = 64,
         recommendations: TaskRecommender | None = None,
         on_recycled: Callable[[list[Task]], None] | None = None,
+        auth: AgentAuth,
+        token_ttl_s: int = 43200,
+        host_name: str = "",
     ) -> None:
         self._store = store
         self.clues = ClueBatcher(store, executor, clue_batch_max)
+        self.actions = ActionBatcher(store, executor, clue_batch_max)
         self._run = executor.run
         self._clock = clock
         self._routing = routing
@@ -72,14 +99,20 @@ class AssignmentServicer(assignment_pb2_grpc.AssignmentServiceServicer):
         self._recommendations = recommendations or NotConfigured()
         self._on_offer = on_offer
         self._on_recycled = on_recycled
+        self._auth = auth
+        self._token_ttl_s = token_ttl_s
+        self._host = host_name or socket.gethostname()
 
     # ------------------------------------------------------------------ clues & reads
 
     async def CreateClue(
         self, request: pb.CreateClueRequest, context: Context
     ) -> pb.CreateClueResponse:
+        self._auth.require_service(context, "CreateClue")
         clue = validation.new_clue(request, self._protector)
-        cfg = self._routing().line(clue.business_line)
+        routing = self._routing()
+        _check_line_open(routing.is_open(clue.business_line), clue.business_line)
+        cfg = routing.line(clue.business_line)
         now = self._clock()
         result = await self.clues.submit(clue, now, cfg)  # group commit with concurrent calls
         task = result.task
@@ -92,9 +125,12 @@ class AssignmentServicer(assignment_pb2_grpc.AssignmentServiceServicer):
         )
 
     async def GetTask(self, request: pb.GetTaskRequest, context: Context) -> pb.GetTaskResponse:
+        caller = self._auth.caller(context)
         with Validator() as v:
             validation.positive_id(v, request.id, "id")
         d = await self._run(self._store.get_task, request.id)
+        if caller is not None and not rules.visible_to_agent(d, caller):
+            raise NotFound(f"task {request.id} not found")  # existence not revealed
         # After the database work (no connection held): a short deadline, never raises.
         recommendations = await self._recommendations.for_task(d)
         return pb.GetTaskResponse(
@@ -103,12 +139,21 @@ class AssignmentServicer(assignment_pb2_grpc.AssignmentServiceServicer):
             clues=[convert.clue_pb(c) for c in d.clues],
             history=[convert.task_event_pb(e) for e in d.history],
             recommendations=recommendations,
+            calls=[convert.call_pb(c) for c in d.calls],
         )
 
     async def ListTasks(
         self, request: pb.ListTasksRequest, context: Context
     ) -> pb.ListTasksResponse:
+        caller = self._auth.caller(context)
         q = validation.list_query(request)
+        if caller is not None:  # an agent lists only its own tasks
+            if q.filter.agent_id not in (None, caller):
+                raise PermissionDenied(
+                    f"signed in as agent {caller}: cannot list agent {q.filter.agent_id}'s tasks",
+                    reason="NOT_THIS_AGENT",
+                )
+            q = dataclasses.replace(q, filter=dataclasses.replace(q.filter, agent_id=caller))
         tasks, more = await self._run(self._store.list_tasks, q.filter, q.page_size, q.after)
         response = pb.ListTasksResponse(tasks=[convert.task_pb(t) for t in tasks])
         if more and tasks:
@@ -130,6 +175,7 @@ class AssignmentServicer(assignment_pb2_grpc.AssignmentServiceServicer):
     async def UpsertAgent(
         self, request: pb.UpsertAgentRequest, context: Context
     ) -> pb.UpsertAgentResponse:
+        self._auth.require_service(context, "UpsertAgent")
         spec = validation.agent_spec(request)
         agent, created = await self._run(self._store.upsert_agent, spec, self._clock())
         self._hub.wake_agent(agent.id, agent.business_line)
@@ -138,6 +184,7 @@ class AssignmentServicer(assignment_pb2_grpc.AssignmentServiceServicer):
     async def GetAgent(self, request: pb.GetAgentRequest, context: Context) -> pb.GetAgentResponse:
         with Validator() as v:
             validation.positive_id(v, request.id, "id")
+        self._auth.require_self(context, request.id)
         agent = await self._run(self._store.get_agent, request.id)
         return pb.GetAgentResponse(agent=convert.agent_pb(agent))
 
@@ -147,6 +194,7 @@ class AssignmentServicer(assignment_pb2_grpc.AssignmentServiceServicer):
         with Validator() as v:
             validation.positive_id(v, request.agent_id, "agent_id")
             presence = validation.presence(v, request.presence, "presence")
+        self._auth.require_self(context, request.agent_id)
         assert presence is not None
         agent = await self._run(self._store.set_presence, request.agent_id, presence, self._clock())
         if presence is Presence.IDLE:
@@ -156,6 +204,7 @@ class AssignmentServicer(assignment_pb2_grpc.AssignmentServiceServicer):
     async def SetCustomerStar(
         self, request: pb.SetCustomerStarRequest, context: Context
     ) -> pb.SetCustomerStarResponse:
+        self._auth.require_service(context, "SetCustomerStar")
         with Validator() as v:
             validation.positive_id(v, request.customer_id, "customer_id")
         customer = await self._run(
@@ -170,6 +219,7 @@ class AssignmentServicer(assignment_pb2_grpc.AssignmentServiceServicer):
     ) -> AsyncIterator[pb.StreamOffersResponse]:
         with Validator() as v:
             validation.positive_id(v, request.agent_id, "agent_id")
+        self._auth.require_self(context, request.agent_id)
         agent_id = request.agent_id
         agent = await self._run(self._store.get_agent, agent_id)  # NOT_FOUND if unknown
         if self._hub.closing:
@@ -190,10 +240,10 @@ class AssignmentServicer(assignment_pb2_grpc.AssignmentServiceServicer):
                     raise Unavailable("the server is shutting down", reason="SHUTTING_DOWN")
                 stream.arm()
                 offer = await self._run(
-                    self._store.offer_next, agent_id, self._clock(), self._routing()
+                    self._store.dispatch, agent_id, self._clock(), self._routing()
                 )
-                if offer is None:
-                    self._hub.found_nothing(stream)
+                if isinstance(offer, NoOffer):
+                    self._hub.found_nothing(stream, line_empty=offer is NoOffer.LINE_EMPTY)
                     await self._hub.wait(stream, self._poll_s)
                     continue
                 stream.baton = 0
@@ -223,7 +273,10 @@ class AssignmentServicer(assignment_pb2_grpc.AssignmentServiceServicer):
         with Validator() as v:
             validation.positive_id(v, request.task_id, "task_id")
             validation.positive_id(v, request.agent_id, "agent_id")
-        task = await self._run(self._store.accept, request.task_id, request.agent_id, self._clock())
+        self._auth.require_self(context, request.agent_id)
+        task = await self.actions.submit(  # group commit with concurrent task actions
+            TaskAction(ActionKind.ACCEPT, request.task_id, request.agent_id, "", self._clock())
+        )
         return pb.AcceptTaskResponse(task=convert.task_pb(task))
 
     async def RejectTask(
@@ -233,6 +286,7 @@ class AssignmentServicer(assignment_pb2_grpc.AssignmentServiceServicer):
             validation.positive_id(v, request.task_id, "task_id")
             validation.positive_id(v, request.agent_id, "agent_id")
             validation.reason_text(v, request.reason, "reason", required=False)
+        self._auth.require_self(context, request.agent_id)
         task = await self._run(
             self._store.reject, request.task_id, request.agent_id, request.reason, self._clock()
         )
@@ -253,9 +307,22 @@ class AssignmentServicer(assignment_pb2_grpc.AssignmentServiceServicer):
                 if request.HasField("revisit_at")
                 else None
             )
-        task, revisit = await self._run(
-            self._store.complete, request.task_id, request.agent_id, request.note, revisit_at, now
-        )
+        self._auth.require_self(context, request.agent_id)
+        revisit: Task | None = None
+        if revisit_at is None:  # group commit with concurrent task actions
+            action = TaskAction(
+                ActionKind.COMPLETE, request.task_id, request.agent_id, request.note, now
+            )
+            task = await self.actions.submit(action)
+        else:
+            task, revisit = await self._run(
+                self._store.complete,
+                request.task_id,
+                request.agent_id,
+                request.note,
+                revisit_at,
+                now,
+            )
         self._hub.wake_agent(request.agent_id)  # capacity freed
         response = pb.CompleteTaskResponse(task=convert.task_pb(task))
         if revisit is not None:
@@ -268,8 +335,11 @@ class AssignmentServicer(assignment_pb2_grpc.AssignmentServiceServicer):
             validation.positive_id(v, request.task_id, "task_id")
             validation.positive_id(v, request.agent_id, "agent_id")
             validation.reason_text(v, request.reason, "reason", required=True)
-        task = await self._run(
-            self._store.fail, request.task_id, request.agent_id, request.reason, self._clock()
+        self._auth.require_self(context, request.agent_id)
+        task = await self.actions.submit(
+            TaskAction(
+                ActionKind.FAIL, request.task_id, request.agent_id, request.reason, self._clock()
+            )
         )
         self._hub.wake_agent(request.agent_id)  # capacity freed
         return pb.FailTaskResponse(task=convert.task_pb(task))
@@ -280,6 +350,7 @@ class AssignmentServicer(assignment_pb2_grpc.AssignmentServiceServicer):
         self, request: pb.ExpireOfferRequest, context: Context
     ) -> pb.ExpireOfferResponse:
         """Called by the scheduler at an offer's deadline; idempotent (see the proto)."""
+        self._auth.require_service(context, "ExpireOffer")
         with Validator() as v:
             validation.positive_id(v, request.task_id, "task_id")
             validation.positive_id(v, request.offer_event_id, "offer_event_id")
@@ -303,6 +374,7 @@ class AssignmentServicer(assignment_pb2_grpc.AssignmentServiceServicer):
         self, request: pb.WakeRevisitRequest, context: Context
     ) -> pb.WakeRevisitResponse:
         """Called by the scheduler when a revisit is due: wake its line's offer streams."""
+        self._auth.require_service(context, "WakeRevisit")
         with Validator() as v:
             validation.positive_id(v, request.task_id, "task_id")
         task = await self._run(self._store.find_task, request.task_id)
@@ -318,6 +390,7 @@ class AssignmentServicer(assignment_pb2_grpc.AssignmentServiceServicer):
     async def CancelTask(
         self, request: pb.CancelTaskRequest, context: Context
     ) -> pb.CancelTaskResponse:
+        self._auth.require_service(context, "CancelTask")
         with Validator() as v:
             validation.positive_id(v, request.task_id, "task_id")
             validation.reason_text(v, request.reason, "reason", required=True)
@@ -325,3 +398,58 @@ class AssignmentServicer(assignment_pb2_grpc.AssignmentServiceServicer):
         if task.agent_id is not None:
             self._hub.wake_agent(task.agent_id)  # a cancelled offer frees capacity
         return pb.CancelTaskResponse(task=convert.task_pb(task))
+
+    # ------------------------------------------------------------------ calls & sign-in
+
+    async def RecordCall(
+        self, request: pb.RecordCallRequest, context: Context
+    ) -> pb.RecordCallResponse:
+        call = validation.new_call(request, self._clock())
+        self._auth.require_self(context, request.agent_id)
+        result = await self._run(
+            self._store.record_call, call, self._clock(), self._host, request_id_var.get() or ""
+        )
+        if not result.replayed:
+            log.info(
+                "call recorded",
+                extra={
+                    "task_id": call.task_id,
+                    "agent_id": call.agent_id,
+                    "outcome": call.outcome.name,
+                },
+            )
+        return pb.RecordCallResponse(call=convert.call_pb(result.call), replayed=result.replayed)
+
+    async def SignIn(self, request: pb.SignInRequest, context: Context) -> pb.SignInResponse:
+        with Validator() as v:
+            validation.positive_id(v, request.agent_id, "agent_id")
+            v.require(
+                0 <= request.ttl_seconds <= self._token_ttl_s,
+                "ttl_seconds",
+                f"must be 0..{self._token_ttl_s}",
+            )
+        self._auth.require_self(context, request.agent_id)  # a token may renew itself only
+        agent = await self._run(self._store.get_agent, request.agent_id)  # NOT_FOUND
+        expires_at = self._clock().replace(microsecond=0) + timedelta(
+            seconds=request.ttl_seconds or self._token_ttl_s
+        )
+        token = self._auth.signer.issue(agent.id, expires_at)
+        log.info("agent signed in", extra={"agent_id": agent.id})
+        return pb.SignInResponse(
+            token=token, expires_at=convert.timestamp(expires_at), agent=convert.agent_pb(agent)
+        )
+
+
+def _check_line_open(is_open: bool, line: BusinessLine) -> None:
+    if not is_open:
+        message = (
+            f"business line {line.name} is closed: it has no enabled routing config "
+            f"(<config_prefix>/assignment/{line.name})"
+        )
+        raise FailedPrecondition(
+            message,
+            violations=[
+                PreconditionViolation("LINE_CLOSED", f"business_line/{line.name}", message)
+            ],
+            reason="LINE_CLOSED",
+        )

@@ -11,6 +11,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import TypeVar
 
 from crm.assignment.v1 import assignment_pb2 as pb
 from crm_common.errors import InvalidArgument, Validator
@@ -20,11 +21,15 @@ from crm_assignment.api.convert import from_timestamp
 from crm_assignment.domain.model import (
     AgentSpec,
     BusinessLine,
+    CallOutcome,
+    CallType,
     Category,
+    NewCall,
     NewClue,
     Presence,
     Status,
     TaskFilter,
+    TelephonyProvider,
 )
 from crm_assignment.domain.paging import (
     DEFAULT_PAGE_SIZE,
@@ -34,12 +39,13 @@ from crm_assignment.domain.paging import (
     filter_hash,
 )
 from crm_assignment.domain.phone import PhoneProtector, normalize_phone
-from crm_assignment.domain.rules import clue_request_hash
+from crm_assignment.domain.rules import call_request_hash, clue_request_hash
 
 __all__ = [
     "ListQuery",
     "agent_spec",
     "list_query",
+    "new_call",
     "new_clue",
     "optional_line",
     "positive_id",
@@ -56,10 +62,14 @@ MAX_BRAND_CHARS = 32
 MAX_AGENT_LIST = 50
 MAX_STATUSES = 16
 MAX_REVISIT_AHEAD = timedelta(days=366)
+MAX_CALL_AHEAD = timedelta(minutes=5)
+MAX_CALL_AGE = timedelta(days=366)
+MAX_CALL_SECONDS = 86400
 # Timestamps accepted in requests: 1970-01-01 .. 9999-12-31 (DATETIME range, no negatives).
 _MIN_SECONDS = 0
 _MAX_SECONDS = 253402300799
 INT64_MAX = 2**63 - 1
+T = TypeVar("T")
 
 
 def _printable_ascii(s: str) -> bool:
@@ -170,14 +180,90 @@ def revisit_time(v: Validator, ts: Timestamp, field: str, now: datetime) -> date
     return at
 
 
+def _key(v: Validator, key: str, field: str) -> None:
+    if 1 <= len(key) <= 128:
+        v.require(_printable_ascii(key), field, "must be printable ASCII")
+    else:
+        v.add(field, "must be 1..128 characters")
+
+
+def _enum_value(v: Validator, value: int, field: str, cls: type[T]) -> T | None:
+    if value == 0:
+        v.add(field, "must be set")
+        return None
+    if value not in cls._value2member_map_:  # type: ignore[attr-defined]
+        v.add(field, "is not a known value")
+        return None
+    return cls(value)  # type: ignore[call-arg]
+
+
+def _call_start(v: Validator, req: pb.RecordCallRequest, now: datetime) -> datetime | None:
+    if not v.require(req.HasField("started_at"), "started_at", "must be set"):
+        return None
+    at = _timestamp(v, req.started_at, "started_at")
+    if at is None:
+        return None
+    if not v.require(at <= now + MAX_CALL_AHEAD, "started_at", "must not be in the future"):
+        return None
+    if not v.require(at >= now - MAX_CALL_AGE, "started_at", "must be at most a year ago"):
+        return None
+    return at
+
+
+def new_call(req: pb.RecordCallRequest, now: datetime) -> NewCall:
+    """Validate a RecordCall request (an unset call type is CALLOUT)."""
+    v = Validator()
+    _key(v, req.call_id, "call_id")
+    positive_id(v, req.task_id, "task_id")
+    positive_id(v, req.agent_id, "agent_id")
+    call_type = CallType.CALLOUT
+    if req.call_type != 0:
+        call_type = _enum_value(v, req.call_type, "call_type", CallType) or CallType.CALLOUT
+    provider = _enum_value(v, req.provider, "provider", TelephonyProvider)
+    outcome = _enum_value(v, req.outcome, "outcome", CallOutcome)
+    started_at = _call_start(v, req, now)
+    v.require(
+        0 <= req.duration_seconds <= MAX_CALL_SECONDS,
+        "duration_seconds",
+        f"must be 0..{MAX_CALL_SECONDS}",
+    )
+    reason_text(v, req.note, "note", required=False)
+    v.check()
+    assert provider is not None
+    assert outcome is not None
+    assert started_at is not None
+    started_us = (started_at - datetime(1970, 1, 1, tzinfo=started_at.tzinfo)) // timedelta(
+        microseconds=1
+    )
+    request_hash = call_request_hash(
+        task_id=req.task_id,
+        agent_id=req.agent_id,
+        call_type=int(call_type),
+        provider=int(provider),
+        started_at_us=started_us,
+        duration_s=req.duration_seconds,
+        outcome=int(outcome),
+        note=req.note,
+    )
+    return NewCall(
+        call_id=req.call_id,
+        task_id=req.task_id,
+        agent_id=req.agent_id,
+        call_type=call_type,
+        provider=provider,
+        started_at=started_at,
+        duration_s=req.duration_seconds,
+        outcome=outcome,
+        note=req.note,
+        request_hash=request_hash,
+    )
+
+
 def new_clue(req: pb.CreateClueRequest, protector: PhoneProtector) -> NewClue:
     """Validate and normalize a CreateClue request; the phone leaves here protected."""
     v = Validator()
     key = req.idempotency_key
-    if 1 <= len(key) <= 128:
-        v.require(_printable_ascii(key), "idempotency_key", "must be printable ASCII")
-    else:
-        v.add("idempotency_key", "must be 1..128 characters")
+    _key(v, key, "idempotency_key")
     digits = normalize_phone(req.phone) if len(req.phone) <= 64 else None
     v.require(digits is not None, "phone", "must be 7..15 digits with an optional leading '+'")
     line = _line(v, req.business_line, "business_line", required=True)

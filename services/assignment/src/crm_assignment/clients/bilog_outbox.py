@@ -1,11 +1,18 @@
-"""The transactional outbox of BI events: every task transition reaches the BI log.
+"""The transactional outbox of BI events: every task transition, call record and presence
+change reaches the BI log.
 
-Every transition already writes its ``task_event`` row in the transaction that changes
-the task; those rows are the outbox. :class:`OutboxRelay` (one background task per
-replica, started when ``bilog_target`` is set) reads the unpublished rows in id order,
-sends them as ``crm.bi.TaskTransition`` events in one ``LogBatch`` to the bilog service
-(which answers per event, and accepts an event only once Kafka acknowledged it), then
-sets ``published_at`` on the accepted rows. So:
+Two tables are the outbox, both written in the transaction of the change:
+
+- ``task_event``: every transition already writes its audit row there; it goes out as a
+  ``crm.bi.TaskTransition`` (payload built here, :func:`transition_payload`);
+- ``bi_outbox``: the other events with their payload ready (``crm.bi.FactCallRecord``
+  from RecordCall, ``crm.bi.AgentPresenceChanged`` from SetPresence; see
+  ``domain/bi_events``), each row naming its schema.
+
+:class:`OutboxRelay` (one background task per replica, started when ``bilog_target`` is
+set) drains each table in turn: reads its unpublished rows in id order, sends them in one
+``LogBatch`` to the bilog service (which answers per event, and accepts an event only once
+Kafka acknowledged it), then sets ``published_at`` on the accepted rows. So:
 
 - nothing is lost: a row stays unpublished until bilog acknowledged it; a crash between
   the acknowledgement and the update sends it again (delivery is at-least-once);
@@ -13,9 +20,10 @@ sets ``published_at`` on the accepted rows. So:
   is retried unchanged after an exponential, capped back-off;
 - an event bilog *rejects* (its answer for that event is the per-event form of
   INVALID_ARGUMENT: field paths and reasons) gets ``publish_error`` and is skipped, so a
-  schema mismatch cannot block the outbox forever; bilog keeps a copy of it on its
-  failed-events topic, and clearing ``publish_error`` (``UPDATE task_event SET
-  publish_error = NULL WHERE published_at IS NULL``) sends it again.
+  schema mismatch cannot block the outbox forever (nor the other table's events); bilog
+  keeps a copy of it on its failed-events topic, and clearing ``publish_error`` (``UPDATE
+  task_event SET publish_error = NULL WHERE published_at IS NULL``, the same for
+  ``bi_outbox``) sends it again.
 
 Consumers dedupe on ``(task_id, at, from_status, to_status)``: the TaskTransition schema
 has no event id field (the Kafka key is ``business_line:task_id``, so one task's events
@@ -37,7 +45,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -66,6 +75,7 @@ SCHEMA = "crm.bi.TaskTransition"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
 _FLAG = "crm_task_events_written"
+_OUTBOX_INSERTS = ("INSERT INTO TASK_EVENT", "INSERT INTO BI_OUTBOX")
 
 
 def transition_payload(ev: OutboxEvent) -> dict[str, Any]:
@@ -92,10 +102,11 @@ def rejection_text(result: Result) -> str:
 
 def watch_transitions(engine: Engine, notify: Callable[[], None]) -> Callable[[], None]:
     """Calls ``notify()`` (from the committing thread) after every commit on ``engine``
-    of a transaction that inserted task events; returns a function removing the hooks."""
+    of a transaction that inserted task events or bi_outbox rows; returns a function
+    removing the hooks."""
 
     def after_execute(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if statement.lstrip()[:22].upper() == "INSERT INTO TASK_EVENT":
+        if statement.lstrip()[:22].upper() in _OUTBOX_INSERTS:
             conn.info[_FLAG] = True
 
     def on_commit(conn: Any) -> None:
@@ -121,6 +132,31 @@ def watch_transitions(engine: Engine, notify: Callable[[], None]) -> Callable[[]
     return remove
 
 
+@dataclass(frozen=True, slots=True)
+class _Source:
+    """One outbox table: read pending rows as events, mark them (all synchronous)."""
+
+    table: str
+    fetch: Callable[[int], list[tuple[int, BiEvent]]]
+    mark_published: Callable[[Sequence[int], datetime], int]
+    mark_rejected: Callable[[dict[int, str]], None]
+
+
+def _sources(store: AssignmentStore) -> tuple[_Source, ...]:
+    def transitions(limit: int) -> list[tuple[int, BiEvent]]:
+        return [
+            (e.id, BiEvent(SCHEMA, transition_payload(e))) for e in store.unpublished_events(limit)
+        ]
+
+    def others(limit: int) -> list[tuple[int, BiEvent]]:
+        return [(e.id, BiEvent(e.schema, e.payload)) for e in store.unpublished_bi_events(limit)]
+
+    return (
+        _Source("task_event", transitions, store.mark_published, store.mark_rejected),
+        _Source("bi_outbox", others, store.mark_bi_published, store.mark_bi_rejected),
+    )
+
+
 class OutboxRelay:
     """Publishes the outbox to bilog (see module doc). ``on_published(n)``,
     ``on_rejected(n)`` and ``on_backlog(backlog)`` feed the metrics."""
@@ -142,6 +178,7 @@ class OutboxRelay:
         on_backlog: Callable[[OutboxBacklog], None] | None = None,
     ) -> None:
         self._store = store
+        self._sources = _sources(store)
         self._executor = executor
         self._clock = clock
         self.target = bilog_target
@@ -206,42 +243,51 @@ class OutboxRelay:
     # ------------------------------------------------------------------ work
 
     async def run_once(self) -> int:
-        """Publish what is pending now, batch after batch, until a batch comes back
-        short; returns the events published. Raises when bilog or the database fail
-        (nothing of the failed batch is marked)."""
+        """Publish what is pending now in each outbox table, batch after batch, until a
+        batch comes back short; returns the events published. Raises when bilog or the
+        database fail (nothing of the failed batch is marked)."""
         done = 0
-        while True:
-            events = await self._executor.run(self._store.unpublished_events, self._batch)
-            if not events:
-                return done
-            done += await self._publish(events)
-            if len(events) < self._batch:
-                return done
+        for source in self._sources:
+            while True:
+                events = await self._executor.run(source.fetch, self._batch)
+                if not events:
+                    break
+                done += await self._publish(source, events)
+                if len(events) < self._batch:
+                    break
+        return done
 
-    async def _publish(self, events: list[OutboxEvent]) -> int:
+    async def _publish(self, source: _Source, events: list[tuple[int, BiEvent]]) -> int:
         assert self._client is not None, "start() first"
-        batch = [BiEvent(SCHEMA, transition_payload(e)) for e in events]
-        results = await self._client.log_batch(batch, timeout=self._timeout_s)
+        results = await self._client.log_batch([e for _, e in events], timeout=self._timeout_s)
         if len(results) != len(events):
             raise RuntimeError(f"bilog answered {len(results)} results for {len(events)} events")
         accepted: list[int] = []
-        rejected: dict[int, str] = {}
-        for ev, result in zip(events, sorted(results, key=lambda r: r.index), strict=True):
+        rejected: dict[int, tuple[str, str]] = {}
+        for (row_id, ev), result in zip(
+            events, sorted(results, key=lambda r: r.index), strict=True
+        ):
             if result.accepted:
-                accepted.append(ev.id)
+                accepted.append(row_id)
             else:
-                rejected[ev.id] = rejection_text(result)
-        await self._executor.run(self._store.mark_published, accepted, self._clock())
+                rejected[row_id] = (ev.schema, rejection_text(result))
+        await self._executor.run(source.mark_published, accepted, self._clock())
         if rejected:
-            await self._executor.run(self._store.mark_rejected, rejected)
+            why = {row_id: text for row_id, (_, text) in rejected.items()}
+            await self._executor.run(source.mark_rejected, why)
             self.rejected_total += len(rejected)
             if self._on_rejected is not None:
                 self._on_rejected(len(rejected))
-            for event_id, why in rejected.items():
+            for row_id, (schema, text) in rejected.items():
                 log.error(
-                    "bilog rejected a task transition event; it is skipped until "
-                    "task_event.publish_error is cleared",
-                    extra={"task_event_id": event_id, "errors": why},
+                    "bilog rejected a BI event; it is skipped until %s.publish_error is cleared",
+                    source.table,
+                    extra={
+                        "outbox_table": source.table,
+                        "outbox_id": row_id,
+                        "schema": schema,
+                        "errors": text,
+                    },
                 )
         self.published_total += len(accepted)
         if self._on_published is not None and accepted:
@@ -277,7 +323,7 @@ class OutboxRelay:
                 self.failures_total += 1
                 code = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else None
                 log.warning(
-                    "publishing task transitions failed; retrying in %.1fs: %s",
+                    "publishing BI events failed; retrying in %.1fs: %s",
                     backoff,
                     code or type(exc).__name__,
                     extra={"retry_in_s": backoff},

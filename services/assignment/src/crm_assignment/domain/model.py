@@ -11,6 +11,7 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 __all__ = [
     "ACTIVE_STATUSES",
@@ -18,13 +19,19 @@ __all__ = [
     "WAITING_STATUSES",
     "Agent",
     "AgentSpec",
+    "BiOutboxEvent",
     "BusinessLine",
+    "CallOutcome",
+    "CallRecord",
+    "CallResult",
+    "CallType",
     "Category",
     "Clock",
     "Clue",
     "ClueResult",
     "Customer",
     "EventKind",
+    "NewCall",
     "NewClue",
     "Offer",
     "OutboxBacklog",
@@ -39,6 +46,7 @@ __all__ = [
     "TaskDetail",
     "TaskEvent",
     "TaskFilter",
+    "TelephonyProvider",
     "utc_now",
 ]
 
@@ -86,6 +94,31 @@ class Presence(enum.IntEnum):
     IDLE = 2
     BUSY = 3
     BREAK = 4
+
+
+class CallOutcome(enum.IntEnum):
+    """How a call ended (``crm.assignment.v1.CallOutcome``)."""
+
+    CONNECTED = 1
+    NO_ANSWER = 2
+    BUSY = 3
+    REJECTED_BY_CUSTOMER = 4
+    WRONG_NUMBER = 5
+
+
+class CallType(enum.IntEnum):
+    """Direction of a call (``crm.assignment.v1.CallType``; names as in the BI schema)."""
+
+    CALLIN = 1
+    CALLOUT = 2
+
+
+class TelephonyProvider(enum.IntEnum):
+    """Telephony provider (``crm.assignment.v1.TelephonyProvider``; BI schema names)."""
+
+    ZT = 1
+    RL = 2
+    TR = 3
 
 
 class EventKind(enum.StrEnum):
@@ -203,6 +236,45 @@ class TaskEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class NewCall:
+    """A validated RecordCall request."""
+
+    call_id: str
+    task_id: int
+    agent_id: int
+    call_type: CallType
+    provider: TelephonyProvider
+    started_at: datetime
+    duration_s: int
+    outcome: CallOutcome
+    note: str
+    request_hash: str
+    """Hash of the normalized request: tells a retry from a reused call id."""
+
+
+@dataclass(frozen=True, slots=True)
+class CallRecord:
+    id: int
+    call_id: str
+    task_id: int
+    agent_id: int
+    call_type: CallType
+    provider: TelephonyProvider
+    started_at: datetime
+    duration_s: int
+    outcome: CallOutcome
+    note: str
+    recorded_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class CallResult:
+    call: CallRecord
+    replayed: bool = False
+    """True when this answers a retry (same call id and request)."""
+
+
+@dataclass(frozen=True, slots=True)
 class OutboxEvent:
     """A task_event row not yet published to the BI log, with what its event needs from
     the task (business line and category)."""
@@ -216,6 +288,15 @@ class OutboxEvent:
     to_status: Status
     agent_id: int | None
     at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class BiOutboxEvent:
+    """A bi_outbox row not yet published: a ready payload of the schema ``schema``."""
+
+    id: int
+    schema: str
+    payload: dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +314,7 @@ class TaskDetail:
     customer: Customer
     clues: tuple[Clue, ...]
     history: tuple[TaskEvent, ...]
+    calls: tuple[CallRecord, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

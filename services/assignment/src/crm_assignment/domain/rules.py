@@ -15,10 +15,12 @@ from datetime import datetime, timedelta
 
 from crm_common.errors import FailedPrecondition, PreconditionViolation
 
-from crm_assignment.domain.model import Status, Task
+from crm_assignment.domain.model import EventKind, Status, Task, TaskDetail
 
 __all__ = [
     "TRANSITIONS",
+    "call_request_hash",
+    "check_call_recorder",
     "check_offer_holder",
     "check_transition",
     "check_worker",
@@ -26,6 +28,7 @@ __all__ = [
     "merge_brands",
     "merge_cutoff",
     "resolve_priority",
+    "visible_to_agent",
 ]
 
 TRANSITIONS: Mapping[Status, frozenset[Status]] = {
@@ -77,6 +80,29 @@ def check_worker(task: Task, agent_id: int, wanted: Status) -> None:
             f"task {task.id} is handled by another agent, not {agent_id}",
             reason="NOT_TASK_AGENT",
         )
+
+
+def check_call_recorder(task: Task, agent_id: int) -> None:
+    """Only the agent holding the task IN_PROGRESS records calls on it."""
+    if task.status is not Status.IN_PROGRESS:
+        message = f"task {task.id} is {task.status.name}; calls are recorded while IN_PROGRESS"
+        raise FailedPrecondition(
+            message,
+            violations=[PreconditionViolation("TASK_STATUS", f"task/{task.id}", message)],
+            reason="TASK_NOT_IN_PROGRESS",
+        )
+    if task.agent_id != agent_id:
+        raise FailedPrecondition(
+            f"task {task.id} is handled by another agent, not {agent_id}",
+            reason="NOT_TASK_AGENT",
+        )
+
+
+def visible_to_agent(detail: TaskDetail, agent_id: int) -> bool:
+    """An agent sees a task it holds or was ever offered (history has its OFFERED)."""
+    if detail.task.agent_id == agent_id:
+        return True
+    return any(e.kind is EventKind.OFFERED and e.agent_id == agent_id for e in detail.history)
 
 
 def resolve_priority(
@@ -136,4 +162,22 @@ def clue_request_hash(
         "priority": priority,
     }
     raw = json.dumps(body, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(raw.encode("utf-8")).hexdigest()
+
+
+def call_request_hash(
+    *,
+    task_id: int,
+    agent_id: int,
+    call_type: int,
+    provider: int,
+    started_at_us: int,
+    duration_s: int,
+    outcome: int,
+    note: str,
+) -> str:
+    """SHA-256 of a normalized RecordCall request: equal for a retry, different when a
+    call id is reused for another call."""
+    body = [task_id, agent_id, call_type, provider, started_at_us, duration_s, outcome, note]
+    raw = json.dumps(body, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(raw.encode("utf-8")).hexdigest()

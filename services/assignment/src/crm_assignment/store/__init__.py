@@ -2,6 +2,6 @@
 
 from crm_common.db import make_engine
 
-from crm_assignment.store.repository import AssignmentStore
+from crm_assignment.store.repository import AssignmentStore, NoOffer
 
-__all__ = ["AssignmentStore", "make_engine"]
+__all__ = ["AssignmentStore", "NoOffer", "make_engine"]

@@ -19,14 +19,21 @@ Locking, in one order (customer -> task, agent -> task) so that nothing deadlock
 
 from __future__ import annotations
 
+import enum
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, cast
 
 from crm_common.db import ER_DUP_ENTRY, TransactionRunner, mysql_errno
-from crm_common.errors import CrmError, FailedPrecondition, NotFound, Unavailable
+from crm_common.errors import (
+    AlreadyExists,
+    CrmError,
+    FailedPrecondition,
+    NotFound,
+    Unavailable,
+)
 from sqlalchemy import (
     Connection,
     Engine,
@@ -45,7 +52,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from crm_assignment.config import LineConfig, RoutingConfig
-from crm_assignment.domain import dispatch, rules
+from crm_assignment.domain import bi_events, dispatch, rules
 from crm_assignment.domain.clue_batch import (
     BatchItem,
     BatchPlan,
@@ -59,12 +66,16 @@ from crm_assignment.domain.model import (
     WAITING_STATUSES,
     Agent,
     AgentSpec,
+    BiOutboxEvent,
     BusinessLine,
+    CallRecord,
+    CallResult,
     Category,
     Clue,
     ClueResult,
     Customer,
     EventKind,
+    NewCall,
     NewClue,
     Offer,
     OutboxBacklog,
@@ -82,13 +93,15 @@ from crm_assignment.domain.model import (
 from crm_assignment.domain.paging import Cursor
 from crm_assignment.store.schema import (
     AgentRow,
+    BiOutboxRow,
+    CallRecordRow,
     ClueRow,
     CustomerRow,
     TaskEventRow,
     TaskRow,
 )
 
-__all__ = ["AssignmentStore", "ExpireOutcome"]
+__all__ = ["ActionKind", "AssignmentStore", "ExpireOutcome", "NoOffer", "TaskAction"]
 
 log = logging.getLogger("crm.assignment.store")
 
@@ -100,6 +113,7 @@ _DISPATCH_ROUNDS = 3
 # Core tables of the CreateClue batch path (no ORM unit of work there).
 _customer_t = cast(Table, CustomerRow.__table__)
 _task_t = cast(Table, TaskRow.__table__)
+_agent_t = cast(Table, AgentRow.__table__)
 _clue_t = cast(Table, ClueRow.__table__)
 _event_t = cast(Table, TaskEventRow.__table__)
 
@@ -110,6 +124,47 @@ _upsert_customers = _upsert_customers.on_duplicate_key_update(
 _insert_tasks = insert(_task_t).returning(_task_t.c.id, sort_by_parameter_order=True)
 _insert_clues = insert(_clue_t).returning(_clue_t.c.id, sort_by_parameter_order=True)
 _insert_events = insert(_event_t)
+_bi_t = cast(Table, BiOutboxRow.__table__)
+
+
+class NoOffer(enum.Enum):
+    """Why a dispatch offered nothing (the offer streams pass a wake-up on or not)."""
+
+    UNAVAILABLE = "unavailable"
+    """The agent is not IDLE, is full, or its line is closed: another agent may take it."""
+    NOTHING_MATCHING = "nothing_matching"
+    """Tasks wait in the line, none this agent may take (skills, reserved revisits)."""
+    CONTENDED = "contended"
+    """Every candidate was taken by concurrent dispatchers meanwhile."""
+    LINE_EMPTY = "line_empty"
+    """No task waits in the agent's line at all: nobody else will find one either."""
+
+
+class ActionKind(enum.Enum):
+    """A task action written by ``task_actions`` (group commit)."""
+
+    ACCEPT = Status.IN_PROGRESS
+    COMPLETE = Status.COMPLETED
+    FAIL = Status.FAILED
+
+
+_ACTION_EVENT = {
+    ActionKind.ACCEPT: EventKind.ACCEPTED,
+    ActionKind.COMPLETE: EventKind.COMPLETED,
+    ActionKind.FAIL: EventKind.FAILED,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class TaskAction:
+    """One AcceptTask / CompleteTask (without revisit) / FailTask of a batch."""
+
+    kind: ActionKind
+    task_id: int
+    agent_id: int
+    text: str
+    """The note (complete) or reason (fail); empty for accept."""
+    now: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +237,22 @@ def _event(r: TaskEventRow) -> TaskEvent:
         agent_id=r.agent_id,
         reason=r.reason,
         at=r.at,
+    )
+
+
+def _call(r: CallRecordRow) -> CallRecord:
+    return CallRecord(
+        id=r.id,
+        call_id=r.call_id,
+        task_id=r.task_id,
+        agent_id=r.agent_id,
+        call_type=r.call_type,
+        provider=r.provider,
+        started_at=r.started_at,
+        duration_s=r.duration_s,
+        outcome=r.outcome,
+        note=r.note,
+        recorded_at=r.created_at,
     )
 
 
@@ -571,11 +642,17 @@ class AssignmentStore:
                 .where(TaskEventRow.task_id == task_id)
                 .order_by(TaskEventRow.id)
             ).all()
+            calls = s.scalars(
+                select(CallRecordRow)
+                .where(CallRecordRow.task_id == task_id)
+                .order_by(CallRecordRow.id)
+            ).all()
             return TaskDetail(
                 task=_task(row),
                 customer=_customer(customer),
                 clues=tuple(_clue(c) for c in clues),
                 history=tuple(_event(e) for e in events),
+                calls=tuple(_call(c) for c in calls),
             )
 
         return self._tx.run(go)
@@ -724,8 +801,18 @@ class AssignmentStore:
             row = s.get(AgentRow, agent_id, with_for_update=True, populate_existing=True)
             if row is None:
                 raise NotFound(f"agent {agent_id} not found")
+            before = row.presence
             row.presence = presence
             row.updated_at = now
+            if before is not presence:  # a real change: one BI event, same transaction
+                payload = bi_events.presence_payload(
+                    agent_id, row.business_line, before, presence, now
+                )
+                s.add(
+                    BiOutboxRow(
+                        schema_name=bi_events.PRESENCE_SCHEMA, payload=payload, created_at=now
+                    )
+                )
             return _agent(row, self._active_count(s, agent_id))
 
         return self._tx.run(go)
@@ -753,94 +840,143 @@ class AssignmentStore:
     # ------------------------------------------------------------------ dispatch
 
     def offer_next(self, agent_id: int, now: datetime, routing: RoutingConfig) -> Offer | None:
-        """Reserve the best waiting task for the agent, or None (not idle, full, nothing
-        matching). NotFound when the agent does not exist."""
-        return self._tx.run(lambda s: self._offer_next(s, agent_id, now, routing))
+        """Reserve the best waiting task for the agent, or None (not idle, full, its line
+        closed, nothing matching). NotFound when the agent does not exist."""
+        found = self.dispatch(agent_id, now, routing)
+        return found if isinstance(found, Offer) else None
+
+    def dispatch(self, agent_id: int, now: datetime, routing: RoutingConfig) -> Offer | NoOffer:
+        """:meth:`offer_next`, saying why nothing was offered (see :class:`NoOffer`)."""
+        return self._tx.run_core(lambda c: self._offer_next(c, agent_id, now, routing))
 
     def _offer_next(
-        self, s: Session, agent_id: int, now: datetime, routing: RoutingConfig
-    ) -> Offer | None:
-        agent = s.get(AgentRow, agent_id, with_for_update=True, populate_existing=True)
+        self, c: Connection, agent_id: int, now: datetime, routing: RoutingConfig
+    ) -> Offer | NoOffer:
+        # Core, not the ORM: the hottest transaction of the service (every offer and every
+        # wake-up of an offer stream); the statements are those the ORM path issued.
+        a = _agent_t.c
+        agent = c.execute(
+            select(a.business_line, a.presence, a.capacity, a.cities, a.categories, a.brands)
+            .where(a.id == agent_id)
+            .with_for_update()
+        ).first()
         if agent is None:
             raise NotFound(f"agent {agent_id} not found")
-        if agent.presence is not Presence.IDLE:
-            return None
-        active = self._active_count(s, agent_id)
+        if agent.presence is not Presence.IDLE or not routing.is_open(agent.business_line):
+            return NoOffer.UNAVAILABLE  # not available, or its line is closed (config.py)
+        t = _task_t.c
+        active = int(
+            c.scalar(
+                select(func.count())
+                .select_from(_task_t)
+                .where(t.agent_id == agent_id, t.status.in_(_ACTIVE))
+            )
+            or 0
+        )
         if active >= agent.capacity:
-            return None
-        cfg = routing.line(agent.business_line)
+            return NoOffer.UNAVAILABLE
+        line = agent.business_line
+        cfg = routing.line(line)
         q = select(
-            TaskRow.id,
-            TaskRow.priority,
-            TaskRow.star,
-            TaskRow.due_at,
-            TaskRow.brands,
-            TaskRow.preferred_agent_id,
-            TaskRow.last_lost_agent_id,
+            t.id,
+            t.priority,
+            t.star,
+            t.due_at,
+            t.brands,
+            t.preferred_agent_id,
+            t.last_lost_agent_id,
         ).where(
-            TaskRow.business_line == agent.business_line,
-            TaskRow.status.in_(_WAITING),
-            TaskRow.due_at <= now,
+            t.business_line == line,
+            t.status.in_(_WAITING),
+            t.due_at <= now,
             or_(
-                TaskRow.preferred_agent_id.is_(None),
-                TaskRow.preferred_agent_id == agent_id,
-                TaskRow.due_at <= now - timedelta(seconds=cfg.revisit_same_agent_window_s),
+                t.preferred_agent_id.is_(None),
+                t.preferred_agent_id == agent_id,
+                t.due_at <= now - timedelta(seconds=cfg.revisit_same_agent_window_s),
             ),
         )
         if agent.categories:
-            q = q.where(TaskRow.category.in_([Category[c] for c in agent.categories]))
+            q = q.where(t.category.in_([Category[x] for x in agent.categories]))
         if agent.cities:
-            q = q.where(TaskRow.city.in_(agent.cities))
-        q = q.order_by(
-            TaskRow.priority.desc(), TaskRow.star.desc(), TaskRow.due_at.asc(), TaskRow.id.asc()
-        ).limit(cfg.candidate_limit)
+            q = q.where(t.city.in_(agent.cities))
+        q = q.order_by(t.priority.desc(), t.star.desc(), t.due_at.asc(), t.id.asc()).limit(
+            cfg.candidate_limit
+        )
         brands = list(agent.brands or ())
         # Every candidate seen taken by a concurrent dispatcher: read again (they are
         # gone now), so tasks past the candidate window are not left waiting for a poll.
         for _ in range(_DISPATCH_ROUNDS):
             candidates = [  # no locks taken here
                 dispatch.Candidate(r[0], r[1], bool(r[2]), r[3], tuple(r[4] or ()), r[5], r[6])
-                for r in s.execute(q).all()
+                for r in c.execute(q).all()
             ]
             if not candidates:
-                return None
+                return self._nothing_for(c, line, now)
             for candidate in dispatch.rank(candidates, agent_id, brands, now, cfg.weights):
-                row = s.scalars(
-                    select(TaskRow)
-                    .where(
-                        TaskRow.id == candidate.id,
-                        TaskRow.status.in_(_WAITING),
-                        TaskRow.due_at <= now,
-                    )
+                row = c.execute(
+                    select(_task_t)
+                    .where(t.id == candidate.id, t.status.in_(_WAITING), t.due_at <= now)
                     .with_for_update(skip_locked=True)
-                    .execution_options(populate_existing=True)
                 ).first()
                 if row is None:  # taken, or being taken, by another dispatcher
                     continue
                 before = row.status
                 rules.check_transition(row.id, before, Status.ASSIGNED)
                 deadline = now + timedelta(seconds=cfg.accept_timeout_s)
-                row.status = Status.ASSIGNED
-                row.agent_id = agent_id
-                row.offer_deadline = deadline
-                row.updated_at = now
-                task = _task(row)
+                c.execute(
+                    update(_task_t)
+                    .where(t.id == row.id)
+                    .values(
+                        status=Status.ASSIGNED, agent_id=agent_id, offer_deadline=deadline,
+                        updated_at=now,
+                    )
+                )  # fmt: skip
+                task = replace(
+                    _task(row),
+                    status=Status.ASSIGNED,
+                    agent_id=agent_id,
+                    offer_deadline=deadline,
+                    updated_at=now,
+                )
                 points = dispatch.score(
                     dispatch.Candidate.of(task), agent_id, brands, now, cfg.weights
                 )
-                event = _record(
-                    s, row, EventKind.OFFERED, before, now, agent_id, f"score {points:.1f}"
-                )
-                customer = s.get_one(CustomerRow, row.customer_id)
-                s.flush()
+                inserted = c.execute(
+                    _insert_events,
+                    {
+                        "task_id": task.id,
+                        "kind": EventKind.OFFERED,
+                        "from_status": before,
+                        "to_status": Status.ASSIGNED,
+                        "agent_id": agent_id,
+                        "reason": f"score {points:.1f}",
+                        "at": now,
+                    },
+                ).inserted_primary_key
+                assert inserted is not None
+                cust = _customer_t.c
+                customer = c.execute(
+                    select(cust.id, cust.phone_masked, cust.star).where(cust.id == task.customer_id)
+                ).one()
                 return Offer(
                     task=task,
-                    customer=_customer(customer),
+                    customer=Customer(customer.id, customer.phone_masked, bool(customer.star)),
                     deadline=deadline,
                     agent_full=active + 1 >= agent.capacity,
-                    offer_event_id=event.id,
+                    offer_event_id=int(inserted[0]),
                 )
-        return None
+        return NoOffer.CONTENDED
+
+    @staticmethod
+    def _nothing_for(c: Connection, line: BusinessLine, now: datetime) -> NoOffer:
+        """No candidate for this agent: is anything waiting in its line at all?"""
+        t = _task_t.c
+        waiting = c.scalar(
+            select(t.id)
+            .where(t.business_line == line, t.status.in_(_WAITING), t.due_at <= now)
+            .limit(1)
+        )
+        return NoOffer.NOTHING_MATCHING if waiting is not None else NoOffer.LINE_EMPTY
 
     def pending_offers(self, agent_id: int, now: datetime) -> list[Offer]:
         """The agent's open offers (ASSIGNED, deadline not passed), oldest first: a new
@@ -939,17 +1075,138 @@ class AssignmentStore:
             raise NotFound(f"task {task_id} not found")
         return row
 
-    def accept(self, task_id: int, agent_id: int, now: datetime) -> Task:
-        def go(s: Session) -> Task:
-            row = self._lock_task(s, task_id)
-            rules.check_offer_holder(_task(row), agent_id, now)
-            row.status = Status.IN_PROGRESS
-            row.offer_deadline = None
-            row.updated_at = now
-            _record(s, row, EventKind.ACCEPTED, Status.ASSIGNED, now, agent_id)
-            return _task(row)
+    def task_actions(self, actions: Sequence[TaskAction], /) -> list[Task | Exception]:
+        """Apply a batch of task actions in one transaction; one result or error per
+        action, in order, as :meth:`accept` / :meth:`complete` / :meth:`fail` one after
+        the other would give. A batch failing as a whole is retried action by action."""
+        if not actions:
+            return []
+        try:
+            return self._tx.run_core(lambda c: self._task_actions(c, actions))
+        except Unavailable as exc:
+            return [exc] * len(actions)
+        except Exception as exc:
+            log.warning(
+                "task action batch failed; applying its %d actions one by one",
+                len(actions),
+                exc_info=not isinstance(exc, CrmError),
+            )
+        out: list[Task | Exception] = []
+        for a in actions:
+            try:
+                out.append(self._task_actions_one(a))
+            except Exception as exc:
+                out.append(exc)
+        return out
 
-        return self._tx.run(go)
+    def _task_actions_one(self, a: TaskAction) -> Task:
+        if a.kind is ActionKind.ACCEPT:
+            return self.accept(a.task_id, a.agent_id, a.now)
+        if a.kind is ActionKind.COMPLETE:
+            return self.complete(a.task_id, a.agent_id, a.text, None, a.now)[0]
+        return self.fail(a.task_id, a.agent_id, a.text, a.now)
+
+    @staticmethod
+    def _task_actions(c: Connection, actions: Sequence[TaskAction]) -> list[Task | Exception]:
+        t = _task_t.c
+        ids = sorted({a.task_id for a in actions})
+        current = {  # locked in id order: concurrent batches never deadlock on each other
+            r.id: _task(r)
+            for r in c.execute(
+                select(_task_t).where(t.id.in_(ids)).order_by(t.id).with_for_update()
+            )
+        }
+        out: list[Task | Exception] = []
+        events: list[dict[str, Any]] = []
+        written_at = max(a.now for a in actions)  # updated_at of every changed row
+        for a in actions:
+            task = current.get(a.task_id)
+            try:
+                if task is None:
+                    raise NotFound(f"task {a.task_id} not found")
+                if a.kind is ActionKind.ACCEPT:
+                    rules.check_offer_holder(task, a.agent_id, a.now)
+                else:
+                    rules.check_worker(task, a.agent_id, a.kind.value)
+            except CrmError as exc:
+                out.append(exc)
+                continue
+            after = replace(task, status=a.kind.value, offer_deadline=None, updated_at=written_at)
+            current[a.task_id] = after
+            out.append(after)
+            events.append(
+                {
+                    "task_id": task.id,
+                    "kind": _ACTION_EVENT[a.kind],
+                    "from_status": task.status,
+                    "to_status": after.status,
+                    "agent_id": a.agent_id,
+                    "reason": a.text[:500],
+                    "at": a.now,
+                }
+            )
+        if events:
+            changed: dict[Status, list[int]] = {}
+            for task_id in {e["task_id"] for e in events}:
+                changed.setdefault(current[task_id].status, []).append(task_id)
+            for status, task_ids in sorted(changed.items()):
+                c.execute(
+                    update(_task_t)
+                    .where(t.id.in_(sorted(task_ids)))
+                    .values(status=status, offer_deadline=None, updated_at=written_at)
+                )
+            c.execute(_insert_events, events)
+        return out
+
+    @staticmethod
+    def _locked_task(c: Connection, task_id: int) -> Task:
+        """The task row, locked (FOR UPDATE), as a domain Task; NotFound when unknown."""
+        row = c.execute(select(_task_t).where(_task_t.c.id == task_id).with_for_update()).first()
+        if row is None:
+            raise NotFound(f"task {task_id} not found")
+        return _task(row)
+
+    @staticmethod
+    def _change_status(
+        c: Connection,
+        task: Task,
+        kind: EventKind,
+        to: Status,
+        now: datetime,
+        agent_id: int | None,
+        reason: str = "",
+        **values: Any,
+    ) -> Task:
+        """Core hot path of a task action: UPDATE the locked row, INSERT its audit row."""
+        c.execute(
+            update(_task_t)
+            .where(_task_t.c.id == task.id)
+            .values(status=to, updated_at=now, **values)
+        )
+        c.execute(
+            _insert_events,
+            {
+                "task_id": task.id,
+                "kind": kind,
+                "from_status": task.status,
+                "to_status": to,
+                "agent_id": agent_id,
+                "reason": reason[:500],
+                "at": now,
+            },
+        )
+        return replace(task, status=to, updated_at=now, **values)
+
+    def accept(self, task_id: int, agent_id: int, now: datetime) -> Task:
+        def go(c: Connection) -> Task:
+            task = self._locked_task(c, task_id)
+            rules.check_offer_holder(task, agent_id, now)
+            return self._change_status(
+                c, task, EventKind.ACCEPTED, Status.IN_PROGRESS, now, agent_id,
+                offer_deadline=None,
+            )  # fmt: skip
+
+        return self._tx.run_core(go)
 
     def reject(self, task_id: int, agent_id: int, reason: str, now: datetime) -> Task:
         def go(s: Session) -> Task:
@@ -975,6 +1232,17 @@ class AssignmentStore:
     ) -> tuple[Task, Task | None]:
         """IN_PROGRESS -> COMPLETED; with ``revisit_at`` also a REVISIT task due then,
         reserved first for this agent."""
+        if revisit_at is None:  # the common case: Core hot path
+
+            def done(c: Connection) -> tuple[Task, Task | None]:
+                task = self._locked_task(c, task_id)
+                rules.check_worker(task, agent_id, Status.COMPLETED)
+                completed = self._change_status(
+                    c, task, EventKind.COMPLETED, Status.COMPLETED, now, agent_id, note
+                )
+                return completed, None
+
+            return self._tx.run_core(done)
 
         def go(s: Session) -> tuple[Task, Task | None]:
             customer: CustomerRow | None = None
@@ -992,8 +1260,8 @@ class AssignmentStore:
             row.status = Status.COMPLETED
             row.updated_at = now
             _record(s, row, EventKind.COMPLETED, Status.IN_PROGRESS, now, agent_id, note)
-            if revisit_at is None or customer is None:
-                return _task(row), None
+            assert revisit_at is not None
+            assert customer is not None
             revisit = TaskRow(
                 business_line=row.business_line,
                 category=Category.REVISIT,
@@ -1022,15 +1290,14 @@ class AssignmentStore:
         return self._tx.run(go)
 
     def fail(self, task_id: int, agent_id: int, reason: str, now: datetime) -> Task:
-        def go(s: Session) -> Task:
-            row = self._lock_task(s, task_id)
-            rules.check_worker(_task(row), agent_id, Status.FAILED)
-            row.status = Status.FAILED
-            row.updated_at = now
-            _record(s, row, EventKind.FAILED, Status.IN_PROGRESS, now, agent_id, reason)
-            return _task(row)
+        def go(c: Connection) -> Task:
+            task = self._locked_task(c, task_id)
+            rules.check_worker(task, agent_id, Status.FAILED)
+            return self._change_status(
+                c, task, EventKind.FAILED, Status.FAILED, now, agent_id, reason
+            )
 
-        return self._tx.run(go)
+        return self._tx.run_core(go)
 
     def cancel(self, task_id: int, reason: str, now: datetime) -> Task:
         def go(s: Session) -> Task:
@@ -1044,6 +1311,65 @@ class AssignmentStore:
             return _task(row)
 
         return self._tx.run(go)
+
+    # ------------------------------------------------------------------ call records
+
+    def record_call(self, new: NewCall, now: datetime, host: str, request_id: str) -> CallResult:
+        """Record a call (and its FactCallRecord outbox row) for the agent holding the task
+        IN_PROGRESS; a retry with the same call id and request gets the first record."""
+        try:
+            return self._tx.run(lambda s: self._record_call(s, new, now, host, request_id))
+        except IntegrityError as exc:
+            # A concurrent request with the same call id committed first: re-read it.
+            if not _is_duplicate_key(exc):
+                raise
+            return self._tx.run(lambda s: self._record_call(s, new, now, host, request_id))
+
+    def _record_call(
+        self, s: Session, new: NewCall, now: datetime, host: str, request_id: str
+    ) -> CallResult:
+        found = s.scalars(
+            select(CallRecordRow).where(CallRecordRow.call_id == new.call_id)
+        ).one_or_none()
+        if found is not None:
+            if found.request_hash != new.request_hash:
+                raise AlreadyExists(
+                    f"call id {new.call_id!r} was already recorded for another call",
+                    reason="CALL_ID_REUSED",
+                )
+            return CallResult(_call(found), replayed=True)
+        task = self._lock_task(s, new.task_id)
+        if s.get(AgentRow, new.agent_id) is None:
+            raise NotFound(f"agent {new.agent_id} not found")
+        rules.check_call_recorder(_task(task), new.agent_id)
+        customer = s.get_one(CustomerRow, task.customer_id)
+        row = CallRecordRow(
+            call_id=new.call_id,
+            request_hash=new.request_hash,
+            task_id=new.task_id,
+            agent_id=new.agent_id,
+            call_type=new.call_type,
+            provider=new.provider,
+            outcome=new.outcome,
+            started_at=new.started_at,
+            duration_s=new.duration_s,
+            note=new.note,
+            created_at=now,
+        )
+        s.add(row)
+        s.flush()  # raises IntegrityError on a concurrent duplicate call id
+        call = _call(row)
+        payload = bi_events.call_record_payload(
+            call,
+            business_line=task.business_line,
+            masked_phone=customer.phone_masked,
+            host=host,
+            request_id=request_id,
+        )
+        s.add(
+            BiOutboxRow(schema_name=bi_events.CALL_RECORD_SCHEMA, payload=payload, created_at=now)
+        )
+        return CallResult(call)
 
     # ------------------------------------------------------------------ BI outbox
 
@@ -1120,8 +1446,54 @@ class AssignmentStore:
 
         self._tx.run_core(go)
 
+    def unpublished_bi_events(self, limit: int) -> list[BiOutboxEvent]:
+        """Up to ``limit`` bi_outbox rows (call records, presence changes) not yet
+        published nor rejected, in id order."""
+
+        def go(c: Connection) -> list[BiOutboxEvent]:
+            rows = c.execute(
+                select(_bi_t.c.id, _bi_t.c.schema_name, _bi_t.c.payload)
+                .where(_bi_t.c.published_at.is_(None), _bi_t.c.publish_error.is_(None))
+                .order_by(_bi_t.c.id)
+                .limit(limit)
+            ).all()
+            return [BiOutboxEvent(id=r.id, schema=r.schema_name, payload=r.payload) for r in rows]
+
+        return self._tx.run_core(go)
+
+    def mark_bi_published(self, ids: Sequence[int], now: datetime) -> int:
+        """Record that bilog acknowledged these bi_outbox rows; returns the rows changed."""
+        if not ids:
+            return 0
+
+        def go(c: Connection) -> int:
+            result = c.execute(
+                update(_bi_t)
+                .where(_bi_t.c.id.in_(list(ids)), _bi_t.c.published_at.is_(None))
+                .values(published_at=now)
+            )
+            return int(result.rowcount)
+
+        return self._tx.run_core(go)
+
+    def mark_bi_rejected(self, errors: dict[int, str]) -> None:
+        """Record why bilog rejected these bi_outbox rows (skipped until cleared)."""
+        if not errors:
+            return
+
+        def go(c: Connection) -> None:
+            for row_id, error in errors.items():
+                c.execute(
+                    update(_bi_t)
+                    .where(_bi_t.c.id == row_id, _bi_t.c.published_at.is_(None))
+                    .values(publish_error=(error or "rejected")[:500])
+                )
+
+        self._tx.run_core(go)
+
     def outbox_backlog(self) -> OutboxBacklog:
-        """How many events wait for the BI log and since when (for the lag gauges)."""
+        """How many events wait for the BI log (task events and bi_outbox rows) and since
+        when (for the lag gauges)."""
 
         def go(c: Connection) -> OutboxBacklog:
             waiting = and_(_event_t.c.published_at.is_(None), _event_t.c.publish_error.is_(None))
@@ -1129,6 +1501,15 @@ class AssignmentStore:
             oldest = c.execute(
                 select(_event_t.c.at).where(waiting).order_by(_event_t.c.id).limit(1)
             ).scalar()
-            return OutboxBacklog(pending=int(pending or 0), oldest_at=oldest)
+            bi_waiting = and_(_bi_t.c.published_at.is_(None), _bi_t.c.publish_error.is_(None))
+            bi_pending = c.scalar(select(func.count()).select_from(_bi_t).where(bi_waiting))
+            bi_oldest = c.execute(
+                select(_bi_t.c.created_at).where(bi_waiting).order_by(_bi_t.c.id).limit(1)
+            ).scalar()
+            times = [t for t in (oldest, bi_oldest) if t is not None]
+            return OutboxBacklog(
+                pending=int(pending or 0) + int(bi_pending or 0),
+                oldest_at=min(times) if times else None,
+            )
 
         return self._tx.run_core(go)

@@ -8,14 +8,14 @@ by name (``VARCHAR``), readable in ad-hoc queries and BI exports. The migration 
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
+from crm_common.db import NAMING_CONVENTION, TABLE_ARGS, UtcDateTime
 from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
-    Dialect,
     Enum,
     ForeignKey,
     Index,
@@ -24,53 +24,32 @@ from sqlalchemy import (
     MetaData,
     SmallInteger,
     String,
-    TypeDecorator,
 )
 from sqlalchemy.dialects import mysql
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from crm_assignment.domain.model import BusinessLine, Category, EventKind, Presence, Status
+from crm_assignment.domain.model import (
+    BusinessLine,
+    CallOutcome,
+    CallType,
+    Category,
+    EventKind,
+    Presence,
+    Status,
+    TelephonyProvider,
+)
 
 __all__ = [
     "AgentRow",
     "Base",
+    "BiOutboxRow",
+    "CallRecordRow",
     "ClueRow",
     "CustomerRow",
     "TaskEventRow",
     "TaskRow",
     "UtcDateTime",
 ]
-
-NAMING_CONVENTION = {
-    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
-    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
-    "ck": "ck_%(table_name)s_%(constraint_name)s",
-    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
-    "pk": "pk_%(table_name)s",
-}
-
-TABLE_ARGS: dict[str, Any] = {
-    "mysql_engine": "InnoDB",
-    "mysql_charset": "utf8mb4",
-    "mysql_collate": "utf8mb4_bin",
-}
-
-
-class UtcDateTime(TypeDecorator[datetime]):
-    """``DATETIME(6)`` with naive UTC in the database and aware UTC in Python."""
-
-    impl = mysql.DATETIME(fsp=6)
-    cache_ok = True
-
-    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            raise ValueError("naive datetime given to a UTC column")
-        return value.astimezone(UTC).replace(tzinfo=None)
-
-    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        return None if value is None else value.replace(tzinfo=UTC)
 
 
 def _enum(cls: type[Any], name: str) -> Enum:
@@ -199,3 +178,47 @@ class AgentRow(Base):
     presence: Mapped[Presence] = mapped_column(_enum(Presence, "presence"))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class CallRecordRow(Base):
+    """One call made while handling a task (RecordCall); no phone number is kept."""
+
+    __tablename__ = "call_record"
+    __table_args__ = (Index("ix_call_record_task_id", "task_id", "id"), TABLE_ARGS)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    call_id: Mapped[str] = mapped_column(
+        String(128, collation="ascii_nopad_bin"), unique=True, comment="client idempotency key"
+    )
+    request_hash: Mapped[str] = mapped_column(String(64, collation=ASCII_KEY))
+    task_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("task.id"))
+    agent_id: Mapped[int] = mapped_column(BigInteger)
+    call_type: Mapped[CallType] = mapped_column(_enum(CallType, "call_type"))
+    provider: Mapped[TelephonyProvider] = mapped_column(_enum(TelephonyProvider, "provider"))
+    outcome: Mapped[CallOutcome] = mapped_column(_enum(CallOutcome, "call_outcome"))
+    started_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    duration_s: Mapped[int] = mapped_column(Integer)
+    note: Mapped[str] = mapped_column(String(500), default="")
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class BiOutboxRow(Base):
+    """Outbox of the BI events that are not task transitions (call records, presence
+    changes): the payload is built and written in the transaction of the change, and
+    ``published_at`` is set once bilog acknowledged it (``clients/bilog_outbox.py``)."""
+
+    __tablename__ = "bi_outbox"
+    __table_args__ = (Index("ix_bi_outbox_pending", "published_at", "id"), TABLE_ARGS)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    schema_name: Mapped[str] = mapped_column(
+        String(128, collation=ASCII_KEY), comment="full name of the bilog schema"
+    )
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON, comment="the event, as bilog takes it")
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    published_at: Mapped[datetime | None] = mapped_column(
+        UtcDateTime, comment="when bilog acknowledged the BI event; NULL: not yet"
+    )
+    publish_error: Mapped[str | None] = mapped_column(
+        String(500), comment="why bilog rejected the BI event (it is skipped until cleared)"
+    )

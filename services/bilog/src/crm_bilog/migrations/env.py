@@ -1,48 +1,6 @@
-"""Alembic environment of the dev schema registry's database.
+"""Alembic environment of the schema registry database (``crm_common.migrations``)."""
 
-The URL comes from ``config.attributes["url"]`` (set by ``crm_bilog.store.migrate``),
-else ``CRM_BILOG_DATABASE_URL``, else ``sqlalchemy.url`` of an ini file.
-"""
-
-from __future__ import annotations
-
-import os
-
-from alembic import context
 from crm_bilog.store.schema import Base
-from sqlalchemy import create_engine, pool
+from crm_common.migrations import run_env
 
-config = context.config
-target_metadata = Base.metadata
-
-
-def _url() -> str:
-    url = config.attributes.get("url") or os.environ.get("CRM_BILOG_DATABASE_URL")
-    return str(url or config.get_main_option("sqlalchemy.url"))
-
-
-def run_migrations_offline() -> None:
-    context.configure(
-        url=_url(), target_metadata=target_metadata, literal_binds=True, compare_type=True
-    )
-    with context.begin_transaction():
-        context.run_migrations()
-
-
-def run_migrations_online() -> None:
-    engine = create_engine(_url(), poolclass=pool.NullPool)
-    try:
-        with engine.connect() as connection:
-            context.configure(
-                connection=connection, target_metadata=target_metadata, compare_type=True
-            )
-            with context.begin_transaction():
-                context.run_migrations()
-    finally:
-        engine.dispose()
-
-
-if context.is_offline_mode():
-    run_migrations_offline()
-else:
-    run_migrations_online()
+run_env(Base.metadata, "CRM_BILOG_DATABASE_URL")

@@ -73,18 +73,18 @@ class RecommendationServicer(recommendation_pb2_grpc.RecommendationServiceServic
     ) -> pb.RecommendResponse:
         query = validation.recommend_query(request)
         result = ranking.recommend(self._sync.require(), self._config(), query)
-        return pb.RecommendResponse(
-            recommendations=[convert.recommendation_pb(r) for r in result.items],
-            ignored_intent_car_ids=list(result.ignored_intent_car_ids),
+        response = pb.RecommendResponse(
+            ignored_intent_car_ids=result.ignored_intent_car_ids,
             data_sequence=result.data_sequence,
         )
+        convert.add_recommendations(response.recommendations, result.items)
+        return response
 
     async def SimilarCars(
         self, request: pb.SimilarCarsRequest, context: Context
     ) -> pb.SimilarCarsResponse:
         car_id, count = validation.similar_query(request)
         result = ranking.similar_cars(self._sync.require(), self._config(), car_id, count)
-        return pb.SimilarCarsResponse(
-            recommendations=[convert.recommendation_pb(r) for r in result.items],
-            data_sequence=result.data_sequence,
-        )
+        response = pb.SimilarCarsResponse(data_sequence=result.data_sequence)
+        convert.add_recommendations(response.recommendations, result.items)
+        return response

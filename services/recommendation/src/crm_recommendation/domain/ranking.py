@@ -22,6 +22,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -71,13 +72,19 @@ class Seed:
 
 @dataclass(frozen=True, slots=True)
 class _Signals:
+    """The signals of the candidates that can still make the answer (``cands``: every
+    candidate, or those whose upper bound reaches the cut; see :func:`_signals`)."""
+
+    cands: I64
     content: F64
-    content_seed: npt.NDArray[np.intp]
+    sims: npt.NDArray[np.float32] | None
+    """Weighted content similarity of each seed (rows) to each candidate (columns)."""
     cooccurrence: F64
     popularity: F64
     score: F64
-    rows: list[tuple[I64, F64]]
-    """Each seed's co-occurrence row (neighbour slots ascending, cosines)."""
+    cooc_entries: tuple[I64, I64, F64] | None
+    """The seeds' co-occurrence rows concatenated: (seed position, neighbour slot, seed
+    weight x cosine); None when co-interest is not used."""
 
 
 def budget_bounds(
@@ -96,16 +103,15 @@ def candidates(
     hi: float | None,
     excluded: set[int],
 ) -> I64:
-    """Slots passing the hard filters, ascending."""
-    base = index.city_slots(city)
-    keep = index.on_sale[base]
-    if lo is not None:
-        keep &= index.price[base] >= lo
-    if hi is not None:
-        keep &= index.price[base] <= hi
-    found = base[keep]
+    """Slots passing the hard filters, ascending: a slice of the city's price-sorted list
+    of cars on sale, minus ``excluded``."""
+    found = index.on_sale_slots(city, lo, hi)
     if excluded and len(found):
-        found = found[~np.isin(found, np.fromiter(excluded, np.int64, len(excluded)))]
+        gone = np.fromiter(excluded, np.int64, len(excluded))
+        at = np.minimum(np.searchsorted(found, gone), len(found) - 1)
+        at = at[found[at] == gone]
+        if len(at):
+            found = np.delete(found, at)
     return found
 
 
@@ -148,43 +154,34 @@ def _signals(
     seeds: list[Seed],
     weights: tuple[float, float, float],
     budget: tuple[int, int],
+    count: int,
+    per_brand: int,
 ) -> _Signals:
+    """The signals and scores of the candidates that can make the answer.
+
+    Co-interest and popularity are cheap (sparse rows; one gather) and computed for every
+    candidate; so is the normalization by the best candidate. Content similarity costs
+    seeds x candidates. With many candidates (``_PRUNE_FROM``) it is computed exactly only
+    where it can matter: an upper bound of each candidate's score (:func:`_content_bound`)
+    ranks them; a brand-diverse sample of the best is scored exactly and selected (brand
+    cap included), which gives a cut no higher than the true one (more candidates can only
+    raise it); every candidate whose bound reaches that cut is then scored exactly and the
+    rest, which cannot make the answer, are left out. The answer is the same as scoring
+    every candidate."""
     n = len(cands)
     w_content, w_cooc, w_pop = weights
-    content = np.zeros(n)
-    content_seed = np.zeros(n, np.intp)
-    if seeds and w_content > 0 and n:
-        # all seeds at once, float32: (seeds x candidates) matrices
-        cw = cfg.content
-        total = cw.price + cw.year + cw.mileage + cw.brand + cw.series + cw.body_type
-        widths = np.array([cw.price_width, cw.year_width, cw.mileage_width])
-        slots = np.fromiter((sd.slot for sd in seeds), np.int64, len(seeds))
-        feats = (index.features[cands] / widths).astype(np.float32)
-        anchor = (index.features[slots] / widths).astype(np.float32)
-        sims = np.zeros((len(seeds), n), np.float32)
-        for k, block in enumerate((cw.price, cw.year, cw.mileage)):
-            if block > 0:
-                d = feats[:, k][None, :] - anchor[:, k][:, None]
-                sims += np.float32(block / total) * np.exp(np.float32(-0.5) * d * d)
-        for weight, column in (
-            (cw.brand, index.brand), (cw.series, index.series), (cw.body_type, index.body)
-        ):  # fmt: skip
-            if weight > 0:
-                values = column[cands]
-                sims += np.float32(weight / total) * (values[None, :] == column[slots][:, None])
-        sims *= np.array([sd.weight for sd in seeds], np.float32)[:, None]
-        content_seed = np.argmax(sims, axis=0)
-        content = sims[content_seed, np.arange(n)].astype(np.float64)
     cooc = np.zeros(n)
-    rows: list[tuple[I64, F64]] = []
+    entries: tuple[I64, I64, F64] | None = None
     if seeds and w_cooc > 0 and n:
-        acc = np.zeros(index.n)
-        for seed in seeds:
-            nbr, cos = index.cooccurrence(seed.slot)
-            rows.append((nbr, cos))
-            if len(nbr):
-                acc[nbr] += seed.weight * cos  # neighbours are unique
-        cooc = acc[cands]
+        which, nbr, cos = index.cooccurrence_rows([sd.slot for sd in seeds])
+        contrib = np.array([sd.weight for sd in seeds], np.float64)[which] * cos
+        entries = (which, nbr, contrib)
+        if len(nbr):
+            # candidates are ascending: find each neighbour among them, sum per candidate
+            # in seed order (the same float sums on every replica)
+            at = np.minimum(np.searchsorted(cands, nbr), n - 1)
+            hit = cands[at] == nbr
+            cooc = np.bincount(at[hit], weights=contrib[hit], minlength=n).astype(np.float64)
         top = float(cooc.max())
         cooc = cooc / top if top > 0 else np.zeros(n)
     pop = np.zeros(n)
@@ -193,7 +190,8 @@ def _signals(
         top = float(logpop.max())
         if np.isfinite(top):
             pop = np.exp(0.5 * (logpop - top))
-    score = w_content * content + w_cooc * cooc + w_pop * pop
+    rest = w_cooc * cooc + w_pop * pop
+    factor: F64 | None = None
     budget_min, budget_max = budget
     if cfg.outside_budget_penalty > 0 and (budget_min > 0 or budget_max > 0):
         price = index.price[cands]
@@ -202,120 +200,359 @@ def _signals(
             outside |= price < budget_min
         if budget_max > 0:
             outside |= price > budget_max
-        score = np.where(outside, score * (1.0 - cfg.outside_budget_penalty), score)
-    return _Signals(content, content_seed, cooc, pop, np.round(score, SCORE_DECIMALS), rows)
+        if outside.any():
+            factor = np.where(outside, 1.0 - cfg.outside_budget_penalty, 1.0)
+
+    def scored(content: F64, at: I64 | slice) -> F64:
+        raw = w_content * content + rest[at]
+        if factor is not None:
+            raw = raw * factor[at]
+        return np.round(raw, SCORE_DECIMALS)
+
+    if not (seeds and w_content > 0 and n):
+        zeros = np.zeros(n)
+        return _Signals(cands, zeros, None, cooc, pop, scored(zeros, slice(None)), entries)
+    keep: I64 | None = None
+    if len(seeds) * n > _PRUNE_FROM:
+        bound = w_content * _content_bound(index, cfg, cands, seeds) + rest
+        if factor is not None:
+            bound *= factor
+        # a sample: the best by bound, brand-capped too (else one brand could fill it)
+        sample, _ = _select_capped(
+            index, cands, bound, _SAMPLE_COUNT * count, _SAMPLE_PER_BRAND * per_brand
+        )
+        at = np.array(sample, dtype=np.intp)
+        score = scored(_content(index, cfg, cands[at], seeds)[0], at)
+        chosen, capped = _select_capped(index, cands[at], score, count, per_brand)
+        if capped:  # else: no cut (every candidate may be needed)
+            cut = float(score[chosen[-1]])
+            keep = np.flatnonzero(bound + _BOUND_MARGIN >= cut)
+    if keep is not None:
+        cands, cooc, pop = cands[keep], cooc[keep], pop[keep]
+    content, sims = _content(index, cfg, cands, seeds)
+    score = scored(content, slice(None) if keep is None else keep)
+    return _Signals(cands, content, sims, cooc, pop, score, entries)
 
 
-def _cooc_seeds(sig: _Signals, seeds: list[Seed], result_slots: I64) -> list[int]:
-    """For each result slot, the index of the seed contributing most co-interest (-1: none)."""
-    if not sig.rows or len(result_slots) == 0:
-        return [-1] * len(result_slots)
-    contrib = np.zeros((len(seeds), len(result_slots)))
-    for i, (nbr, cos) in enumerate(sig.rows):
-        if len(nbr):
-            at = np.minimum(np.searchsorted(nbr, result_slots), len(nbr) - 1)
-            hit = nbr[at] == result_slots
-            contrib[i] = np.where(hit, cos[at] * seeds[i].weight, 0.0)
-    arg = np.argmax(contrib, axis=0)  # first maximum: the earlier seed wins ties
-    found = contrib[arg, np.arange(len(result_slots))] > 0
-    picked: list[int] = np.where(found, arg, -1).tolist()
+_PRUNE_FROM = 100_000
+"""Seeds x candidates from which the upper bound pays for itself (measured: below, one
+exact pass over every candidate is cheaper than the bound, sample and cut)."""
+_SAMPLE_COUNT, _SAMPLE_PER_BRAND = 8, 4
+_BOUND_MARGIN = 1e-5
+"""Float slack between a bound (float64) and an exact content score (float32 sums)."""
+
+
+def _content_bound(index: CarIndex, cfg: RankingConfig, cands: I64, seeds: list[Seed]) -> F64:
+    """An upper bound of :func:`_content` per candidate, in O(candidates x blocks):
+
+    - numeric blocks: each block's similarity to the *nearest* seed value of that block
+      (binary search over the sorted seed values), which no single seed can beat;
+    - categorical blocks: tables over brand / series / body type codes hold, per code,
+      the largest seed weight and weighted categorical similarity a seed sharing that
+      code can give (series implies brand; body type counted as shared where it may be).
+    """
+    cw = cfg.content
+    total = cw.price + cw.year + cw.mileage + cw.brand + cw.series + cw.body_type
+    slots = np.fromiter((sd.slot for sd in seeds), np.int64, len(seeds))
+    weights = np.array([sd.weight for sd in seeds])
+    numeric = np.zeros(len(cands))
+    for feature, weight, width in (
+        (index.log_price, cw.price, cw.price_width),
+        (index.year, cw.year, cw.year_width),
+        (index.log_mileage, cw.mileage, cw.mileage_width),
+    ):
+        if weight > 0:
+            values = np.unique(feature[slots]).astype(np.float64)
+            x = feature[cands].astype(np.float64)
+            at = np.searchsorted(values, x)
+            below = x - values[np.maximum(at - 1, 0)]
+            above = values[np.minimum(at, len(values) - 1)] - x
+            d = np.minimum(np.abs(below), np.abs(above)) * (1.0 / width)
+            numeric += (weight / total) * np.exp(-0.5 * d * d)
+    brand, series, body = cw.brand / total, cw.series / total, cw.body_type / total
+    bound: F64 = weights.max() * numeric
+    for column, size, same in (
+        (index.series, len(index.series_vocab.names), brand + series + body),
+        (index.brand, len(index.brands.names), brand + body),
+        (index.body, int(max(BodyType)) + 1, body),
+    ):
+        codes = column[slots]
+        top_weight = np.zeros(size)
+        np.maximum.at(top_weight, codes, weights)
+        top_same = np.zeros(size)
+        np.maximum.at(top_same, codes, weights * same)
+        of_cand = column[cands]
+        np.maximum(bound, top_weight[of_cand] * numeric + top_same[of_cand], out=bound)
+    return bound
+
+
+def _content(
+    index: CarIndex, cfg: RankingConfig, cands: I64, seeds: list[Seed]
+) -> tuple[F64, npt.NDArray[np.float32]]:
+    """Content similarity of every candidate to its best seed (times the seed's weight),
+    and the (seeds x candidates) matrix of weighted similarities. float32, element-wise
+    only (a candidate's value does not depend on the other candidates):
+
+    - categorical blocks: a (seeds x variants) table of brand / series / body type
+      similarity, gathered by each candidate's variant (series + body type);
+    - numeric blocks: ``exp(log(block weight) - (distance / width)^2 / 2)``.
+    """
+    cw = cfg.content
+    total = cw.price + cw.year + cw.mileage + cw.brand + cw.series + cw.body_type
+    slots = np.fromiter((sd.slot for sd in seeds), np.int64, len(seeds))
+    n = len(cands)
+    blocks = (
+        (cw.brand, index.brand), (cw.series, index.series), (cw.body_type, index.body)
+    )  # fmt: skip
+    variants = index.variants()
+    if len(variants[0]) <= 2 * n:
+        table = np.zeros((len(seeds), len(variants[0])), np.float32)
+        for (weight, column), of_variant in zip(blocks, variants, strict=True):
+            if weight > 0:
+                same = of_variant[None, :] == column[slots][:, None]
+                table += same * np.float32(weight / total)
+        sims = np.take(table, index.variant[cands], axis=1)
+    else:  # a large vocabulary and few candidates: compare directly (the same sums)
+        sims = np.zeros((len(seeds), n), np.float32)
+        for weight, column in blocks:
+            if weight > 0:
+                same = column[cands][None, :] == column[slots][:, None]
+                sims += same * np.float32(weight / total)
+    for feature, weight, width in (
+        (index.log_price, cw.price, cw.price_width),
+        (index.year, cw.year, cw.year_width),
+        (index.log_mileage, cw.mileage, cw.mileage_width),
+    ):
+        if weight > 0:
+            scale = np.float32(math.sqrt(0.5) / width)
+            d = (feature[cands] * scale)[None, :] - (feature[slots] * scale)[:, None]
+            np.multiply(d, d, out=d)
+            np.subtract(np.float32(math.log(weight / total)), d, out=d)
+            np.exp(d, out=d)
+            sims += d
+    sims *= np.array([sd.weight for sd in seeds], np.float32)[:, None]
+    return sims.max(axis=0).astype(np.float64), sims
+
+
+def _cooc_seeds(sig: _Signals, result_slots: I64) -> list[int]:
+    """For each result slot, the index of the seed contributing most co-interest (-1: none;
+    the earlier seed on ties)."""
+    k = len(result_slots)
+    if sig.cooc_entries is None or k == 0 or len(sig.cooc_entries[1]) == 0:
+        return [-1] * k
+    which, nbr, contrib = sig.cooc_entries
+    hit = np.isin(nbr, result_slots)
+    position = {slot: i for i, slot in enumerate(result_slots.tolist())}
+    picked = [-1] * k
+    best = [0.0] * k
+    for seed, slot, value in zip(
+        which[hit].tolist(), nbr[hit].tolist(), contrib[hit].tolist(), strict=True
+    ):  # in seed order
+        i = position[slot]
+        if value > best[i]:
+            best[i] = value
+            picked[i] = seed
     return picked
 
 
+def _top(index: CarIndex, cands: I64, score: F64, pool: I64 | None, m: int) -> I64:
+    """The best ``m`` positions of ``pool`` (every position when None) in rank order
+    (score desc, car id asc)."""
+    values = score if pool is None else score[pool]
+    if len(values) > m:
+        kth = np.partition(values, len(values) - m)[len(values) - m]
+        picked = np.flatnonzero(values >= kth)  # every tie at the cut, then ordered by id
+        if pool is not None:
+            picked = pool[picked]
+    else:
+        picked = np.arange(len(values)) if pool is None else pool
+    order = np.lexsort((index.ids[cands[picked]], -score[picked]))
+    return picked[order[:m]]
+
+
 def _select(index: CarIndex, cands: I64, score: F64, count: int, per_brand: int) -> list[int]:
-    """Positions (into ``cands``) of the answer: score desc, car id asc, brand-capped."""
-    n = len(cands)
-    ids = index.ids[cands]
-    brands = index.brand[cands]
-    depth = min(n, max(count * 8, count + 64))
+    """Positions (into ``cands``) of the answer: the rank order (score desc, car id asc)
+    walked with at most ``per_brand`` cars of a brand; when the candidates run out, the
+    passed-over cars fill the answer up in rank order."""
+    chosen, capped = _select_capped(index, cands, score, count, per_brand)
+    if capped or len(chosen) == len(cands):
+        return chosen
+    # every candidate walked or of a full brand: fill up with the passed-over cars
+    rest = np.ones(len(cands), np.bool_)
+    rest[np.array(chosen, dtype=np.intp)] = False
+    fill: list[int] = _top(index, cands, score, np.flatnonzero(rest), count - len(chosen)).tolist()
+    return chosen + fill
+
+
+def _select_capped(
+    index: CarIndex, cands: I64, score: F64, count: int, per_brand: int
+) -> tuple[list[int], bool]:
+    """The brand-capped walk of :func:`_select` without the fill-up: the positions chosen
+    and whether they are ``count`` (then the last one's score is the answer's cut).
+
+    The walk goes in chunks over the best cars not yet walked whose brand is not full:
+    the cars of a full brand would be passed over anyway, so leaving them out gives the
+    same answer without walking (or sorting) every candidate."""
+    chosen: list[int] = []
+    per: dict[int, int] = {}
+    pool: I64 | None = None
+    walked = brands = full = None
     while True:
-        if depth < n:
-            kth = -np.partition(-score, depth - 1)[depth - 1]
-            pool = np.flatnonzero(score >= kth)  # every tie at the cut is kept
-        else:
-            pool = np.arange(n)
-        order = pool[np.lexsort((ids[pool], -score[pool]))]
-        chosen: list[int] = []
-        deferred: list[int] = []
-        per: dict[int, int] = {}
-        for pos in order.tolist():
-            b = int(brands[pos])
-            if per.get(b, 0) < per_brand:
-                per[b] = per.get(b, 0) + 1
+        need = count - len(chosen)
+        chunk = _top(index, cands, score, pool, 4 * need + 32)
+        if len(chunk) == 0:
+            return chosen, False
+        for pos, b in zip(chunk.tolist(), index.brand[cands[chunk]].tolist(), strict=True):
+            taken = per.get(b, 0)
+            if taken < per_brand:
+                per[b] = taken + 1
                 chosen.append(pos)
                 if len(chosen) == count:
-                    return chosen
-            else:
-                deferred.append(pos)
-        if len(pool) >= n:  # not enough other brands: fill up in rank order
-            return chosen + deferred[: count - len(chosen)]
-        depth = n
+                    return chosen, True
+        if walked is None or brands is None or full is None:
+            walked = np.zeros(len(cands), np.bool_)
+            brands = index.brand[cands]
+            full = np.zeros(len(index.brands.names) + 1, np.bool_)
+        walked[chunk] = True
+        for b, taken in per.items():
+            full[b] = taken >= per_brand
+        pool = np.flatnonzero(~walked & ~full[brands])
 
 
-def _reasons(
-    car: Car,
-    pos: int,
-    cooc_seed: int,
+def _explain(
+    index: CarIndex,
+    cfg: RankingConfig,
     seeds: list[Seed],
     sig: _Signals,
+    chosen: list[int],
     weights: tuple[float, float, float],
     budget: tuple[int, int],
-    tolerance: float,
-    popular_threshold: float,
-) -> tuple[Reason, ...]:
+) -> tuple[Recommendation, ...]:
+    """The chosen cars with their scores and reasons, strongest first:
+
+    - content: same series as the first seed of that series, else same brand as the first
+      seed of that brand, else "similar" to the seed contributing most content similarity
+      when it has the same body type and gives at least half its weight;
+    - co-interest: the seed contributing most co-occurrence;
+    - popularity: at or above the configured threshold;
+    - budget: within, or how far outside; "on sale" when nothing else applies.
+
+    Reasons are immutable values: one object serves every car of the answer it applies to.
+    """
+    if not chosen:
+        return ()
     w_content, w_cooc, w_pop = weights
-    scored: list[tuple[float, Reason]] = []
-    if seeds and w_content > 0:
-        reason = _content_reason(car, seeds, seeds[int(sig.content_seed[pos])], sig, pos)
-        if reason is not None:
-            scored.append((w_content * float(sig.content[pos]), reason))
-    if cooc_seed >= 0 and w_cooc > 0:
-        best = seeds[cooc_seed]
-        text = f"customers interested in the {best.car.title} were also interested in this car"
-        reason = Reason(ReasonKind.ALSO_INTERESTED, text, best.car.id)
-        scored.append((w_cooc * float(sig.cooccurrence[pos]), reason))
-    if w_pop > 0 and sig.popularity[pos] >= popular_threshold and sig.popularity[pos] > 0:
-        reason = Reason(ReasonKind.POPULAR, f"popular in {car.city}")
-        scored.append((w_pop * float(sig.popularity[pos]), reason))
-    scored.sort(key=lambda item: -item[0])
-    reasons = [r for _, r in scored]
-    reasons.extend(_budget_reasons(car, budget, tolerance))
-    if not reasons:
-        reasons.append(Reason(ReasonKind.ON_SALE, f"on sale in {car.city}"))
-    return tuple(reasons)
+    at = np.array(chosen, dtype=np.intp)
+    slots = sig.cands[at]
+    content = sig.content[at].tolist()
+    cooc = sig.cooccurrence[at].tolist()
+    pop = sig.popularity[at].tolist()
+    scores = sig.score[at].tolist()
+    cooc_seeds = _cooc_seeds(sig, slots) if w_cooc > 0 else [-1] * len(at)
+    content_seeds: list[int] = [-1] * len(at)
+    by_series: dict[tuple[str, str], int] = {}
+    by_brand: dict[str, int] = {}
+    if seeds and w_content > 0 and sig.sims is not None:
+        content_seeds = np.argmax(sig.sims[:, at], axis=0).tolist()  # earlier seed on ties
+        for i, seed in enumerate(seeds):
+            by_series.setdefault((seed.car.brand, seed.car.series), i)
+            by_brand.setdefault(seed.car.brand, i)
+    made: dict[_ReasonKey, Reason] = {}
+
+    def reason(key: _ReasonKey) -> Reason:
+        found = made.get(key)
+        if found is None:
+            found = made[key] = _make_reason(key, seeds, budget)
+        return found
+
+    popular = cfg.popular_threshold
+    has_budget = budget[0] > 0 or budget[1] > 0
+    out = []
+    for i, slot in enumerate(slots.tolist()):
+        car = index.cars[slot]
+        assert car is not None
+        scored: list[tuple[float, Reason]] = []
+        best = content_seeds[i]
+        if best >= 0:
+            key = _content_reason_key(car, by_series, by_brand, seeds[best], best, content[i])
+            if key is not None:
+                scored.append((w_content * content[i], reason(key)))
+        if cooc_seeds[i] >= 0:
+            key = (ReasonKind.ALSO_INTERESTED, cooc_seeds[i], "")
+            scored.append((w_cooc * cooc[i], reason(key)))
+        if w_pop > 0 and pop[i] >= popular and pop[i] > 0:
+            scored.append((w_pop * pop[i], reason((ReasonKind.POPULAR, 0, car.city))))
+        if len(scored) > 1:
+            scored.sort(key=lambda item: -item[0])
+        reasons = [r for _, r in scored]
+        if has_budget:
+            reasons.append(reason(_budget_reason_key(car.price_yuan, budget)))
+        if not reasons:
+            reasons.append(reason((ReasonKind.ON_SALE, 0, car.city)))
+        out.append(Recommendation(car, scores[i], tuple(reasons)))
+    return tuple(out)
 
 
-def _content_reason(
-    car: Car, seeds: list[Seed], best: Seed, sig: _Signals, pos: int
-) -> Reason | None:
-    for seed in seeds:
-        if seed.car.brand == car.brand and seed.car.series == car.series:
-            return Reason(ReasonKind.SAME_SERIES, f"same series as {seed.label()}", seed.car.id)
-    for seed in seeds:
-        if seed.car.brand == car.brand:
-            return Reason(ReasonKind.SAME_BRAND, f"same brand as {seed.label()}", seed.car.id)
-    if best.car.body_type == car.body_type and sig.content[pos] >= _SIMILAR_MIN * best.weight:
-        body = _BODY_NAMES[car.body_type]
-        return Reason(
-            ReasonKind.SIMILAR_CAR,
-            f"{body} of similar price and age to {best.label()}",
-            best.car.id,
-        )
+_ReasonKey = tuple[ReasonKind, int, str]
+"""What a reason says: (kind, seed position or percentage, city / body / "over" ...)."""
+
+
+def _content_reason_key(
+    car: Car,
+    by_series: dict[tuple[str, str], int],
+    by_brand: dict[str, int],
+    best: Seed,
+    best_at: int,
+    content: float,
+) -> _ReasonKey | None:
+    found = by_series.get((car.brand, car.series))
+    if found is not None:
+        return (ReasonKind.SAME_SERIES, found, "")
+    found = by_brand.get(car.brand)
+    if found is not None:
+        return (ReasonKind.SAME_BRAND, found, "")
+    if best.car.body_type == car.body_type and content >= _SIMILAR_MIN * best.weight:
+        return (ReasonKind.SIMILAR_CAR, best_at, _BODY_NAMES[car.body_type])
     return None
 
 
-def _budget_reasons(car: Car, budget: tuple[int, int], tolerance: float) -> list[Reason]:
+def _budget_reason_key(price: int, budget: tuple[int, int]) -> _ReasonKey:
     budget_min, budget_max = budget
-    if budget_min <= 0 and budget_max <= 0:
-        return []
-    price = car.price_yuan
     if budget_max > 0 and price > budget_max:
-        pct = round(100 * (price - budget_max) / budget_max)
-        return [Reason(ReasonKind.NEAR_BUDGET, f"{max(pct, 1)}% over the budget")]
+        return (
+            ReasonKind.NEAR_BUDGET,
+            max(round(100 * (price - budget_max) / budget_max), 1),
+            "over",
+        )
     if budget_min > 0 and price < budget_min:
-        pct = round(100 * (budget_min - price) / budget_min)
-        return [Reason(ReasonKind.NEAR_BUDGET, f"{max(pct, 1)}% under the budget")]
-    return [Reason(ReasonKind.WITHIN_BUDGET, f"within budget ({_budget_text(budget)})")]
+        return (
+            ReasonKind.NEAR_BUDGET,
+            max(round(100 * (budget_min - price) / budget_min), 1),
+            "under",
+        )
+    return (ReasonKind.WITHIN_BUDGET, 0, "")
+
+
+def _make_reason(key: _ReasonKey, seeds: list[Seed], budget: tuple[int, int]) -> Reason:
+    kind, number, text = key
+    if kind in (ReasonKind.SAME_SERIES, ReasonKind.SAME_BRAND):
+        seed = seeds[number]
+        what = "series" if kind == ReasonKind.SAME_SERIES else "brand"
+        return Reason(kind, f"same {what} as {seed.label()}", seed.car.id)
+    if kind == ReasonKind.SIMILAR_CAR:
+        seed = seeds[number]
+        return Reason(kind, f"{text} of similar price and age to {seed.label()}", seed.car.id)
+    if kind == ReasonKind.ALSO_INTERESTED:
+        seed = seeds[number]
+        said = f"customers interested in the {seed.car.title} were also interested in this car"
+        return Reason(kind, said, seed.car.id)
+    if kind == ReasonKind.POPULAR:
+        return Reason(kind, f"popular in {text}")
+    if kind == ReasonKind.NEAR_BUDGET:
+        return Reason(kind, f"{number}% {text} the budget")
+    if kind == ReasonKind.WITHIN_BUDGET:
+        return Reason(kind, f"within budget ({_budget_text(budget)})")
+    return Reason(ReasonKind.ON_SALE, f"on sale in {text}")
 
 
 def _budget_text(budget: tuple[int, int]) -> str:
@@ -351,20 +588,9 @@ def _rank(
 ) -> tuple[Recommendation, ...]:
     if len(cands) == 0:
         return ()
-    sig = _signals(index, cfg, cands, seeds, weights, budget)
-    chosen = _select(index, cands, sig.score, count, per_brand)
-    result_slots = cands[np.array(chosen, dtype=np.intp)] if chosen else cands[:0]
-    cooc_seeds = _cooc_seeds(sig, seeds, result_slots)
-    out = []
-    for pos, slot, cooc_seed in zip(chosen, result_slots.tolist(), cooc_seeds, strict=True):
-        car = index.cars[slot]
-        assert car is not None
-        reasons = _reasons(
-            car, pos, cooc_seed, seeds, sig, weights, budget,
-            cfg.budget_tolerance, cfg.popular_threshold,
-        )  # fmt: skip
-        out.append(Recommendation(car, float(sig.score[pos]), reasons))
-    return tuple(out)
+    sig = _signals(index, cfg, cands, seeds, weights, budget, count, per_brand)
+    chosen = _select(index, sig.cands, sig.score, count, per_brand)
+    return _explain(index, cfg, seeds, sig, chosen, weights, budget)
 
 
 def recommend(index: CarIndex, cfg: RankingConfig, q: RecommendQuery) -> Recommendations:

@@ -4,8 +4,13 @@ Every car id seen (in the inventory or in an interaction) gets a *slot*, a row o
 column arrays below (slots are never reused; a sold car stays, marked not on sale):
 
 - inventory columns: ``known`` (the car's row was seen), ``on_sale``, ``price``, and the
-  numeric feature matrix ``features`` (log price, model year, log(1 + mileage)), plus
-  integer codes of brand, series (brand + series), body type and city;
+  numeric features as float32 columns ``log_price``, ``year``, ``log_mileage`` (1 + km),
+  plus integer codes of brand, series (brand + series), body type, city and *variant*
+  (series + body type: :meth:`CarIndex.variants` maps a variant code
+  back, so categorical similarity is a table lookup per variant);
+- ``on_sale_lists``: the cars on sale per city sorted by price (see
+  :mod:`~crm_recommendation.index.onsale`), so the hard filters (on sale, city, price
+  range) are a slice, not a mask over every car;
 - ``logpop``: log of the decayed interaction weight, ``log sum(w * 2^((t - T0) / h))``.
   Normalizing by the best candidate cancels "now", so no clock is involved;
 - ``pairs``: item-to-item co-occurrence, ``sum over customers of w_a * w_b`` where ``w`` is
@@ -36,11 +41,13 @@ from crm_recommendation.domain.model import (
     Interaction,
     kind_mask_weight,
 )
+from crm_recommendation.index.onsale import MAX_PRICE_KEY, OnSaleLists
 from crm_recommendation.index.sparse import CsrBase, CustomerSets, PairWeights
 
 __all__ = ["T0", "CarIndex", "InteractionArrays", "Vocab"]
 
 F64 = npt.NDArray[np.float64]
+F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
 I32 = npt.NDArray[np.int32]
 
@@ -98,10 +105,16 @@ class CarIndex:
         self.known = np.zeros(cap, np.bool_)
         self.on_sale = np.zeros(cap, np.bool_)
         self.price: I64 = np.zeros(cap, np.int64)
-        self.features: F64 = np.zeros((cap, 3), np.float64)
+        self.log_price: F32 = np.zeros(cap, np.float32)
+        self.year: F32 = np.zeros(cap, np.float32)
+        self.log_mileage: F32 = np.zeros(cap, np.float32)
         self.brand: I32 = np.zeros(cap, np.int32)
         self.series: I32 = np.zeros(cap, np.int32)
         self.body: I32 = np.zeros(cap, np.int32)
+        self.variant: I32 = np.zeros(cap, np.int32)
+        self._variants: dict[tuple[int, int], int] = {}
+        self._variant_rows: list[tuple[int, int, int]] = []
+        self._variant_arrays: tuple[I32, I32, I32] | None = None
         self.city: I32 = np.full(cap, -1, np.int32)
         self.car_seq: I64 = np.zeros(cap, np.int64)
         self.logpop: F64 = np.full(cap, -np.inf, np.float64)
@@ -110,8 +123,7 @@ class CarIndex:
         self.customers = CustomerSets()
         self.watermark = 0
         self._applied: set[int] = set()
-        self._city_slots: dict[int, list[int]] = {}
-        self._city_cache: dict[int, I64] = {}
+        self.on_sale_lists = OnSaleLists()
 
     # ------------------------------------------------------------------ slots & reads
 
@@ -130,10 +142,13 @@ class CarIndex:
         self.known = grown(self.known)  # type: ignore[assignment]
         self.on_sale = grown(self.on_sale)  # type: ignore[assignment]
         self.price = grown(self.price)  # type: ignore[assignment]
-        self.features = grown(self.features)  # type: ignore[assignment]
+        self.log_price = grown(self.log_price)  # type: ignore[assignment]
+        self.year = grown(self.year)  # type: ignore[assignment]
+        self.log_mileage = grown(self.log_mileage)  # type: ignore[assignment]
         self.brand = grown(self.brand)  # type: ignore[assignment]
         self.series = grown(self.series)  # type: ignore[assignment]
         self.body = grown(self.body)  # type: ignore[assignment]
+        self.variant = grown(self.variant)  # type: ignore[assignment]
         self.city = grown(self.city, -1)  # type: ignore[assignment]
         self.car_seq = grown(self.car_seq)  # type: ignore[assignment]
         self.logpop = grown(self.logpop, -np.inf)  # type: ignore[assignment]
@@ -152,37 +167,52 @@ class CarIndex:
         self.n = s + 1
         return s
 
+    def _variant(self, brand: int, series: int, body: int) -> int:
+        found = self._variants.get((series, body))
+        if found is None:
+            found = self._variants[(series, body)] = len(self._variant_rows)
+            self._variant_rows.append((brand, series, body))
+            self._variant_arrays = None
+        return found
+
+    def variants(self) -> tuple[I32, I32, I32]:
+        """``(brand, series, body)`` codes of every variant code (do not modify)."""
+        if self._variant_arrays is None:
+            rows = np.array(self._variant_rows, dtype=np.int32).reshape(-1, 3)
+            self._variant_arrays = (rows[:, 0].copy(), rows[:, 1].copy(), rows[:, 2].copy())
+        return self._variant_arrays
+
     def car(self, car_id: int) -> Car | None:
         """The car with ``car_id`` (any status), or None when not in the inventory."""
         s = self.slot_of.get(car_id)
         return None if s is None else self.cars[s]
 
-    def city_slots(self, city: str | None) -> I64:
-        """Slots of known cars in ``city`` (every known car when None), any status."""
+    def on_sale_slots(self, city: str | None, lo: float | None, hi: float | None) -> I64:
+        """Slots of the cars on sale in ``city`` (every city when None) priced in
+        ``[lo, hi]`` (None: unbounded), ascending; do not modify."""
         if city is None:
-            return np.flatnonzero(self.known[: self.n]).astype(np.int64)
+            return self.on_sale_lists.slots(None, lo, hi)
         code = self.cities.code.get(city)
         if code is None:
             return np.zeros(0, np.int64)
-        cached = self._city_cache.get(code)
-        if cached is None:
-            cached = np.array(sorted(self._city_slots.get(code, ())), dtype=np.int64)
-            self._city_cache[code] = cached
-        return cached
+        return self.on_sale_lists.slots(code, lo, hi)
 
     def customer_cars(self, customer_id: int) -> Mapping[int, int]:
         """``{slot: kind mask}`` of the customer's interactions."""
         return self.customers.get(customer_id)
 
-    def cooccurrence(self, a: int) -> tuple[I64, F64]:
-        """Neighbours of slot ``a`` (unique) with the cosine of their co-occurrence."""
-        nbr, weight = self.pairs.row(a)
-        if len(nbr) == 0 or self.sq_norm[a] <= 0:
-            return nbr, np.zeros(len(nbr), np.float64)
-        denom = np.sqrt(float(self.sq_norm[a]) * self.sq_norm[nbr].astype(np.float64))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            cos = np.where(denom > 0, weight / np.where(denom > 0, denom, 1.0), 0.0)
-        return nbr, cos
+    def cooccurrence_rows(self, slots: Sequence[int]) -> tuple[I64, I64, F64]:
+        """The rows of several slots at once, concatenated in the order given:
+        ``(which, nbr, cosine)`` where ``which`` is the position in ``slots`` of the row an
+        entry belongs to; within a row, neighbours are unique."""
+        which, nbr, weight = self.pairs.rows(slots)
+        if len(nbr) == 0:
+            return which, nbr, np.zeros(0, np.float64)
+        owner = self.sq_norm[np.asarray(slots, np.int64)][which].astype(np.float64)
+        denom = np.sqrt(owner * self.sq_norm[nbr].astype(np.float64))
+        cos = np.zeros(len(nbr))
+        np.divide(weight, denom, out=cos, where=denom > 0)
+        return which, nbr, cos
 
     def cosine(self, a: int, b: int) -> float:
         """Co-occurrence cosine of two slots (0 when none)."""
@@ -194,45 +224,46 @@ class CarIndex:
     def nbytes(self) -> int:
         """Approximate memory of the index (arrays, overlays, per-car objects)."""
         arrays = (
-            self.ids, self.known, self.on_sale, self.price, self.features, self.brand,
-            self.series, self.body, self.city, self.car_seq, self.logpop, self.sq_norm,
+            self.ids, self.known, self.on_sale, self.price, self.log_price, self.year,
+            self.log_mileage, self.brand,
+            self.series, self.body, self.variant, self.city, self.car_seq, self.logpop,
+            self.sq_norm,
         )  # fmt: skip
-        objects = 250 * self.n  # Car object, dict entries, city list entry
+        objects = 250 * self.n  # Car object, dict entries
         return (
             int(sum(a.nbytes for a in arrays))
             + objects
             + self.pairs.nbytes
-            + (self.customers.nbytes)
+            + self.customers.nbytes
+            + self.on_sale_lists.nbytes
         )
 
     # ------------------------------------------------------------------ cars
 
     def upsert_car(self, car: Car, sequence: int) -> bool:
         """Applies a car row whose change sequence is ``sequence``; an older row than the
-        one held is ignored. Returns whether anything changed."""
+        one held is ignored. Returns whether anything changed. ValueError when the price is
+        outside ``0..MAX_PRICE_KEY`` (the api accepts far less)."""
+        if not 0 <= car.price_yuan <= MAX_PRICE_KEY:
+            raise ValueError(f"car {car.id}: price {car.price_yuan} out of range")
         s = self.slot(car.id)
         if self.known[s] and sequence <= self.car_seq[s]:
             return False
-        old_city = int(self.city[s])
         new_city = self.cities(car.city)
-        if old_city != new_city:
-            if old_city >= 0:
-                self._city_slots[old_city].remove(s)
-                self._city_cache.pop(old_city, None)
-            self._city_slots.setdefault(new_city, []).append(s)
-            self._city_cache.pop(new_city, None)
+        old = (int(self.city[s]), int(self.price[s])) if self.on_sale[s] else None
+        new = (new_city, car.price_yuan) if car.status == CarStatus.ON_SALE else None
+        self.on_sale_lists.move(s, old, new)
         self.cars[s] = car
         self.known[s] = True
         self.on_sale[s] = car.status == CarStatus.ON_SALE
         self.price[s] = car.price_yuan
-        self.features[s] = (
-            math.log(max(car.price_yuan, 1)),
-            float(car.model_year),
-            math.log1p(max(car.mileage_km, 0)),
-        )
+        self.log_price[s] = math.log(max(car.price_yuan, 1))
+        self.year[s] = float(car.model_year)
+        self.log_mileage[s] = math.log1p(max(car.mileage_km, 0))
         self.brand[s] = self.brands(car.brand)
         self.series[s] = self.series_vocab(f"{car.brand}\x00{car.series}")
         self.body[s] = int(car.body_type)
+        self.variant[s] = self._variant(int(self.brand[s]), int(self.series[s]), int(car.body_type))
         self.city[s] = new_city
         self.car_seq[s] = sequence
         return True

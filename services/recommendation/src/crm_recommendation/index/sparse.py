@@ -12,8 +12,9 @@ Only the owner's thread mutates; ``merged`` only reads the base and a frozen ove
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -148,6 +149,33 @@ class PairWeights:
         ).astype(np.int64)
         keep = sums != 0
         return uniq[keep], sums[keep]
+
+    def rows(self, slots: Sequence[int]) -> tuple[I64, I64, I64]:
+        """The rows of ``slots`` concatenated in the order given: ``(which, nbr, weight)``,
+        ``which`` being the position in ``slots`` of each entry's row."""
+        base = self._base
+        indptr, rows = base.indptr, base.rows
+        nbrs: list[npt.NDArray[np.signedinteger[Any]]] = []
+        weights: list[I64] = []
+        lengths: list[int] = []
+        for s in slots:
+            nbr: npt.NDArray[np.signedinteger[Any]]
+            if s in self._frozen or s in self._delta:
+                nbr, weight = self.row(s)
+            elif s < rows:
+                lo, hi = int(indptr[s]), int(indptr[s + 1])
+                nbr, weight = base.nbr[lo:hi], base.weight[lo:hi]
+            else:
+                lengths.append(0)
+                continue
+            nbrs.append(nbr)
+            weights.append(weight)
+            lengths.append(len(nbr))
+        if not nbrs:
+            empty = np.zeros(0, np.int64)
+            return empty, empty, empty
+        which = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
+        return which, np.concatenate(nbrs).astype(np.int64), np.concatenate(weights)
 
     def get(self, a: int, b: int) -> int:
         value = self._base.get(a, b)

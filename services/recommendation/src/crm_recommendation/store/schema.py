@@ -12,12 +12,12 @@ are stored by name.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
+from crm_common.db import NAMING_CONVENTION, TABLE_ARGS, UtcDateTime
 from sqlalchemy import (
     BigInteger,
-    Dialect,
     Enum,
     ForeignKey,
     Index,
@@ -25,9 +25,7 @@ from sqlalchemy import (
     MetaData,
     SmallInteger,
     String,
-    TypeDecorator,
 )
-from sqlalchemy.dialects import mysql
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from crm_recommendation.domain.model import BodyType, CarStatus, InteractionKind
@@ -41,39 +39,9 @@ __all__ = [
     "UtcDateTime",
 ]
 
-NAMING_CONVENTION = {
-    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
-    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
-    "ck": "ck_%(table_name)s_%(constraint_name)s",
-    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
-    "pk": "pk_%(table_name)s",
-}
-
-TABLE_ARGS: dict[str, Any] = {
-    "mysql_engine": "InnoDB",
-    "mysql_charset": "utf8mb4",
-    "mysql_collate": "utf8mb4_bin",
-}
 
 SEQUENCE_NAME = "data"
 """Name of the single change sequence row (created by the migration)."""
-
-
-class UtcDateTime(TypeDecorator[datetime]):
-    """``DATETIME(6)`` with naive UTC in the database and aware UTC in Python."""
-
-    impl = mysql.DATETIME(fsp=6)
-    cache_ok = True
-
-    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            raise ValueError("naive datetime given to a UTC column")
-        return value.astimezone(UTC).replace(tzinfo=None)
-
-    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        return None if value is None else value.replace(tzinfo=UTC)
 
 
 def _enum(cls: type[Any], name: str) -> Enum:

@@ -24,6 +24,8 @@ log = logging.getLogger("crm.scheduler.pump")
 def pump_config(settings: SchedulerSettings) -> PumpConfig:
     return PumpConfig(
         poll_s=settings.pump_poll_s,
+        coalesce_s=settings.pump_coalesce_s,
+        lead_s=settings.pump_lead_s,
         batch=settings.pump_batch,
         max_in_flight=settings.pump_max_in_flight,
         enqueue_lease_s=settings.enqueue_lease_s,
@@ -35,7 +37,9 @@ async def run_pump(settings: SchedulerSettings, clock: Clock = utc_now) -> None:
     engine = make_engine(settings.database_url, 3)
     store = SchedulerStore(engine)
     executor = BlockingExecutor(3, name="crm-scheduler-pump")
-    sender = CelerySender(make_celery(settings), settings.queue_name, settings.redis_url)
+    sender = CelerySender(
+        make_celery(settings), settings.queue_name, settings.redis_url, settings.pump_message_jobs
+    )
     metrics = RpcMetrics("scheduler-pump")
     pump = Pump(store, sender, clock, pump_config(settings), PumpMetrics(metrics.registry))
     server = health_server(

@@ -3,12 +3,12 @@
 from crm_common.db import make_engine as _make_engine
 from sqlalchemy import Engine
 
-from crm_scheduler.store.repository import ReapResult, SchedulerStore
+from crm_scheduler.store.repository import Failure, ReapResult, SchedulerStore
 
-__all__ = ["ReapResult", "SchedulerStore", "make_engine"]
+__all__ = ["Failure", "ReapResult", "SchedulerStore", "make_engine"]
 
 
 def make_engine(url: str, pool_size: int) -> Engine:
     """The shared engine with the server's default lock wait: the scheduler's statements
-    are SKIP LOCKED scans and single-row conditional updates (group-committed)."""
+    are SKIP LOCKED scans and short claim/result transactions on a message's rows."""
     return _make_engine(url, pool_size, lock_wait_timeout_s=None)

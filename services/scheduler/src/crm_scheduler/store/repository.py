@@ -5,11 +5,13 @@ Concurrency contract (what makes a job run once per claim and never get lost):
 
 - the pump moves due rows (``due_at <= now``) to ENQUEUED with a lease in one
   transaction (``FOR UPDATE SKIP LOCKED``: pumps never collide), *then* sends them;
-- a worker claims with one conditional UPDATE (``state = ENQUEUED`` and the attempt
-  counters the message carries): a duplicate or stale delivery, or a job cancelled in
-  between, updates nothing and is dropped;
-- results are recorded with conditional UPDATEs too (a late result of an attempt
-  whose lease was reaped is ignored, except a success, which is never thrown away);
+- a worker claims a message's jobs in one transaction: the rows are locked, and only
+  those still ENQUEUED for the attempt counters the message carries become RUNNING; a
+  duplicate or stale delivery, or a job cancelled in between, is not claimed and is
+  dropped;
+- results are recorded the same way, several in one transaction (a late result of an
+  attempt whose lease was reaped is ignored, except a success, which is never thrown
+  away);
 - the reaper re-sends in-flight rows whose lease expired.
 """
 
@@ -25,9 +27,10 @@ from crm_common.db import ER_DUP_ENTRY, TransactionRunner, mysql_errno
 from crm_common.errors import AlreadyExists, FailedPrecondition, NotFound, PreconditionViolation
 from sqlalchemy import (
     ColumnElement,
-    CursorResult,
+    Connection,
     Engine,
-    Executable,
+    Update,
+    bindparam,
     func,
     insert,
     select,
@@ -49,10 +52,9 @@ from crm_scheduler.domain.model import (
     Target,
 )
 from crm_scheduler.domain.retry import LEASE_EXPIRED, AttemptOutcome
-from crm_scheduler.store.group_commit import GroupCommitter
 from crm_scheduler.store.schema import JobRow
 
-__all__ = ["ReapResult", "SchedulerStore"]
+__all__ = ["Failure", "MoveResult", "ReapResult", "SchedulerStore"]
 
 log = logging.getLogger("crm.scheduler.store")
 
@@ -60,25 +62,102 @@ _ENQUEUED = JobState.ENQUEUED.name
 _RUNNING = JobState.RUNNING.name
 _MAX_ERROR_CHARS = 1000
 _MAX_RESEND_DOUBLINGS = 3
+_NO_CAP = 2**62
 
-# The workers' hot path as plain SQL (two statements per job; no ORM overhead).
+# The workers' hot path as plain SQL (per message, whatever its number of jobs: lock
+# the rows, one UPDATE, commit; no ORM overhead).
+_LOCK_CLAIM = text(
+    "SELECT id, state, total_attempts, attempts FROM job WHERE id IN :ids ORDER BY id FOR UPDATE"
+).bindparams(bindparam("ids", expanding=True))
 _CLAIM = text(
-    "UPDATE job SET state = 'RUNNING', attempts = :run_attempt, total_attempts = :attempt,"
-    " lease_until = :lease_until, worker = :worker, resends = 0, updated_at = :now"
-    " WHERE id = :id AND state = 'ENQUEUED' AND total_attempts = :attempt - 1"
-    " AND attempts = :run_attempt - 1"
-)
+    "UPDATE job SET state = 'RUNNING', attempts = attempts + 1,"
+    " total_attempts = total_attempts + 1,"
+    " lease_until = :now + INTERVAL (attempt_deadline_ms * 1000 + :grace_us) MICROSECOND,"
+    " worker = :worker, resends = 0, updated_at = :now"
+    " WHERE id IN :ids AND state = 'ENQUEUED'"
+).bindparams(bindparam("ids", expanding=True))
+_LOCK_RESULT = text(
+    "SELECT id, state, total_attempts FROM job WHERE id IN :ids ORDER BY id FOR UPDATE"
+).bindparams(bindparam("ids", expanding=True))
 _SUCCEED = text(
     "UPDATE job SET state = 'SUCCEEDED', due_at = NULL, lease_until = NULL,"
-    " finished_at = :now, updated_at = :now"
-    " WHERE id = :id AND state IN ('RUNNING', 'ENQUEUED', 'RETRY_WAIT')"
-    " AND total_attempts >= :attempt"
-)
+    " finished_at = :now, updated_at = :now WHERE id IN :ids"
+).bindparams(bindparam("ids", expanding=True))
+_SUCCEEDABLE = frozenset({_RUNNING, _ENQUEUED, JobState.RETRY_WAIT.name})
+
+
+def _aware(at: datetime) -> datetime:
+    """Naive UTC from the database -> aware UTC (where no ORM type converts)."""
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
 
 
 def _naive(at: datetime) -> datetime:
     """Aware -> naive UTC, for plain SQL parameters (the ORM type does it elsewhere)."""
     return at.astimezone(UTC).replace(tzinfo=None)
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """A failed attempt to record: when it failed, what follows (retry or DEAD), why."""
+
+    dispatch: Dispatch
+    at: datetime
+    outcome: AttemptOutcome
+    code: str
+    message: str
+
+
+def _fail_statement(f: Failure) -> Update:
+    dead = f.outcome.state is JobState.DEAD
+    return (
+        update(JobRow)
+        .where(JobRow.id == f.dispatch.job_id)
+        .values(
+            state=f.outcome.state.name,
+            due_at=f.outcome.due_at,
+            lease_until=None,
+            last_error_code=f.code[:32],
+            last_error_message=_clip(f.message),
+            finished_at=f.at if dead else None,
+            updated_at=f.at,
+        )
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class MoveResult:
+    """One pump transaction: the messages to send, the jobs in flight before it, and
+    when the next waiting job is due (None: none waits)."""
+
+    dispatches: list[Dispatch]
+    in_flight: int
+    next_due: datetime | None
+
+
+def _move(
+    conn: Connection, now: datetime, until: datetime, limit: int, lease_until: datetime
+) -> list[Dispatch]:
+    rows = conn.execute(
+        select(*_DISPATCH_COLUMNS)
+        .where(JobRow.due_at <= until)
+        .order_by(JobRow.due_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    ).all()
+    if not rows:
+        return []  # (plain rows: no ORM objects on the pump's hot path)
+    conn.execute(
+        update(JobRow)
+        .where(JobRow.id.in_([r.id for r in rows]))
+        .values(
+            state=_ENQUEUED,
+            due_at=None,
+            lease_until=lease_until,
+            dispatches=JobRow.dispatches + 1,
+            updated_at=now,
+        )
+    )
+    return [_dispatch(r, r.due_at or now) for r in rows]
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,15 +273,12 @@ def _clip(message: str) -> str:
 class SchedulerStore:
     """The job table (see the module doc for the concurrency contract)."""
 
-    def __init__(self, engine: Engine, *, group_commit: bool = False) -> None:
+    def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._tx = TransactionRunner(engine)
-        self._group = GroupCommitter(engine) if group_commit else None
 
     def close(self) -> None:
-        """Stops the group committer (if any) and closes the engine's connections."""
-        if self._group is not None:
-            self._group.close()
+        """Closes the engine's connections."""
         self.engine.dispose()
 
     def ping(self) -> None:
@@ -349,34 +425,29 @@ class SchedulerStore:
     def enqueue_due(self, now: datetime, limit: int, lease_s: float) -> list[Dispatch]:
         """Marks up to ``limit`` due jobs ENQUEUED with a lease (committed), returning
         the messages to send. The caller sends them after this returns."""
+        return self.move_due(now, now, limit, lease_s, _NO_CAP).dispatches
+
+    def move_due(
+        self, now: datetime, until: datetime, limit: int, lease_s: float, max_in_flight: int
+    ) -> MoveResult:
+        """The pump's transaction: counts the jobs in flight, marks up to ``limit`` jobs
+        due by ``until`` ENQUEUED with a lease (fewer when ``max_in_flight`` would be
+        passed), finds when the next waiting job is due, and commits. The caller sends
+        the returned messages after this returns."""
         lease_until = now + timedelta(seconds=lease_s)
 
-        def move(session: Session) -> list[Dispatch]:
-            rows = session.execute(
-                select(*_DISPATCH_COLUMNS)
-                .where(JobRow.due_at <= now)
-                .order_by(JobRow.due_at)
-                .limit(limit)
-                .with_for_update(skip_locked=True)
-            ).all()
-            if not rows:
-                return []  # (plain rows: no ORM objects on the pump's hot path)
-            out = [_dispatch(r, r.due_at or now) for r in rows]
-            session.execute(
-                update(JobRow)
-                .where(JobRow.id.in_([r.id for r in rows]))
-                .values(
-                    state=_ENQUEUED,
-                    due_at=None,
-                    lease_until=lease_until,
-                    dispatches=JobRow.dispatches + 1,
-                    updated_at=now,
-                )
-                .execution_options(synchronize_session=False)
+        def move(conn: Connection) -> MoveResult:
+            in_flight = int(
+                conn.execute(
+                    select(func.count()).select_from(JobRow).where(JobRow.lease_until.is_not(None))
+                ).scalar_one()
             )
-            return out
+            room = min(limit, max_in_flight - in_flight)
+            out = _move(conn, now, until, room, lease_until) if room > 0 else []
+            next_due = conn.execute(select(func.min(JobRow.due_at))).scalar_one()
+            return MoveResult(out, in_flight, None if next_due is None else _aware(next_due))
 
-        return self._tx.run(move)
+        return self._tx.run_core(move)
 
     def reap_expired(self, now: datetime, limit: int, lease_s: float) -> ReapResult:
         """In-flight jobs whose lease expired: an ENQUEUED one is sent again (its
@@ -457,61 +528,107 @@ class SchedulerStore:
 
     def claim(self, d: Dispatch, now: datetime, lease_s: float, worker: str) -> bool:
         """ENQUEUED -> RUNNING for the attempt ``d`` carries; False when the message is
-        a duplicate or stale, or the job was cancelled."""
-        return self._update_one(
-            d.job_id,
-            _CLAIM,
-            {
-                "id": d.job_id,
-                "attempt": d.attempt,
-                "run_attempt": d.run_attempt,
-                "lease_until": _naive(now + timedelta(seconds=lease_s)),
-                "worker": worker[:255],
-                "now": _naive(now),
-            },
-        )
+        a duplicate or stale, or the job was cancelled. (One job: see :meth:`claim_many`.)"""
+        grace_s = lease_s - d.attempt_deadline_ms / 1000
+        return self.claim_many([d], now, grace_s, worker)[0]
+
+    def claim_many(
+        self, ds: Sequence[Dispatch], now: datetime, lease_grace_s: float, worker: str
+    ) -> list[bool]:
+        """Claims a message's jobs in one transaction (three round trips whatever their
+        number): each job whose row is still ENQUEUED for the attempt its dispatch
+        carries becomes RUNNING with a lease of its attempt deadline plus
+        ``lease_grace_s``. Returns, per dispatch, whether it was claimed (a duplicate,
+        stale or cancelled one is not; a job listed twice is claimed once)."""
+        if not ds:
+            return []
+        ids = sorted({d.job_id for d in ds})
+
+        def run(conn: Connection) -> list[bool]:
+            rows = {r.id: r for r in conn.execute(_LOCK_CLAIM, {"ids": ids}).all()}
+            won: list[bool] = []
+            chosen: set[int] = set()
+            for d in ds:
+                r = rows.get(d.job_id)
+                ok = (
+                    r is not None
+                    and d.job_id not in chosen
+                    and r.state == _ENQUEUED
+                    and r.total_attempts == d.attempt - 1
+                    and r.attempts == d.run_attempt - 1
+                )
+                if ok:
+                    chosen.add(d.job_id)
+                won.append(ok)
+            if chosen:
+                conn.execute(
+                    _CLAIM,
+                    {
+                        "ids": sorted(chosen),
+                        "grace_us": int(lease_grace_s * 1_000_000),
+                        "worker": worker[:255],
+                        "now": _naive(now),
+                    },
+                )
+            return won
+
+        return self._tx.run_core(run)
 
     def record_success(self, d: Dispatch, now: datetime) -> bool:
         """-> SUCCEEDED. Also accepted late (the lease was reaped and the job sent
         again but not finished): the effect happened, no need to call again."""
-        return self._update_one(
-            d.job_id, _SUCCEED, {"id": d.job_id, "attempt": d.attempt, "now": _naive(now)}
-        )
+        return self.record_results([d], [], now)[0][0]
 
     def record_failure(
         self, d: Dispatch, now: datetime, outcome: AttemptOutcome, code: str, message: str
     ) -> bool:
         """RUNNING -> RETRY_WAIT or DEAD, only for the attempt still holding the job."""
-        dead = outcome.state is JobState.DEAD
-        stmt = (
-            update(JobRow)
-            .where(
-                JobRow.id == d.job_id,
-                JobRow.state == _RUNNING,
-                JobRow.total_attempts == d.attempt,
-            )
-            .values(
-                state=outcome.state.name,
-                due_at=outcome.due_at,
-                lease_until=None,
-                last_error_code=code[:32],
-                last_error_message=_clip(message),
-                finished_at=now if dead else None,
-                updated_at=now,
-            )
-        )
-        return self._update_one(d.job_id, stmt)
+        return self.record_results([], [Failure(d, now, outcome, code, message)], now)[1][0]
 
-    def _update_one(
-        self, job_id: int, stmt: Executable, params: dict[str, object] | None = None
-    ) -> bool:
-        """One conditional UPDATE of one row, committed (in a shared batch with group
-        commit); True when it updated the row."""
-        if self._group is not None:
-            return self._group.execute(job_id, stmt, params)
+    def record_results(
+        self, succeeded: Sequence[Dispatch], failed: Sequence[Failure], now: datetime
+    ) -> tuple[list[bool], list[bool]]:
+        """Records the results of several attempts in one transaction (group commit:
+        one commit for a message's jobs). A success is recorded while the job is in
+        flight or waiting for a retry and its attempt is not older than the row's (a
+        late success is never thrown away); a failure only while the attempt still
+        holds the job (RUNNING). Returns, per success and per failure, whether it was
+        recorded."""
+        ids = sorted({d.job_id for d in succeeded} | {f.dispatch.job_id for f in failed})
+        if not ids:
+            return [], []
 
-        def run(session: Session) -> bool:
-            result = session.execute(stmt, params)
-            return isinstance(result, CursorResult) and result.rowcount == 1
+        def run(conn: Connection) -> tuple[list[bool], list[bool]]:
+            rows = {r.id: r for r in conn.execute(_LOCK_RESULT, {"ids": ids}).all()}
+            done: set[int] = set()
+            ok_s: list[bool] = []
+            for d in succeeded:
+                r = rows.get(d.job_id)
+                ok = (
+                    r is not None
+                    and d.job_id not in done
+                    and r.state in _SUCCEEDABLE
+                    and r.total_attempts >= d.attempt
+                )
+                if ok:
+                    done.add(d.job_id)
+                ok_s.append(ok)
+            if done:
+                conn.execute(_SUCCEED, {"ids": sorted(done), "now": _naive(now)})
+            ok_f: list[bool] = []
+            for f in failed:
+                d = f.dispatch
+                r = rows.get(d.job_id)
+                ok = (
+                    r is not None
+                    and d.job_id not in done
+                    and r.state == _RUNNING
+                    and r.total_attempts == d.attempt
+                )
+                if ok:
+                    done.add(d.job_id)
+                    conn.execute(_fail_statement(f))
+                ok_f.append(ok)
+            return ok_s, ok_f
 
-        return self._tx.run(run)
+        return self._tx.run_core(run)

@@ -5,7 +5,11 @@ carries due jobs from the pump to a worker; nothing here is trusted for correctn
 
 - no ETA/countdown is ever used (the pump sends a job when it is due);
 - ``acks_late`` and ``worker_prefetch_multiplier=1``: a worker holds at most one
-  message per execution slot, so pending work stays in MySQL, not in worker memory;
+  message (of at most ``pump_message_jobs`` jobs) per execution slot, so pending work
+  stays in MySQL, not in worker memory;
+- the pump packs the jobs due together into few messages and writes them to Redis in
+  one pipeline (kombu's ``Producer.batch``): Celery's cost per message is paid once
+  for many jobs;
 - the Redis ``visibility_timeout`` is left long: a redelivery it causes is a duplicate
   the claim turns into a no-op; lost messages are re-sent by the pump's lease reaper.
 """
@@ -13,18 +17,32 @@ carries due jobs from the pump to a worker; nothing here is trusted for correctn
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from crm_scheduler.domain.model import Dispatch
 from crm_scheduler.settings import SchedulerSettings
 
-__all__ = ["TASK_NAME", "CelerySender", "make_celery", "register_task", "start_worker"]
+__all__ = [
+    "BATCH_TASK_NAME",
+    "TASK_NAME",
+    "CelerySender",
+    "make_celery",
+    "register_task",
+    "start_worker",
+]
 
 log = logging.getLogger("crm.scheduler.broker")
 
+_T = TypeVar("_T")
+
+BATCH_TASK_NAME = "crm_scheduler.run_jobs"
+"""The Celery task the pump sends: ``run_jobs(messages)``, a list of :class:`Dispatch`
+messages."""
 TASK_NAME = "crm_scheduler.run_job"
-"""The one Celery task: ``run_job(message)`` with a :class:`Dispatch` message."""
+"""``run_job(message)`` with one :class:`Dispatch` message: what earlier pumps sent
+(still consumed, so messages in Redis during an upgrade run)."""
 
 
 def make_celery(settings: SchedulerSettings, main: str = "crm-scheduler") -> Any:
@@ -53,7 +71,8 @@ def make_celery(settings: SchedulerSettings, main: str = "crm-scheduler") -> Any
             "visibility_timeout": 3600,  # never relied upon (see module doc)
             "socket_timeout": 5,
             "socket_connect_timeout": 3,
-            "retry_on_timeout": True,
+            # no retry_on_timeout: kombu only pipelines a publish batch when redis-py
+            # would not replay it (a lost send is covered by the lease anyway)
         },
         broker_pool_limit=4,
         task_publish_retry=True,
@@ -79,12 +98,17 @@ def _keep_our_logging(**_: Any) -> None:
     return None
 
 
-def register_task(app: Any, handle: Callable[[dict[str, object]], object]) -> None:
-    """Registers :data:`TASK_NAME` calling ``handle(message)``."""
+def register_task(app: Any, handle_batch: Callable[[list[object]], object]) -> None:
+    """Registers :data:`BATCH_TASK_NAME` and :data:`TASK_NAME`, both calling
+    ``handle_batch(messages)``."""
 
-    def run_job(message: dict[str, object]) -> None:
-        handle(message)
+    def run_jobs(messages: list[object]) -> None:
+        handle_batch(messages if isinstance(messages, list) else [messages])
 
+    def run_job(message: object) -> None:
+        handle_batch([message])
+
+    app.task(name=BATCH_TASK_NAME, acks_late=True, ignore_result=True)(run_jobs)
     app.task(name=TASK_NAME, acks_late=True, ignore_result=True)(run_job)
 
 
@@ -118,31 +142,46 @@ def start_worker(
     return int(worker.exitcode or 0)
 
 
-class CelerySender:
-    """Publishes dispatches as :data:`TASK_NAME` messages (no ETA, no countdown)."""
+def split_even(items: Sequence[_T], most: int) -> list[Sequence[_T]]:
+    """``items`` in order, in as few chunks of at most ``most`` as possible, of even
+    sizes (51 by 50: 26 + 25, not 50 + 1, so two worker slots share the work)."""
+    if not items:
+        return []
+    count = -(-len(items) // max(1, most))
+    size = -(-len(items) // count)
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
-    def __init__(self, app: Any, queue: str, redis_url: str) -> None:
+
+class CelerySender:
+    """Publishes dispatches as :data:`BATCH_TASK_NAME` messages of at most
+    ``jobs_per_message`` jobs (no ETA, no countdown), all of one ``send`` in one Redis
+    pipeline."""
+
+    def __init__(self, app: Any, queue: str, redis_url: str, jobs_per_message: int = 50) -> None:
         import redis
 
         self._app = app
         self._queue = queue
+        self._per_message = jobs_per_message
         self._redis = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
 
     def send(self, dispatches: Sequence[Dispatch]) -> int:
-        """Sends in order; stops at the first failure (the rest keep their lease and
-        are re-sent by the reaper). Returns how many were sent."""
+        """Sends in order; returns how many are known to be sent (a failure stops the
+        send: the rest keep their lease and are re-sent by the reaper; with a pipeline
+        some may have gone out anyway: a duplicate delivery is dropped by the claim)."""
         sent = 0
+        chunks = split_even(dispatches, self._per_message)
         try:
             with self._app.producer_or_acquire() as producer:
-                for d in dispatches:
-                    self._app.send_task(
-                        TASK_NAME,
-                        kwargs={"message": d.to_message()},
-                        queue=self._queue,
-                        task_id=f"{d.uid}.{d.attempt}.{sent}",
-                        producer=producer,
-                    )
-                    sent += 1
+                if producer.supports_batch_publish:
+                    with producer.batch(max_size=max(16, 2 * len(chunks))):
+                        for chunk in chunks:
+                            self._publish(producer, chunk)
+                    sent = len(dispatches)
+                else:
+                    for chunk in chunks:
+                        self._publish(producer, chunk)
+                        sent += len(chunk)
         except Exception as exc:  # broker down: the lease covers the rest
             log.warning(
                 "sending to the broker failed after %d of %d: %s: %s",
@@ -152,6 +191,18 @@ class CelerySender:
                 exc,
             )
         return sent
+
+    def _publish(self, producer: Any, chunk: Sequence[Dispatch]) -> None:
+        first = chunk[0]
+        self._app.send_task(
+            BATCH_TASK_NAME,
+            kwargs={"messages": [d.to_message() for d in chunk]},
+            queue=self._queue,
+            task_id=f"{first.uid}.{first.attempt}+{len(chunk) - 1}.{uuid.uuid4().hex[:12]}",
+            producer=producer,
+            argsrepr="()",
+            kwargsrepr=f"{{'messages': <{len(chunk)} job(s)>}}",  # no payloads in headers
+        )
 
     def depth(self) -> int:
         """Messages waiting in the broker queue (Redis list length)."""

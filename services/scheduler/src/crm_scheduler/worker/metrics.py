@@ -30,7 +30,7 @@ class WorkerMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.start_lag = Histogram(
             "crm_scheduler_start_lag_seconds",
-            "From a job's due time to a worker claiming it.",
+            "From a job's due time to a worker starting its call.",
             buckets=LAG_BUCKETS,
             registry=registry,
         )

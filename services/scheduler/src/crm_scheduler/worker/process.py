@@ -32,7 +32,7 @@ def run_worker(settings: SchedulerSettings) -> int:
 
     def new_store() -> SchedulerStore:
         engine = make_engine(settings.database_url, settings.db_pool_size)
-        return SchedulerStore(engine, group_commit=True)
+        return SchedulerStore(engine)
 
     runner = JobRunner(
         new_store,
@@ -42,7 +42,7 @@ def run_worker(settings: SchedulerSettings) -> int:
         metrics=worker_metrics,
     )
     app = make_celery(settings)
-    register_task(app, runner.handle)
+    register_task(app, runner.handle_batch)
     probe = CelerySender(app, settings.queue_name, settings.redis_url)
     consuming = threading.Event()
 

@@ -131,6 +131,94 @@ PRESENCE_BREAK: Presence.ValueType  # 4
 """On a break; receives no new offers."""
 Global___Presence: _TypeAlias = Presence  # noqa: Y015
 
+class _CallOutcome:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CallOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CallOutcome.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CALL_OUTCOME_UNSPECIFIED: _CallOutcome.ValueType  # 0
+    """Not set; rejected with INVALID_ARGUMENT."""
+    CALL_OUTCOME_CONNECTED: _CallOutcome.ValueType  # 1
+    """The customer answered and the agent talked with them."""
+    CALL_OUTCOME_NO_ANSWER: _CallOutcome.ValueType  # 2
+    """Nobody answered."""
+    CALL_OUTCOME_BUSY: _CallOutcome.ValueType  # 3
+    """The line was busy."""
+    CALL_OUTCOME_REJECTED_BY_CUSTOMER: _CallOutcome.ValueType  # 4
+    """The customer answered and refused to talk."""
+    CALL_OUTCOME_WRONG_NUMBER: _CallOutcome.ValueType  # 5
+    """The number does not belong to the customer."""
+
+class CallOutcome(_CallOutcome, metaclass=_CallOutcomeEnumTypeWrapper):
+    """How a call ended."""
+
+CALL_OUTCOME_UNSPECIFIED: CallOutcome.ValueType  # 0
+"""Not set; rejected with INVALID_ARGUMENT."""
+CALL_OUTCOME_CONNECTED: CallOutcome.ValueType  # 1
+"""The customer answered and the agent talked with them."""
+CALL_OUTCOME_NO_ANSWER: CallOutcome.ValueType  # 2
+"""Nobody answered."""
+CALL_OUTCOME_BUSY: CallOutcome.ValueType  # 3
+"""The line was busy."""
+CALL_OUTCOME_REJECTED_BY_CUSTOMER: CallOutcome.ValueType  # 4
+"""The customer answered and refused to talk."""
+CALL_OUTCOME_WRONG_NUMBER: CallOutcome.ValueType  # 5
+"""The number does not belong to the customer."""
+Global___CallOutcome: _TypeAlias = CallOutcome  # noqa: Y015
+
+class _CallType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CallTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CallType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CALL_TYPE_UNSPECIFIED: _CallType.ValueType  # 0
+    """Not set: taken as CALL_TYPE_CALLOUT (agents call customers about tasks)."""
+    CALL_TYPE_CALLIN: _CallType.ValueType  # 1
+    """The customer called in."""
+    CALL_TYPE_CALLOUT: _CallType.ValueType  # 2
+    """The agent called out."""
+
+class CallType(_CallType, metaclass=_CallTypeEnumTypeWrapper):
+    """Direction of a call (the seed's call type)."""
+
+CALL_TYPE_UNSPECIFIED: CallType.ValueType  # 0
+"""Not set: taken as CALL_TYPE_CALLOUT (agents call customers about tasks)."""
+CALL_TYPE_CALLIN: CallType.ValueType  # 1
+"""The customer called in."""
+CALL_TYPE_CALLOUT: CallType.ValueType  # 2
+"""The agent called out."""
+Global___CallType: _TypeAlias = CallType  # noqa: Y015
+
+class _TelephonyProvider:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TelephonyProviderEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TelephonyProvider.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TELEPHONY_PROVIDER_UNSPECIFIED: _TelephonyProvider.ValueType  # 0
+    """Not set; rejected with INVALID_ARGUMENT."""
+    TELEPHONY_PROVIDER_ZT: _TelephonyProvider.ValueType  # 1
+    """Zhong Tong."""
+    TELEPHONY_PROVIDER_RL: _TelephonyProvider.ValueType  # 2
+    """Provider RL."""
+    TELEPHONY_PROVIDER_TR: _TelephonyProvider.ValueType  # 3
+    """Provider TR."""
+
+class TelephonyProvider(_TelephonyProvider, metaclass=_TelephonyProviderEnumTypeWrapper):
+    """Telephony provider that carried a call (the seed's provider type)."""
+
+TELEPHONY_PROVIDER_UNSPECIFIED: TelephonyProvider.ValueType  # 0
+"""Not set; rejected with INVALID_ARGUMENT."""
+TELEPHONY_PROVIDER_ZT: TelephonyProvider.ValueType  # 1
+"""Zhong Tong."""
+TELEPHONY_PROVIDER_RL: TelephonyProvider.ValueType  # 2
+"""Provider RL."""
+TELEPHONY_PROVIDER_TR: TelephonyProvider.ValueType  # 3
+"""Provider TR."""
+Global___TelephonyProvider: _TypeAlias = TelephonyProvider  # noqa: Y015
+
 @_typing.final
 class Customer(_message.Message):
     """A customer as the platform shows it."""
@@ -546,6 +634,7 @@ class GetTaskResponse(_message.Message):
     CLUES_FIELD_NUMBER: _builtins.int
     HISTORY_FIELD_NUMBER: _builtins.int
     RECOMMENDATIONS_FIELD_NUMBER: _builtins.int
+    CALLS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def task(self) -> Global___Task:
         """The task."""
@@ -568,6 +657,10 @@ class GetTaskResponse(_message.Message):
         detail still answers when that service is down or slow: then `available` is false.
         """
 
+    @_builtins.property
+    def calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___CallRecord]:
+        """Calls recorded on the task (RecordCall), oldest first."""
+
     def __init__(
         self,
         *,
@@ -576,10 +669,11 @@ class GetTaskResponse(_message.Message):
         clues: _abc.Iterable[Global___Clue] | None = ...,
         history: _abc.Iterable[Global___TaskEvent] | None = ...,
         recommendations: Global___TaskRecommendations | None = ...,
+        calls: _abc.Iterable[Global___CallRecord] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["customer", b"customer", "recommendations", b"recommendations", "task", b"task"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["clues", b"clues", "customer", b"customer", "history", b"history", "recommendations", b"recommendations", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls", "clues", b"clues", "customer", b"customer", "history", b"history", "recommendations", b"recommendations", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1484,3 +1578,219 @@ class WakeRevisitResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WakeRevisitResponse: _TypeAlias = WakeRevisitResponse  # noqa: Y015
+
+@_typing.final
+class CallRecord(_message.Message):
+    """One call made while handling a task (the seed's FactCallRecord, without any phone)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    CALL_TYPE_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    DURATION_SECONDS_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    RECORDED_AT_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """Record id (server-assigned)."""
+    call_id: _builtins.str
+    """The client-chosen id of the call (idempotency key of RecordCall)."""
+    task_id: _builtins.int
+    """The task the call was about."""
+    agent_id: _builtins.int
+    """The agent who made or took the call."""
+    call_type: Global___CallType.ValueType
+    """Direction of the call."""
+    provider: Global___TelephonyProvider.ValueType
+    """Telephony provider that carried it."""
+    duration_seconds: _builtins.int
+    """How long it lasted, in whole seconds."""
+    outcome: Global___CallOutcome.ValueType
+    """How it ended."""
+    note: _builtins.str
+    """The agent's note (may be empty)."""
+    @_builtins.property
+    def started_at(self) -> _timestamp_pb2.Timestamp:
+        """When the call started."""
+
+    @_builtins.property
+    def recorded_at(self) -> _timestamp_pb2.Timestamp:
+        """When it was recorded."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        call_id: _builtins.str = ...,
+        task_id: _builtins.int = ...,
+        agent_id: _builtins.int = ...,
+        call_type: Global___CallType.ValueType = ...,
+        provider: Global___TelephonyProvider.ValueType = ...,
+        started_at: _timestamp_pb2.Timestamp | None = ...,
+        duration_seconds: _builtins.int = ...,
+        outcome: Global___CallOutcome.ValueType = ...,
+        note: _builtins.str = ...,
+        recorded_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["recorded_at", b"recorded_at", "started_at", b"started_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "call_id", b"call_id", "call_type", b"call_type", "duration_seconds", b"duration_seconds", "id", b"id", "note", b"note", "outcome", b"outcome", "provider", b"provider", "recorded_at", b"recorded_at", "started_at", b"started_at", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CallRecord: _TypeAlias = CallRecord  # noqa: Y015
+
+@_typing.final
+class RecordCallRequest(_message.Message):
+    """Request of RecordCall."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    CALL_TYPE_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    DURATION_SECONDS_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
+    call_id: _builtins.str
+    """Client-chosen id of the call (1..128 printable ASCII characters), unique per call:
+    retrying with the same id and payload is safe.
+    """
+    task_id: _builtins.int
+    """The task (> 0); it must be IN_PROGRESS with `agent_id`."""
+    agent_id: _builtins.int
+    """The agent (> 0) holding the task."""
+    call_type: Global___CallType.ValueType
+    """Direction; unset means CALL_TYPE_CALLOUT."""
+    provider: Global___TelephonyProvider.ValueType
+    """Telephony provider (required)."""
+    duration_seconds: _builtins.int
+    """Length of the call in whole seconds: 0..86400."""
+    outcome: Global___CallOutcome.ValueType
+    """How the call ended (required)."""
+    note: _builtins.str
+    """Optional note, at most 500 characters. Do not put phone numbers here."""
+    @_builtins.property
+    def started_at(self) -> _timestamp_pb2.Timestamp:
+        """When the call started (required; not more than 5 minutes in the future, at most a
+        year in the past).
+        """
+
+    def __init__(
+        self,
+        *,
+        call_id: _builtins.str = ...,
+        task_id: _builtins.int = ...,
+        agent_id: _builtins.int = ...,
+        call_type: Global___CallType.ValueType = ...,
+        provider: Global___TelephonyProvider.ValueType = ...,
+        started_at: _timestamp_pb2.Timestamp | None = ...,
+        duration_seconds: _builtins.int = ...,
+        outcome: Global___CallOutcome.ValueType = ...,
+        note: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["started_at", b"started_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "call_id", b"call_id", "call_type", b"call_type", "duration_seconds", b"duration_seconds", "note", b"note", "outcome", b"outcome", "provider", b"provider", "started_at", b"started_at", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordCallRequest: _TypeAlias = RecordCallRequest  # noqa: Y015
+
+@_typing.final
+class RecordCallResponse(_message.Message):
+    """Response of RecordCall."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALL_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    replayed: _builtins.bool
+    """True when this answers a retry of an already recorded call."""
+    @_builtins.property
+    def call(self) -> Global___CallRecord:
+        """The record as stored (the first one for a retried call id)."""
+
+    def __init__(
+        self,
+        *,
+        call: Global___CallRecord | None = ...,
+        replayed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["call", b"call"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "replayed", b"replayed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordCallResponse: _TypeAlias = RecordCallResponse  # noqa: Y015
+
+@_typing.final
+class SignInRequest(_message.Message):
+    """Request of SignIn."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    agent_id: _builtins.int
+    """The agent signing in (> 0, existing)."""
+    ttl_seconds: _builtins.int
+    """Wanted token lifetime in seconds: 0 means the server default
+    (CRM_ASSIGNMENT_AUTH_TOKEN_TTL_S); at most that default.
+    """
+    def __init__(
+        self,
+        *,
+        agent_id: _builtins.int = ...,
+        ttl_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SignInRequest: _TypeAlias = SignInRequest  # noqa: Y015
+
+@_typing.final
+class SignInResponse(_message.Message):
+    """Response of SignIn."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    AGENT_FIELD_NUMBER: _builtins.int
+    token: _builtins.str
+    """Bearer token: send it as `authorization: Bearer <token>` metadata on every call."""
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """When the token stops being accepted."""
+
+    @_builtins.property
+    def agent(self) -> Global___Agent:
+        """The signed-in agent."""
+
+    def __init__(
+        self,
+        *,
+        token: _builtins.str = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+        agent: Global___Agent | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "expires_at", b"expires_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "expires_at", b"expires_at", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SignInResponse: _TypeAlias = SignInResponse  # noqa: Y015

@@ -115,6 +115,16 @@ class AssignmentServiceStub:
                 request_serializer=crm_dot_assignment_dot_v1_dot_assignment__pb2.WakeRevisitRequest.SerializeToString,
                 response_deserializer=crm_dot_assignment_dot_v1_dot_assignment__pb2.WakeRevisitResponse.FromString,
                 _registered_method=True)
+        self.RecordCall = channel.unary_unary(
+                '/crm.assignment.v1.AssignmentService/RecordCall',
+                request_serializer=crm_dot_assignment_dot_v1_dot_assignment__pb2.RecordCallRequest.SerializeToString,
+                response_deserializer=crm_dot_assignment_dot_v1_dot_assignment__pb2.RecordCallResponse.FromString,
+                _registered_method=True)
+        self.SignIn = channel.unary_unary(
+                '/crm.assignment.v1.AssignmentService/SignIn',
+                request_serializer=crm_dot_assignment_dot_v1_dot_assignment__pb2.SignInRequest.SerializeToString,
+                response_deserializer=crm_dot_assignment_dot_v1_dot_assignment__pb2.SignInResponse.FromString,
+                _registered_method=True)
 
 
 class AssignmentServiceServicer:
@@ -247,6 +257,35 @@ class AssignmentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecordCall(self, request, context):
+        """Records one call an agent made (or took) while handling a task. Only the agent
+        holding the task IN_PROGRESS may record (FAILED_PRECONDITION otherwise; NOT_FOUND for
+        an unknown task or agent). `call_id` makes retries safe: the same id with the same
+        payload returns the first record, with another payload ALREADY_EXISTS. The record is
+        shown in the task detail and sent to the BI log as a `crm.bi.FactCallRecord` event
+        (through the transactional outbox: nothing acknowledged is lost). No phone number is
+        taken or stored; the BI event carries the customer's masked phone only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SignIn(self, request, context):
+        """Signs an agent in to the browser console: returns a signed bearer token (HMAC-SHA256
+        over the agent id and an expiry). Calls that carry `authorization: Bearer <token>`
+        act as that agent: they may only act on the agent's own offers, tasks and presence
+        (PERMISSION_DENIED otherwise), ListTasks only lists the agent's tasks, GetTask answers
+        NOT_FOUND for a task never offered to the agent, and service-only RPCs (CreateClue,
+        UpsertAgent, CancelTask, SetCustomerStar, ExpireOffer, WakeRevisit) are
+        PERMISSION_DENIED. An invalid or expired token is UNAUTHENTICATED. Calls without the
+        header are trusted service-to-service calls. A simple token for now: SignIn itself
+        checks only that the agent exists (put the console behind your sign-on proxy).
+        NOT_FOUND for an unknown agent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AssignmentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -329,6 +368,16 @@ def add_AssignmentServiceServicer_to_server(servicer, server):
                     servicer.WakeRevisit,
                     request_deserializer=crm_dot_assignment_dot_v1_dot_assignment__pb2.WakeRevisitRequest.FromString,
                     response_serializer=crm_dot_assignment_dot_v1_dot_assignment__pb2.WakeRevisitResponse.SerializeToString,
+            ),
+            'RecordCall': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordCall,
+                    request_deserializer=crm_dot_assignment_dot_v1_dot_assignment__pb2.RecordCallRequest.FromString,
+                    response_serializer=crm_dot_assignment_dot_v1_dot_assignment__pb2.RecordCallResponse.SerializeToString,
+            ),
+            'SignIn': grpc.unary_unary_rpc_method_handler(
+                    servicer.SignIn,
+                    request_deserializer=crm_dot_assignment_dot_v1_dot_assignment__pb2.SignInRequest.FromString,
+                    response_serializer=crm_dot_assignment_dot_v1_dot_assignment__pb2.SignInResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -764,6 +813,60 @@ class AssignmentService:
             '/crm.assignment.v1.AssignmentService/WakeRevisit',
             crm_dot_assignment_dot_v1_dot_assignment__pb2.WakeRevisitRequest.SerializeToString,
             crm_dot_assignment_dot_v1_dot_assignment__pb2.WakeRevisitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordCall(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.assignment.v1.AssignmentService/RecordCall',
+            crm_dot_assignment_dot_v1_dot_assignment__pb2.RecordCallRequest.SerializeToString,
+            crm_dot_assignment_dot_v1_dot_assignment__pb2.RecordCallResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SignIn(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.assignment.v1.AssignmentService/SignIn',
+            crm_dot_assignment_dot_v1_dot_assignment__pb2.SignInRequest.SerializeToString,
+            crm_dot_assignment_dot_v1_dot_assignment__pb2.SignInResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -88,6 +88,27 @@ class AssignmentServiceStub:
     `assignment.wake-revisit`): wakes the offer streams of the task's business line so
     the revisit is offered at once. OK (a no-op) when the task is gone or not waiting.
     """
+    RecordCall: _grpc.UnaryUnaryMultiCallable[_assignment_pb2.RecordCallRequest, _assignment_pb2.RecordCallResponse]
+    """Records one call an agent made (or took) while handling a task. Only the agent
+    holding the task IN_PROGRESS may record (FAILED_PRECONDITION otherwise; NOT_FOUND for
+    an unknown task or agent). `call_id` makes retries safe: the same id with the same
+    payload returns the first record, with another payload ALREADY_EXISTS. The record is
+    shown in the task detail and sent to the BI log as a `crm.bi.FactCallRecord` event
+    (through the transactional outbox: nothing acknowledged is lost). No phone number is
+    taken or stored; the BI event carries the customer's masked phone only.
+    """
+    SignIn: _grpc.UnaryUnaryMultiCallable[_assignment_pb2.SignInRequest, _assignment_pb2.SignInResponse]
+    """Signs an agent in to the browser console: returns a signed bearer token (HMAC-SHA256
+    over the agent id and an expiry). Calls that carry `authorization: Bearer <token>`
+    act as that agent: they may only act on the agent's own offers, tasks and presence
+    (PERMISSION_DENIED otherwise), ListTasks only lists the agent's tasks, GetTask answers
+    NOT_FOUND for a task never offered to the agent, and service-only RPCs (CreateClue,
+    UpsertAgent, CancelTask, SetCustomerStar, ExpireOffer, WakeRevisit) are
+    PERMISSION_DENIED. An invalid or expired token is UNAUTHENTICATED. Calls without the
+    header are trusted service-to-service calls. A simple token for now: SignIn itself
+    checks only that the agent exists (put the console behind your sign-on proxy).
+    NOT_FOUND for an unknown agent.
+    """
 
 @_typing.type_check_only
 class AssignmentServiceAsyncStub(AssignmentServiceStub):
@@ -146,6 +167,27 @@ class AssignmentServiceAsyncStub(AssignmentServiceStub):
     """Internal, called by the scheduler service when a revisit becomes due (job
     `assignment.wake-revisit`): wakes the offer streams of the task's business line so
     the revisit is offered at once. OK (a no-op) when the task is gone or not waiting.
+    """
+    RecordCall: _aio.UnaryUnaryMultiCallable[_assignment_pb2.RecordCallRequest, _assignment_pb2.RecordCallResponse]  # type: ignore[assignment]
+    """Records one call an agent made (or took) while handling a task. Only the agent
+    holding the task IN_PROGRESS may record (FAILED_PRECONDITION otherwise; NOT_FOUND for
+    an unknown task or agent). `call_id` makes retries safe: the same id with the same
+    payload returns the first record, with another payload ALREADY_EXISTS. The record is
+    shown in the task detail and sent to the BI log as a `crm.bi.FactCallRecord` event
+    (through the transactional outbox: nothing acknowledged is lost). No phone number is
+    taken or stored; the BI event carries the customer's masked phone only.
+    """
+    SignIn: _aio.UnaryUnaryMultiCallable[_assignment_pb2.SignInRequest, _assignment_pb2.SignInResponse]  # type: ignore[assignment]
+    """Signs an agent in to the browser console: returns a signed bearer token (HMAC-SHA256
+    over the agent id and an expiry). Calls that carry `authorization: Bearer <token>`
+    act as that agent: they may only act on the agent's own offers, tasks and presence
+    (PERMISSION_DENIED otherwise), ListTasks only lists the agent's tasks, GetTask answers
+    NOT_FOUND for a task never offered to the agent, and service-only RPCs (CreateClue,
+    UpsertAgent, CancelTask, SetCustomerStar, ExpireOffer, WakeRevisit) are
+    PERMISSION_DENIED. An invalid or expired token is UNAUTHENTICATED. Calls without the
+    header are trusted service-to-service calls. A simple token for now: SignIn itself
+    checks only that the agent exists (put the console behind your sign-on proxy).
+    NOT_FOUND for an unknown agent.
     """
 
 class AssignmentServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -298,6 +340,39 @@ class AssignmentServiceServicer(metaclass=_abc_1.ABCMeta):
         """Internal, called by the scheduler service when a revisit becomes due (job
         `assignment.wake-revisit`): wakes the offer streams of the task's business line so
         the revisit is offered at once. OK (a no-op) when the task is gone or not waiting.
+        """
+
+    @_abc_1.abstractmethod
+    def RecordCall(
+        self,
+        request: _assignment_pb2.RecordCallRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_assignment_pb2.RecordCallResponse, _abc.Awaitable[_assignment_pb2.RecordCallResponse]]:
+        """Records one call an agent made (or took) while handling a task. Only the agent
+        holding the task IN_PROGRESS may record (FAILED_PRECONDITION otherwise; NOT_FOUND for
+        an unknown task or agent). `call_id` makes retries safe: the same id with the same
+        payload returns the first record, with another payload ALREADY_EXISTS. The record is
+        shown in the task detail and sent to the BI log as a `crm.bi.FactCallRecord` event
+        (through the transactional outbox: nothing acknowledged is lost). No phone number is
+        taken or stored; the BI event carries the customer's masked phone only.
+        """
+
+    @_abc_1.abstractmethod
+    def SignIn(
+        self,
+        request: _assignment_pb2.SignInRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_assignment_pb2.SignInResponse, _abc.Awaitable[_assignment_pb2.SignInResponse]]:
+        """Signs an agent in to the browser console: returns a signed bearer token (HMAC-SHA256
+        over the agent id and an expiry). Calls that carry `authorization: Bearer <token>`
+        act as that agent: they may only act on the agent's own offers, tasks and presence
+        (PERMISSION_DENIED otherwise), ListTasks only lists the agent's tasks, GetTask answers
+        NOT_FOUND for a task never offered to the agent, and service-only RPCs (CreateClue,
+        UpsertAgent, CancelTask, SetCustomerStar, ExpireOffer, WakeRevisit) are
+        PERMISSION_DENIED. An invalid or expired token is UNAUTHENTICATED. Calls without the
+        header are trusted service-to-service calls. A simple token for now: SignIn itself
+        checks only that the agent exists (put the console behind your sign-on proxy).
+        NOT_FOUND for an unknown agent.
         """
 
 def add_AssignmentServiceServicer_to_server(servicer: AssignmentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

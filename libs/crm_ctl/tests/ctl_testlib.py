@@ -1,0 +1,101 @@
+"""Test helpers: a service app served from a thread of its own, the CLI run in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import threading
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from crm_common.app import ServiceApp
+from crm_ctl.cli import main
+
+T = TypeVar("T")
+
+
+class ThreadedApp:
+    """A ServiceApp started on its own event loop in a background thread, so that sync
+    tests (and the CLI, which runs its own event loop) can call it over real sockets."""
+
+    def __init__(self, build: Callable[[], ServiceApp]) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+        async def make() -> ServiceApp:
+            return build()
+
+        self.app = self.call(make())
+        self.call(self.app.start())
+        self.call(self.app.wait_ready(30))
+
+    @property
+    def target(self) -> str:
+        return self.app.target
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        try:
+            self.call(self.app.stop(grace=1))
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+            self.loop.close()
+
+
+@dataclass
+class Run:
+    """One crmctl run: exit code, stdout, stderr."""
+
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+
+def crmctl(*argv: str, stdin: str | None = None) -> Run:
+    """Run crmctl in-process (``-`` files read ``stdin``)."""
+    out, err = io.StringIO(), io.StringIO()
+    if stdin is None:
+        code = main(list(argv), stdout=out, stderr=err)
+    else:
+        import sys
+
+        saved = sys.stdin
+        sys.stdin = io.StringIO(stdin)
+        try:
+            code = main(list(argv), stdout=out, stderr=err)
+        finally:
+            sys.stdin = saved
+    return Run(code, out.getvalue(), err.getvalue())
+
+
+def table_rows(text: str) -> list[list[str]]:
+    """The rows of a crmctl table (header excluded), split on runs of 2+ spaces."""
+    import re
+
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return [re.split(r"\s{2,}", ln.strip()) for ln in lines[1:]]
+
+
+def wait_until(cond: Callable[[], T], what: str, timeout: float = 15.0) -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def args(etcd: str, prefix: str, user: str = "alice") -> Sequence[str]:
+    return ("--etcd", etcd, "--config-prefix", prefix, "--user", user)

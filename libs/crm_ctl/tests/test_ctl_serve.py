@@ -1,0 +1,103 @@
+"""``python -m crm_ctl serve-config-admin`` as a real process: settings from the
+environment, SERVING once etcd answers, author from metadata, graceful stop on SIGTERM;
+with etcd down: NOT_SERVING and UNAVAILABLE answers, never INTERNAL.
+
+(Real processes also keep these tests apart from the other modules' event loops: grpc.aio
+objects from several loops in one process are not something a server ever meets.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import grpc
+import pytest
+from crm.config.v1 import config_pb2 as pb
+from crm.config.v1 import config_pb2_grpc
+from crm_devstack.stack import free_port
+from ctl_testlib import wait_until
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+@contextmanager
+def serve(etcd: str, prefix: str) -> Iterator[tuple[subprocess.Popen[bytes], grpc.Channel]]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "CRM_CONFIG_ADMIN_HOST": "127.0.0.1",
+        "CRM_CONFIG_ADMIN_PORT": str(port),
+        "CRM_CONFIG_ADMIN_METRICS_PORT": "-1",
+        "CRM_CONFIG_ADMIN_ETCD_ENDPOINTS": etcd,
+        "CRM_CONFIG_ADMIN_CONFIG_PREFIX": prefix,
+        "CRM_CONFIG_ADMIN_READINESS_INTERVAL_S": "0.2",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "crm_ctl", "serve-config-admin"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            yield proc, ch
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def health_status(ch: grpc.Channel) -> int | None:
+    try:
+        r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
+    except grpc.RpcError:
+        return None
+    return int(r.status)
+
+
+def test_serve_config_admin_process(etcd_endpoint: str, config_prefix: str) -> None:
+    with serve(etcd_endpoint, config_prefix) as (proc, ch):
+        wait_until(
+            lambda: health_status(ch) == health_pb2.HealthCheckResponse.SERVING,
+            "the config-admin server to be SERVING",
+            timeout=30,
+        )
+        stub = config_pb2_grpc.ConfigAdminServiceStub(ch)
+        resp = stub.Set(
+            pb.SetRequest(service="recommendation", key="ranking", value_json="{}"),
+            metadata=(("x-crm-author", "web:alice"),),
+            timeout=10,
+        )
+        assert resp.version.author == "web:alice"
+        listed = stub.List(pb.ListRequest(), timeout=10)
+        assert [s.service for s in listed.services] == ["assignment", "recommendation"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        assert proc.stderr is not None
+        logs = [json.loads(ln) for ln in proc.stderr.read().decode().splitlines() if ln.strip()]
+        assert any(rec.get("msg") == "stop signal received" for rec in logs)
+
+
+def test_etcd_down_is_unavailable_not_internal(config_prefix: str) -> None:
+    with serve(f"127.0.0.1:{free_port()}", config_prefix) as (proc, ch):
+        wait_until(
+            lambda: health_status(ch) == health_pb2.HealthCheckResponse.NOT_SERVING,
+            "the config-admin server to answer NOT_SERVING",
+            timeout=30,
+        )
+        stub = config_pb2_grpc.ConfigAdminServiceStub(ch)
+        for call in (
+            lambda: stub.Get(pb.GetRequest(service="assignment", key="SALE"), timeout=90),
+            lambda: stub.Set(pb.SetRequest(service="assignment", key="SALE", value_json="{}"),
+                             timeout=90),
+            lambda: stub.List(pb.ListRequest(), timeout=90),
+        ):  # fmt: skip
+            with pytest.raises(grpc.RpcError) as info:
+                call()
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
