@@ -106,7 +106,7 @@ demo: setup stack-up web
 	PYTHONPATH=tools $(PY) -m crm_tools.demo $(DEMO_ARGS)
 
 bench: setup stack-up
-	PYTHONPATH=tools $(PY) -m crm_tools.bench
+	PYTHONPATH=tools $(PY) -m crm_tools.bench $(BENCH_ARGS)
 
 eval: setup
 	PYTHONPATH=tools $(PY) -m crm_tools.eval_recommendation
