@@ -5,7 +5,9 @@ InMemorySpanExporter. The services are stand-ins: raw-bytes generic handlers."""
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +17,7 @@ import pytest
 from crm_common import tracing
 from crm_common.errors import InvalidArgument
 from crm_common.interceptors import REQUEST_ID_KEY, insecure_channel
+from crm_common.logs import JsonFormatter
 from crm_common.server import GrpcServer
 from crm_common.settings import ServiceSettings
 from grpc import aio
@@ -283,3 +286,39 @@ def test_otlp_exporter_is_built_from_settings() -> None:
     finally:
         tracing.shutdown_tracing()
     assert not tracing.enabled()
+
+
+async def test_log_lines_carry_the_trace_and_span(
+    chain: Chain, spans: InMemorySpanExporter
+) -> None:
+    # the one JSON line per call (crm_common.rpc) is written inside the call's server span
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(JsonFormatter("test"))
+    rpc_log = logging.getLogger("crm_common.rpc")
+    level = rpc_log.level
+    rpc_log.addHandler(handler)
+    rpc_log.setLevel(logging.INFO)
+    try:
+        async with insecure_channel(chain.front_target) as channel:
+            assert await channel.unary_unary(RELAY)(b"logged") == b"LOGGED"
+        got = await finished(spans, 4)
+    finally:
+        rpc_log.removeHandler(handler)
+        rpc_log.setLevel(level)
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    servers = {
+        s.name: s.context for s in got if s.kind == SpanKind.SERVER and s.context is not None
+    }
+    assert len(lines) == 2, lines
+    for line in lines:
+        name = line["method"].lstrip("/")
+        assert line["trace_id"] == format(servers[name].trace_id, "032x")
+        assert line["span_id"] == format(servers[name].span_id, "016x")
+
+
+def test_no_trace_fields_outside_a_span() -> None:
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "plain", None, None)
+    line = json.loads(JsonFormatter("test").format(record))
+    assert "trace_id" not in line
+    assert "span_id" not in line

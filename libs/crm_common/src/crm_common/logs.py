@@ -3,7 +3,10 @@
 ``configure_logging`` is called once by a service's ``__main__``; the server
 interceptor sets :data:`request_id_var` and :data:`method_var` for each call, so every
 line logged while handling it (also from :class:`crm_common.aio.BlockingExecutor`
-threads) carries them.
+threads) carries them. With tracing on (:mod:`crm_common.tracing`) a line logged inside
+a span also carries ``trace_id`` and ``span_id`` (W3C hex, as the tracing backend shows
+them), so a trace leads to its log lines and back; with tracing off there is no span and
+no such field.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import sys
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import IO, Any
+
+from opentelemetry import trace
 
 __all__ = ["JsonFormatter", "configure_logging", "method_var", "request_id_var"]
 
@@ -33,7 +38,8 @@ _RECORD_ATTRS = frozenset(logging.LogRecord("", logging.INFO, "", 0, "", None, N
 
 class JsonFormatter(logging.Formatter):
     """Formats a record as one JSON line: ts, level, logger, msg, service, request_id,
-    method, the record's ``extra=`` fields, then ``exc``/``stack`` text when present."""
+    method, trace_id/span_id (inside a span), the record's ``extra=`` fields, then
+    ``exc``/``stack`` text when present."""
 
     def __init__(self, service: str) -> None:
         super().__init__()
@@ -54,6 +60,10 @@ class JsonFormatter(logging.Formatter):
         method = method_var.get()
         if method is not None:
             payload["method"] = method
+        span = trace.get_current_span().get_span_context()
+        if span.is_valid:
+            payload["trace_id"] = format(span.trace_id, "032x")
+            payload["span_id"] = format(span.span_id, "016x")
         for key, value in record.__dict__.items():
             if key not in _RECORD_ATTRS and not key.startswith("_"):
                 payload.setdefault(key, value)
