@@ -25,6 +25,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPar
 from confluent_kafka.schema_registry import SchemaRegistryClient
 from fastavro import parse_schema, schemaless_reader
 
+from crm_bilog.consumer import manual_commit_consumer
 from crm_bilog.domain import wire
 from crm_bilog.domain.pii import PiiPolicy
 from crm_bilog.producer.intake import IncomingEvent, Intake, Rejected
@@ -55,15 +56,7 @@ def _read_bad_rows(
     """The records of ``topic`` from the group's position until nothing more arrives for
     ``idle_s`` (end offsets are not used: some brokers, Tansu among them, report a high
     watermark below the last offset of a compressed batch)."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": settings.kafka_bootstrap,
-            "group.id": f"{settings.sink_group_id}-replay",
-            "enable.auto.commit": False,
-            "auto.offset.reset": "earliest",
-            "logger": logging.getLogger("crm.bilog.librdkafka"),
-        }
-    )
+    consumer = manual_commit_consumer(settings.kafka_bootstrap, f"{settings.sink_group_id}-replay")
     meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
     if meta is None or meta.error is not None:
         return consumer, []

@@ -19,6 +19,7 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
+from crm_bilog.consumer import committed_offsets, manual_commit_consumer
 from crm_bilog.domain import wire
 from crm_bilog.kpi.decode import Decoder, UnknownSchema
 from crm_bilog.kpi.domain import Event, Gauges, PartitionKpis
@@ -82,27 +83,16 @@ class KpiConsumer:
 
     def _new_consumer(self) -> Consumer:
         c = self.config
-        return Consumer(
-            {
-                "bootstrap.servers": c.bootstrap,
-                "group.id": c.group_id,
-                "enable.auto.commit": False,
-                "enable.auto.offset.store": False,
-                "auto.offset.reset": "earliest",
-                "session.timeout.ms": c.session_timeout_ms,
-                "heartbeat.interval.ms": max(100, c.session_timeout_ms // 10),
-                # topics created after the start (by the intake) are picked up soon
-                "topic.metadata.refresh.interval.ms": 10_000,
-                "logger": logging.getLogger("crm.bilog.librdkafka"),
-            }
+        return manual_commit_consumer(
+            c.bootstrap,
+            c.group_id,
+            session_timeout_ms=c.session_timeout_ms,
+            # topics created after the start (by the intake) are picked up soon
+            topic_metadata_refresh_interval_ms=10_000,
         )
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        committed: dict[tuple[str, int], int] = {}
-        with contextlib.suppress(KafkaException):
-            for tp in consumer.committed(partitions, timeout=10):
-                if tp.offset >= 0:
-                    committed[(tp.topic, tp.partition)] = tp.offset
+        committed = committed_offsets(consumer, partitions)
         with self._lock:
             for tp in partitions:
                 key = (tp.topic, tp.partition)

@@ -58,6 +58,7 @@ from confluent_kafka import (
 from confluent_kafka.schema_registry import SchemaRegistryClient
 from fastavro import parse_schema, schemaless_reader
 
+from crm_bilog.consumer import committed_offsets, manual_commit_consumer
 from crm_bilog.domain import wire
 from crm_bilog.sink.avro_file import container_bytes
 from crm_bilog.sink.storage import Storage
@@ -176,25 +177,12 @@ class Sink:
 
     def _new_consumer(self) -> Consumer:
         c = self.config
-        return Consumer(
-            {
-                "bootstrap.servers": c.bootstrap,
-                "group.id": c.group_id,
-                "enable.auto.commit": False,
-                "enable.auto.offset.store": False,
-                "auto.offset.reset": "earliest",
-                "session.timeout.ms": c.session_timeout_ms,
-                "heartbeat.interval.ms": max(100, c.session_timeout_ms // 10),
-                "logger": logging.getLogger("crm.bilog.librdkafka"),
-            }
+        return manual_commit_consumer(
+            c.bootstrap, c.group_id, session_timeout_ms=c.session_timeout_ms
         )
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        committed: dict[tuple[str, int], int] = {}
-        with contextlib.suppress(KafkaException):
-            for tp in consumer.committed(partitions, timeout=10):
-                if tp.offset >= 0:
-                    committed[(tp.topic, tp.partition)] = tp.offset
+        committed = committed_offsets(consumer, partitions)
         for tp in partitions:
             key = (tp.topic, tp.partition)
             self.storage.remove_temporary(tp.topic, f"{tp.topic}+{tp.partition}+")
