@@ -1359,9 +1359,14 @@ def settings_problems(renders: Mapping[str, list[Manifest]]) -> list[str]:
 
 
 def entry_commands(image: Image) -> set[str]:
-    """Subcommands of ``python -m <module>`` (``add_parser("x")`` in its __main__.py)."""
+    """Subcommands of ``python -m <module>``: its ``CLI`` (a crm_common.cli.ServiceCli)
+    names them; other entry points are read for ``add_parser("x")`` in __main__.py."""
     main = ROOT / image.package / "src" / image.module / "__main__.py"
-    return set(re.findall(r'add_parser\(\s*"([a-z][a-z0-9-]*)"', main.read_text(encoding="utf-8")))
+    text = main.read_text(encoding="utf-8")
+    if re.search(r"^CLI = ", text, re.M):
+        cli = importlib.import_module(f"{image.module}.__main__").CLI
+        return set(cli.names())
+    return set(re.findall(r'add_parser\(\s*"([a-z][a-z0-9-]*)"', text))
 
 
 def command_problems(docs: list[Manifest]) -> list[str]:

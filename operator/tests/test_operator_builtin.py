@@ -16,7 +16,7 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from crm_bilog.__main__ import _parser as bilog_parser
+from crm_bilog.__main__ import CLI as BILOG_CLI
 from crm_bilog.settings import BilogSettings
 from crm_operator.builtin import (
     DATA_DIR,
@@ -94,7 +94,7 @@ def test_every_variable_the_sink_gets_is_a_bilog_setting(clean_bilog_env: None) 
 
 def test_the_args_are_a_bilog_subcommand() -> None:
     args = _container(_deployment())["args"]
-    assert bilog_parser().parse_args(args).command == "sink"
+    assert BILOG_CLI.parser().parse_args(args).command == "sink"
     # the image's entrypoint is python -m crm_bilog: the args carry the command only
     dockerfile = (ROOT / "services" / "bilog" / "Dockerfile").read_text()
     entrypoint = re.findall(r"^ENTRYPOINT (.+)$", dockerfile, re.M)

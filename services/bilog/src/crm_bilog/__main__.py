@@ -17,40 +17,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import os
 import signal
 import sys
 import threading
 from collections.abc import Sequence
 
-from crm_common.logs import configure_logging
+from crm_common.cli import Command, ServiceCli
 
 from crm_bilog.settings import BilogSettings
-
-log = logging.getLogger("crm.bilog")
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="crm-bilog", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command")
-    sub.add_parser("serve", help="run the gRPC intake service (default)")
-    sub.add_parser("migrate", help="upgrade the dev registry's database schema")
-    registry = sub.add_parser("registry", help="run the dev schema registry")
-    registry.add_argument("--migrate", action="store_true", help="upgrade the database first")
-    sub.add_parser("sink", help="run the Avro file sink")
-    replay = sub.add_parser("replay", help="re-submit bad rows after a fix")
-    replay.add_argument("--from-beginning", action="store_true", help="ignore committed offsets")
-    replay.add_argument("--schema", help="only bad rows of this schema (full name)")
-    replay.add_argument("--dry-run", action="store_true", help="validate only; produce nothing")
-    sub.add_parser("kpi", help="run the realtime KPI consumer (Prometheus metrics)")
-    return parser
 
 
 def migrate(settings: BilogSettings) -> None:
     from crm_bilog.store.migrate import upgrade
 
-    log.info("migrating the registry database schema to head")
     upgrade(settings.database_url)
 
 
@@ -124,40 +104,54 @@ def run_sink(settings: BilogSettings) -> None:
     Sink(config, LocalStorage(settings.sink_dir)).run(stop)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    settings = BilogSettings()
-    configure_logging("bilog", settings.log_level)
-    command = args.command or "serve"
-    if command == "migrate":
-        migrate(settings)
-        return 0
-    if command == "registry":
-        if args.migrate:
-            migrate(settings)
-        asyncio.run(run_registry(settings))
-        return 0
-    if command == "sink":
-        run_sink(settings)
-        return 0
-    if command == "kpi":
-        asyncio.run(run_kpi(settings))
-        return 0
-    if command == "replay":
-        from crm_bilog.replay import replay
+def _replay_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--from-beginning", action="store_true", help="ignore committed offsets")
+    parser.add_argument("--schema", help="only bad rows of this schema (full name)")
+    parser.add_argument("--dry-run", action="store_true", help="validate only; produce nothing")
 
-        report = asyncio.run(
-            replay(
-                settings,
-                from_beginning=args.from_beginning,
-                only_schema=args.schema,
-                dry_run=args.dry_run,
-            )
+
+def _replay(settings: BilogSettings, args: argparse.Namespace) -> int:
+    from crm_bilog.replay import replay
+
+    report = asyncio.run(
+        replay(
+            settings,
+            from_beginning=args.from_beginning,
+            only_schema=args.schema,
+            dry_run=args.dry_run,
         )
-        print(json.dumps(report.__dict__, indent=2))
-        return 0 if report.still_failing == 0 else 2
-    asyncio.run(serve(settings))
-    return 0
+    )
+    print(json.dumps(report.__dict__, indent=2))
+    return 0 if report.still_failing == 0 else 2
+
+
+CLI = ServiceCli(
+    "bilog",
+    __doc__,
+    BilogSettings,
+    {
+        "serve": Command(
+            "run the gRPC intake service (default)", lambda s, _: asyncio.run(serve(s))
+        ),
+        "registry": Command(
+            "run the dev schema registry",
+            lambda s, _: asyncio.run(run_registry(s)),
+            migrate_option=True,
+        ),
+        "sink": Command("run the Avro file sink", lambda s, _: run_sink(s)),
+        "replay": Command("re-submit bad rows after a fix", _replay, _replay_arguments),
+        "kpi": Command(
+            "run the realtime KPI consumer (Prometheus metrics)",
+            lambda s, _: asyncio.run(run_kpi(s)),
+        ),
+    },
+    migrate=migrate,
+    migrate_help="upgrade the dev registry's database schema",
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return CLI.main(argv)
 
 
 if __name__ == "__main__":
