@@ -6,7 +6,6 @@ import asyncio
 import io
 import json
 import threading
-import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -84,17 +83,6 @@ def table_rows(text: str) -> list[list[str]]:
 
     lines = [ln for ln in text.splitlines() if ln.strip()]
     return [re.split(r"\s{2,}", ln.strip()) for ln in lines[1:]]
-
-
-def wait_until(cond: Callable[[], T], what: str, timeout: float = 15.0) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
 
 
 def args(etcd: str, prefix: str, user: str = "alice") -> Sequence[str]:

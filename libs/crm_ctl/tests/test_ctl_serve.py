@@ -19,8 +19,7 @@ import grpc
 import pytest
 from crm.config.v1 import config_pb2 as pb
 from crm.config.v1 import config_pb2_grpc
-from crm_devstack.stack import free_port
-from ctl_testlib import wait_until
+from crm_devstack.stack import free_port, wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 

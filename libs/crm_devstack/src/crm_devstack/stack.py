@@ -21,9 +21,10 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pymysql
 
@@ -32,6 +33,9 @@ MYSQL_PORT = 3306
 MYSQL_USER = "crm"
 MYSQL_PASSWORD = "crm"  # local development only; production reads its URL from settings
 REDIS_PORT = 6379
+
+
+T = TypeVar("T")
 
 
 class StackError(RuntimeError):
@@ -61,15 +65,19 @@ def port_open(port: int, host: str = "127.0.0.1", timeout: float = 0.2) -> bool:
     return False
 
 
-def wait_until(cond: object, what: str, timeout: float = 30.0, interval: float = 0.05) -> None:
-    """Poll ``cond()`` until it is true, or raise StackError naming ``what``."""
-    assert callable(cond)
+def wait_until(
+    cond: Callable[[], T], what: str, timeout: float = 30.0, interval: float = 0.05
+) -> T:
+    """Poll ``cond()`` until it returns something truthy and return that, or raise
+    StackError naming ``what`` (tests use it too: the error fails the test)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise StackError(f"timed out after {timeout:g}s waiting for {what}")
         time.sleep(interval)
-    raise StackError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def pid_alive(pid: int) -> bool:
