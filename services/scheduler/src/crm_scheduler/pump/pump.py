@@ -13,8 +13,9 @@ One tick (a blocking function, run in a thread):
    due time), *then* send them (packed several jobs to a Celery message, one Redis
    pipeline per batch). Capping the in-flight jobs keeps the Redis queue short, so a
    message waits there far less than its lease and a healthy backlog is never re-sent.
-   The lead hides the hand-over (two commits, Redis, Celery) from a job's lateness: the
-   worker claims the job on receipt and starts the call at its due time, never before.
+   The lead hides the hand-over (commits, Redis, Celery) from a job's lateness: the
+   worker holds the job, claims it shortly before it is due and starts the call at its
+   due time, never before.
 3. plan the next tick: when the next job comes within the lead sooner than ``poll_s``,
    the loop wakes up then (but not sooner than ``coalesce_s`` after this tick, so jobs
    due close together travel in one message); otherwise it polls every ``poll_s`` (jobs

@@ -25,7 +25,7 @@ LAG_BUCKETS: tuple[float, ...] = (
 
 
 class WorkerMetrics:
-    """Start lag, attempt outcomes and durations, deliveries."""
+    """Start lag, attempt outcomes and durations, deliveries, late arrivals."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.start_lag = Histogram(
@@ -48,7 +48,14 @@ class WorkerMetrics:
         )
         self.deliveries = Counter(
             "crm_scheduler_deliveries_total",
-            "Messages received: claimed, skipped (duplicate, stale or cancelled), malformed.",
+            "Jobs received: claimed, skipped (duplicate, stale or cancelled), lost (the claim "
+            "failed: the database was unreachable), malformed.",
             ["result"],
+            registry=registry,
+        )
+        self.received_late = Counter(
+            "crm_scheduler_received_late_total",
+            "Jobs that reached a worker after their due time (the pump's lead did not hide "
+            "the hand-over: pump or broker behind).",
             registry=registry,
         )
