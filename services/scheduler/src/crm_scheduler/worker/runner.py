@@ -76,6 +76,10 @@ def _identity(x: bytes) -> bytes:
     return x
 
 
+def _ignore(_: object) -> None:
+    return None
+
+
 def _result_of(future: Any) -> tuple[str, str]:
     """(code name, details) of a finished gRPC future."""
     try:
@@ -120,6 +124,11 @@ class _Held:
     dispatch: Dispatch = field(compare=False)
     ticket: Ticket = field(compare=False)
     index: int = field(compare=False)
+    call: Any = field(default=None, compare=False)
+    """The gRPC callable, prepared (channel created, connecting) when claimed."""
+    metadata: tuple[tuple[str, str], ...] = field(default=(), compare=False)
+    error: str = field(default="", compare=False)
+    """Why no callable could be made (a bad address and the like)."""
 
 
 @dataclass(slots=True)
@@ -354,6 +363,8 @@ class JobRunner:
                 claimed.append(h)
             else:
                 dropped.append((h, "skipped" if won is not None else "lost"))
+        for h in claimed:  # all but the call itself is done before the due time
+            self._prepare(h)
         with st.call_cv:
             for h in claimed:
                 heapq.heappush(st.to_call, h)
@@ -394,21 +405,31 @@ class JobRunner:
             for h in due:
                 self._start_call(st, h, now)
 
-    def _start_call(self, st: _State, h: _Held, now: float) -> None:
+    def _prepare(self, h: _Held) -> None:
         d = h.dispatch
-        if self._metrics is not None:
-            self._metrics.start_lag.observe(max(0.0, now - h.due))
-        metadata = (
+        h.metadata = (
             (IDEMPOTENCY_KEY, d.idempotency_key),
             (ATTEMPT_KEY, str(d.attempt)),
             (JOB_ID_KEY, d.uid),
         )
+        try:
+            h.call = self._callable(d.address, d.method)
+        except Exception as exc:  # a bad address and the like: retried like UNKNOWN
+            h.error = f"{type(exc).__name__}: {exc}"
+
+    def _start_call(self, st: _State, h: _Held, now: float) -> None:
+        d = h.dispatch
+        if self._metrics is not None:
+            self._metrics.start_lag.observe(max(0.0, now - h.due))
         started = time.perf_counter()
         try:
-            call = self._callable(d.address, d.method)
-            future = call.future(d.request, timeout=d.attempt_deadline_ms / 1000, metadata=metadata)
+            if h.call is None:
+                raise ValueError(h.error or "no callable")
+            future = h.call.future(
+                d.request, timeout=d.attempt_deadline_ms / 1000, metadata=h.metadata
+            )
         except Exception as exc:  # a bad address and the like: retried like UNKNOWN
-            st.results.put(_Finished(h, "UNKNOWN", f"{type(exc).__name__}: {exc}", 0.0))
+            st.results.put(_Finished(h, "UNKNOWN", h.error or f"{type(exc).__name__}: {exc}", 0.0))
             return
 
         def finished(f: Any) -> None:
@@ -426,6 +447,9 @@ class JobRunner:
                 if channel is None:
                     channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
                     self._channels[address] = channel
+                    # connect now (a short-lived gRPC thread), not on the first call
+                    channel.subscribe(_ignore, try_to_connect=True)
+                    channel.unsubscribe(_ignore)
                 call = channel.unary_unary(
                     method, request_serializer=_identity, response_deserializer=_identity
                 )
