@@ -91,12 +91,14 @@ class SchedulerSettings(ServiceSettings):
         "hidden from the lateness even when the machine is busy; 0: hand over when due.",
     )
     pump_coalesce_s: float = Field(
-        default=0.05,
+        default=0.1,
         ge=0,
         le=1,
         description="When the next job comes within the lead sooner than `pump_poll_s`, the "
-        "pump wakes up then, but not sooner than this after its last tick: jobs due this "
-        "close together travel in one message (fewer, fuller messages).",
+        "pump wakes up then, but not sooner than this after its last tick: while jobs stream "
+        "in, the pump ticks every `pump_coalesce_s` and jobs due close together travel in "
+        "one message (fewer ticks, fuller messages; a job scheduled to run at once may then "
+        "wait this long to be picked up).",
     )
     pump_batch: int = Field(
         default=500, ge=1, le=5000, description="Jobs moved per pump transaction."

@@ -62,8 +62,8 @@ class Sender(Protocol):
 @dataclass(frozen=True, slots=True)
 class PumpConfig:
     poll_s: float = 0.05
-    coalesce_s: float = 0.05
-    lead_s: float = 0.25
+    coalesce_s: float = 0.1
+    lead_s: float = 1.0
     batch: int = 500
     max_in_flight: int = 2000
     enqueue_lease_s: float = 10.0
@@ -191,7 +191,8 @@ class Pump:
         wait_s = cfg.poll_s
         if not backlog and next_due is not None:
             until = (next_due - lead - self._clock()).total_seconds()
-            wait_s = min(cfg.poll_s, max(until, cfg.coalesce_s))
+            if until < cfg.poll_s:  # sooner than the next poll, but not sooner than coalesce_s
+                wait_s = max(until, cfg.coalesce_s)
         in_flight += moved
         self._update_gauges(in_flight)
         elapsed = time.monotonic() - started

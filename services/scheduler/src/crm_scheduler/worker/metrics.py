@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 __all__ = ["LAG_BUCKETS", "WorkerMetrics"]
 
@@ -51,6 +51,11 @@ class WorkerMetrics:
             "Jobs received: claimed, skipped (duplicate, stale or cancelled), lost (the claim "
             "failed: the database was unreachable), malformed.",
             ["result"],
+            registry=registry,
+        )
+        self.held = Gauge(
+            "crm_scheduler_held_jobs",
+            "Jobs a worker process holds: received, not called yet (claimed or not).",
             registry=registry,
         )
         self.received_late = Counter(

@@ -199,6 +199,12 @@ class JobRunner:
         self._seq = itertools.count()
         self._channels: dict[str, grpc.Channel] = {}
         self._calls: dict[tuple[str, str], Any] = {}
+        if metrics is not None:
+            metrics.held.set_function(self._held)
+
+    def _held(self) -> float:
+        st = self._state
+        return float(st.held) if st is not None and st.pid == os.getpid() else 0.0
 
     # -- entry points ---------------------------------------------------------------------
 
