@@ -163,6 +163,8 @@ def test_pump_and_worker_report_health_and_metrics(
         "worker metrics",
     )
     assert "crm_scheduler_start_lag_seconds_bucket" in worker_metrics
+    assert "crm_scheduler_receive_margin_seconds_bucket" in worker_metrics
+    assert "crm_scheduler_held_jobs" in worker_metrics
     assert 'crm_scheduler_attempts_total{code="OK",outcome="succeeded"}' in worker_metrics
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["LAG_BUCKETS", "WorkerMetrics"]
+__all__ = ["LAG_BUCKETS", "MARGIN_BUCKETS", "WorkerMetrics"]
 
 LAG_BUCKETS: tuple[float, ...] = (
     0.01,
@@ -22,6 +22,9 @@ LAG_BUCKETS: tuple[float, ...] = (
     300.0,
 )
 """Due-lag buckets in seconds: 10 ms .. 5 min."""
+
+MARGIN_BUCKETS: tuple[float, ...] = (0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.0, 5.0)
+"""Receive-margin buckets in seconds (the pump's lead is 1 s by default)."""
 
 
 class WorkerMetrics:
@@ -56,6 +59,14 @@ class WorkerMetrics:
         self.held = Gauge(
             "crm_scheduler_held_jobs",
             "Jobs a worker process holds: received, not called yet (claimed or not).",
+            registry=registry,
+        )
+        self.receive_margin = Histogram(
+            "crm_scheduler_receive_margin_seconds",
+            "How long before its due time a job reached a worker (0: late, see "
+            "crm_scheduler_received_late_total): what is left of the pump's lead after the "
+            "hand-over (pump, Redis, Celery).",
+            buckets=MARGIN_BUCKETS,
             registry=registry,
         )
         self.received_late = Counter(

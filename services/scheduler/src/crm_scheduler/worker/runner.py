@@ -247,6 +247,8 @@ class JobRunner:
             st.claim_cv.notify()
         if self._metrics is not None:
             self._metrics.received_late.inc(late)
+            for _, d in parsed:
+                self._metrics.receive_margin.observe(max(0.0, d.due_at.timestamp() - now))
         return ticket
 
     def handle(self, message: object) -> str:
