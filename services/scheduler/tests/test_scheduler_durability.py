@@ -163,4 +163,39 @@ def test_pump_and_worker_report_health_and_metrics(
         "worker metrics",
     )
     assert "crm_scheduler_start_lag_seconds_bucket" in worker_metrics
+    assert "crm_scheduler_receive_margin_seconds_bucket" in worker_metrics
+    assert "crm_scheduler_held_jobs" in worker_metrics
     assert 'crm_scheduler_attempts_total{code="OK",outcome="succeeded"}' in worker_metrics
+
+
+def test_worker_stopped_runs_what_it_holds(
+    procs: Procs, module_store: SchedulerStore, target: TargetServer
+) -> None:
+    """SIGTERM: the worker stops taking messages, but the jobs it already holds (acked
+    messages, handed over up to ``pump_lead_s`` early) still run at their due time and
+    are recorded before it exits: nothing is left to the leases."""
+    worker = procs.start("worker", wait=False)
+    pump = procs.start("pump", CRM_SCHEDULER_PUMP_LEAD_S="4")  # held long before due
+    wait_until(worker.serving, "worker SERVING", timeout=30)
+    keys = _schedule(module_store, target, "term", 20, 0.3, start_s=6.0)
+
+    def held() -> float:
+        lines = [
+            m for m in worker.metrics().splitlines() if m.startswith("crm_scheduler_held_jobs")
+        ]
+        return float(lines[0].split()[-1]) if lines else 0.0
+
+    wait_until(lambda: held() == len(keys), "the worker to hold every job", timeout=30)
+    assert not any(k in target.calls for k in keys)  # held, none due yet
+    worker.stop(timeout=30)
+    assert worker.popen.returncode is not None
+    etas = {k: module_store.get(JobRef(idempotency_key=k)).eta.timestamp() for k in keys}
+    assert _all_succeeded(module_store, keys)  # recorded before the worker exited
+    assert all(target.calls[k] == [1] for k in keys)
+    assert all(target.received_at[k] >= etas[k] for k in keys), "a job ran before its ETA"
+    [reaped] = [
+        line.split()[-1]
+        for line in pump.metrics().splitlines()
+        if line.startswith('crm_scheduler_reaped_total{state="ENQUEUED"}')
+    ]
+    assert float(reaped) == 0  # nothing was left to the leases

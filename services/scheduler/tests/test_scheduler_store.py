@@ -211,28 +211,56 @@ def test_runner_drops_malformed_and_duplicate_messages(
     assert target.calls["dup"] == [1]
 
 
-def test_jobs_handed_over_early_are_claimed_at_once_and_called_when_due(
+def test_jobs_handed_over_early_are_held_cancellable_until_claimed_and_called_when_due(
     store: SchedulerStore, target: TargetServer
 ) -> None:
     t0 = now()
     etas = {f"early-{i}": t0 + timedelta(seconds=0.3 + 0.1 * i) for i in range(4)}
+    etas["early-late"] = t0 + timedelta(seconds=4)  # cancelled while the worker holds it
     store.schedule_many([spec("early", target, eta, key=k) for k, eta in etas.items()], t0)
     move = store.move_due(now(), now() + timedelta(seconds=5), 100, 10, 1000)
     assert sorted(d.idempotency_key for d in move.dispatches) == sorted(etas)
     assert move.in_flight == 0
     assert move.next_due is None
-    # the message lists them out of due order; one slot runs them all
+    # the lease runs from the end of the lead window: holding a job eats none of it
+    lease = store.get(JobRef(idempotency_key="early-late")).lease_until
+    assert lease is not None
+    assert lease >= etas["early-late"]
+    # the message lists them out of due order; the runner holds them all
     messages = [d.to_message() for d in sorted(move.dispatches, key=lambda d: d.uid)]
+    keys = [d.idempotency_key for d in sorted(move.dispatches, key=lambda d: d.uid)]
     runner = _runner(store)
-    claimed: list[JobState] = []
-    probe = threading.Timer(0.1, lambda: claimed.append(_one(store, "early-3")))
-    probe.start()
     try:
-        assert runner.handle_batch(messages) == ["succeeded"] * 4
+        ticket = runner.submit(messages)  # returns at once: the Celery message is acked
+        # held, not claimed yet: Cancel still succeeds
+        assert _one(store, "early-late") is JobState.ENQUEUED
+        assert store.cancel(JobRef(idempotency_key="early-late"), now()).state is (
+            JobState.CANCELLED
+        )
+        assert ticket.wait(30)
     finally:
-        probe.join()
         runner.close()
-    assert claimed == [JobState.RUNNING]  # claimed on receipt, before its due time
+    outcomes = dict(zip(keys, ticket.outcomes, strict=True))
+    assert outcomes.pop("early-late") == "skipped"  # its claim failed: cancelled jobs never run
+    assert set(outcomes.values()) == {"succeeded"}
+    assert "early-late" not in target.calls
+    for key in outcomes:
+        assert target.received_at[key] >= etas[key].timestamp(), f"{key} ran before it was due"
+        assert target.calls[key] == [1]
+        assert _one(store, key) is JobState.SUCCEEDED
+
+
+def test_runner_close_drains_held_jobs(store: SchedulerStore, target: TargetServer) -> None:
+    """A worker stopping (SIGTERM) still runs what it holds at its due time and records
+    every result before it exits."""
+    t0 = now()
+    etas = {f"drain-{i}": t0 + timedelta(seconds=0.5 + 0.05 * i) for i in range(5)}
+    store.schedule_many([spec("drain", target, eta, key=k) for k, eta in etas.items()], t0)
+    move = store.move_due(now(), now() + timedelta(seconds=5), 100, 10, 1000)
+    runner = _runner(store)
+    runner.submit([d.to_message() for d in move.dispatches])
+    assert runner.close(drain_timeout_s=30)
     for key, eta in etas.items():
+        assert _one(store, key) is JobState.SUCCEEDED
         assert target.received_at[key] >= eta.timestamp(), f"{key} ran before it was due"
         assert target.calls[key] == [1]

@@ -82,21 +82,23 @@ class SchedulerSettings(ServiceSettings):
         description="How often the pump looks for due jobs and expired leases when idle.",
     )
     pump_lead_s: float = Field(
-        default=0.25,
+        default=1.0,
         ge=0,
         le=5,
-        description="The pump hands a job to the workers up to this long before it is due; "
-        "the worker claims it on receipt (RUNNING: from then on Cancel answers "
-        "FAILED_PRECONDITION) and starts the call at the due time, never before. Hides the "
-        "hand-over (commits, Redis, Celery) from the lateness; 0: hand over when due.",
+        description="The pump hands a job to the workers up to this long before it is due "
+        "(the worker holds it, claims it `worker_claim_ahead_s` before it is due and starts "
+        "the call at the due time, never before): the hand-over (commits, Redis, Celery) is "
+        "hidden from the lateness even when the machine is busy; 0: hand over when due.",
     )
     pump_coalesce_s: float = Field(
-        default=0.05,
+        default=0.1,
         ge=0,
         le=1,
         description="When the next job comes within the lead sooner than `pump_poll_s`, the "
-        "pump wakes up then, but not sooner than this after its last tick: jobs due this "
-        "close together travel in one message (fewer, fuller messages).",
+        "pump wakes up then, but not sooner than this after its last tick: while jobs stream "
+        "in, the pump ticks every `pump_coalesce_s` and jobs due close together travel in "
+        "one message (fewer ticks, fuller messages; a job scheduled to run at once may then "
+        "wait this long to be picked up).",
     )
     pump_batch: int = Field(
         default=500, ge=1, le=5000, description="Jobs moved per pump transaction."
@@ -149,6 +151,36 @@ class SchedulerSettings(ServiceSettings):
         le=256,
         description="Messages one worker process runs at once (each of up to "
         "`pump_message_jobs` jobs whose calls run concurrently).",
+    )
+    worker_claim_ahead_s: float = Field(
+        default=0.25,
+        ge=0,
+        le=5,
+        description="A worker claims a held job (RUNNING: from then on Cancel answers "
+        "FAILED_PRECONDITION) up to this long before it is due, so that only the call is "
+        "left for the due time; until then the job can still be cancelled.",
+    )
+    worker_claim_coalesce_s: float = Field(
+        default=0.05,
+        ge=0,
+        le=1,
+        description="A worker's claims are at least this far apart (one transaction for the "
+        "jobs of that span); a job is still claimed at least `worker_claim_ahead_s` minus "
+        "this before it is due.",
+    )
+    worker_result_flush_s: float = Field(
+        default=0.05,
+        ge=0,
+        le=5,
+        description="A worker records the results of its finished calls together, one "
+        "transaction at most this often (group commit).",
+    )
+    worker_max_held: int = Field(
+        default=20_000,
+        ge=1,
+        description="Most jobs a worker process holds (received, not yet called); beyond, it "
+        "stops taking messages until calls start. The pump's `pump_max_in_flight` bounds "
+        "them too.",
     )
     worker_health_port: int = Field(
         default=50055, ge=0, le=65535, description="gRPC health port of a worker."

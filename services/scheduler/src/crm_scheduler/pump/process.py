@@ -34,7 +34,7 @@ def pump_config(settings: SchedulerSettings) -> PumpConfig:
 
 async def run_pump(settings: SchedulerSettings, clock: Clock = utc_now) -> None:
     """Pumps until SIGTERM/SIGINT."""
-    engine = make_engine(settings.database_url, 3)
+    engine = make_engine(settings.database_url, 3, lean=True)
     store = SchedulerStore(engine)
     executor = BlockingExecutor(3, name="crm-scheduler-pump")
     sender = CelerySender(

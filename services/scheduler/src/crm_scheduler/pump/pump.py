@@ -13,8 +13,9 @@ One tick (a blocking function, run in a thread):
    due time), *then* send them (packed several jobs to a Celery message, one Redis
    pipeline per batch). Capping the in-flight jobs keeps the Redis queue short, so a
    message waits there far less than its lease and a healthy backlog is never re-sent.
-   The lead hides the hand-over (two commits, Redis, Celery) from a job's lateness: the
-   worker claims the job on receipt and starts the call at its due time, never before.
+   The lead hides the hand-over (commits, Redis, Celery) from a job's lateness: the
+   worker holds the job, claims it shortly before it is due and starts the call at its
+   due time, never before.
 3. plan the next tick: when the next job comes within the lead sooner than ``poll_s``,
    the loop wakes up then (but not sooner than ``coalesce_s`` after this tick, so jobs
    due close together travel in one message); otherwise it polls every ``poll_s`` (jobs
@@ -61,8 +62,8 @@ class Sender(Protocol):
 @dataclass(frozen=True, slots=True)
 class PumpConfig:
     poll_s: float = 0.05
-    coalesce_s: float = 0.05
-    lead_s: float = 0.25
+    coalesce_s: float = 0.1
+    lead_s: float = 1.0
     batch: int = 500
     max_in_flight: int = 2000
     enqueue_lease_s: float = 10.0
@@ -190,7 +191,8 @@ class Pump:
         wait_s = cfg.poll_s
         if not backlog and next_due is not None:
             until = (next_due - lead - self._clock()).total_seconds()
-            wait_s = min(cfg.poll_s, max(until, cfg.coalesce_s))
+            if until < cfg.poll_s:  # sooner than the next poll, but not sooner than coalesce_s
+                wait_s = max(until, cfg.coalesce_s)
         in_flight += moved
         self._update_gauges(in_flight)
         elapsed = time.monotonic() - started

@@ -30,7 +30,6 @@ from sqlalchemy import (
     Connection,
     Engine,
     Update,
-    bindparam,
     func,
     insert,
     select,
@@ -64,25 +63,46 @@ _MAX_ERROR_CHARS = 1000
 _MAX_RESEND_DOUBLINGS = 3
 _NO_CAP = 2**62
 
-# The workers' hot path as plain SQL (per message, whatever its number of jobs: lock
-# the rows, one UPDATE, commit; no ORM overhead).
-_LOCK_CLAIM = text(
-    "SELECT id, state, total_attempts, attempts FROM job WHERE id IN :ids ORDER BY id FOR UPDATE"
-).bindparams(bindparam("ids", expanding=True))
-_CLAIM = text(
+# The hot paths (the pump's move, the workers' claims and results) as driver-level SQL:
+# per transaction whatever its number of jobs (lock the rows, one UPDATE, commit), with
+# no statement building, compiling or per-id parameter escaping in Python (ids are
+# ints, inlined by :func:`_ids`).
+_IN_FLIGHT = "SELECT COUNT(*) FROM job WHERE lease_until IS NOT NULL"
+_NEXT_DUE = "SELECT MIN(due_at) FROM job"
+_LOCK_DUE = (
+    "SELECT id, uid, name, idempotency_key, target_method, target_address, payload,"
+    " total_attempts, attempts, max_retries, backoff_initial_ms, backoff_max_ms,"
+    " attempt_deadline_ms, due_at FROM job WHERE due_at <= %s ORDER BY due_at LIMIT %s"
+    " FOR UPDATE SKIP LOCKED"
+)
+_ENQUEUE = (
+    "UPDATE job SET state = 'ENQUEUED', due_at = NULL, lease_until = %s,"
+    " dispatches = dispatches + 1, updated_at = %s WHERE id IN ({ids})"
+)
+_LOCK_CLAIM = (
+    "SELECT id, state, total_attempts, attempts FROM job WHERE id IN ({ids}) ORDER BY id FOR UPDATE"
+)
+_CLAIM = (
     "UPDATE job SET state = 'RUNNING', attempts = attempts + 1,"
     " total_attempts = total_attempts + 1,"
-    " lease_until = :now + INTERVAL (attempt_deadline_ms * 1000 + :grace_us) MICROSECOND,"
-    " worker = :worker, resends = 0, updated_at = :now"
-    " WHERE id IN :ids AND state = 'ENQUEUED'"
-).bindparams(bindparam("ids", expanding=True))
-_LOCK_RESULT = text(
-    "SELECT id, state, total_attempts FROM job WHERE id IN :ids ORDER BY id FOR UPDATE"
-).bindparams(bindparam("ids", expanding=True))
-_SUCCEED = text(
+    " lease_until = %s + INTERVAL (attempt_deadline_ms * 1000 + %s) MICROSECOND,"
+    " worker = %s, resends = 0, updated_at = %s"
+    " WHERE id IN ({ids}) AND state = 'ENQUEUED'"
+)
+_LOCK_RESULT = (
+    "SELECT id, state, total_attempts FROM job WHERE id IN ({ids}) ORDER BY id FOR UPDATE"
+)
+_SUCCEED = (
     "UPDATE job SET state = 'SUCCEEDED', due_at = NULL, lease_until = NULL,"
-    " finished_at = :now, updated_at = :now WHERE id IN :ids"
-).bindparams(bindparam("ids", expanding=True))
+    " finished_at = %s, updated_at = %s WHERE id IN ({ids})"
+)
+
+
+def _ids(ids: Sequence[int]) -> str:
+    """``1,2,3`` for an ``IN (...)``: each id is checked to be an int (never text)."""
+    return ",".join(str(int(i)) for i in ids)
+
+
 _SUCCEEDABLE = frozenset({_RUNNING, _ENQUEUED, JobState.RETRY_WAIT.name})
 
 
@@ -137,27 +157,31 @@ class MoveResult:
 def _move(
     conn: Connection, now: datetime, until: datetime, limit: int, lease_until: datetime
 ) -> list[Dispatch]:
-    rows = conn.execute(
-        select(*_DISPATCH_COLUMNS)
-        .where(JobRow.due_at <= until)
-        .order_by(JobRow.due_at)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    ).all()
+    rows = conn.exec_driver_sql(_LOCK_DUE, (_naive(until), limit)).all()
     if not rows:
-        return []  # (plain rows: no ORM objects on the pump's hot path)
-    conn.execute(
-        update(JobRow)
-        .where(JobRow.id.in_([r.id for r in rows]))
-        .values(
-            state=_ENQUEUED,
-            due_at=None,
-            lease_until=lease_until,
-            dispatches=JobRow.dispatches + 1,
-            updated_at=now,
-        )
+        return []  # (plain tuples: no ORM objects on the pump's hot path)
+    conn.exec_driver_sql(
+        _ENQUEUE.format(ids=_ids([r[0] for r in rows])), (_naive(lease_until), _naive(now))
     )
-    return [_dispatch(r, r.due_at or now) for r in rows]
+    return [
+        Dispatch(
+            job_id=r[0],
+            uid=r[1],
+            name=r[2],
+            idempotency_key=r[3],
+            method=r[4],
+            address=r[5],
+            request=bytes(r[6]),
+            attempt=r[7] + 1,
+            run_attempt=r[8] + 1,
+            max_retries=r[9],
+            backoff_initial_ms=r[10],
+            backoff_max_ms=r[11],
+            attempt_deadline_ms=r[12],
+            due_at=_aware(r[13]) if r[13] is not None else now,
+        )
+        for r in rows
+    ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -433,18 +457,16 @@ class SchedulerStore:
         """The pump's transaction: counts the jobs in flight, marks up to ``limit`` jobs
         due by ``until`` ENQUEUED with a lease (fewer when ``max_in_flight`` would be
         passed), finds when the next waiting job is due, and commits. The caller sends
-        the returned messages after this returns."""
-        lease_until = now + timedelta(seconds=lease_s)
+        the returned messages after this returns. The lease runs ``lease_s`` from
+        ``until``: a job handed over early does not lose lease time while it waits for
+        its due time in a worker."""
+        lease_until = max(now, until) + timedelta(seconds=lease_s)
 
         def move(conn: Connection) -> MoveResult:
-            in_flight = int(
-                conn.execute(
-                    select(func.count()).select_from(JobRow).where(JobRow.lease_until.is_not(None))
-                ).scalar_one()
-            )
+            in_flight = int(conn.exec_driver_sql(_IN_FLIGHT).scalar_one())
             room = min(limit, max_in_flight - in_flight)
             out = _move(conn, now, until, room, lease_until) if room > 0 else []
-            next_due = conn.execute(select(func.min(JobRow.due_at))).scalar_one()
+            next_due = conn.exec_driver_sql(_NEXT_DUE).scalar_one()
             return MoveResult(out, in_flight, None if next_due is None else _aware(next_due))
 
         return self._tx.run_core(move)
@@ -545,7 +567,7 @@ class SchedulerStore:
         ids = sorted({d.job_id for d in ds})
 
         def run(conn: Connection) -> list[bool]:
-            rows = {r.id: r for r in conn.execute(_LOCK_CLAIM, {"ids": ids}).all()}
+            rows = {r[0]: r for r in conn.exec_driver_sql(_LOCK_CLAIM.format(ids=_ids(ids))).all()}
             won: list[bool] = []
             chosen: set[int] = set()
             for d in ds:
@@ -553,22 +575,18 @@ class SchedulerStore:
                 ok = (
                     r is not None
                     and d.job_id not in chosen
-                    and r.state == _ENQUEUED
-                    and r.total_attempts == d.attempt - 1
-                    and r.attempts == d.run_attempt - 1
+                    and r[1] == _ENQUEUED
+                    and r[2] == d.attempt - 1
+                    and r[3] == d.run_attempt - 1
                 )
                 if ok:
                     chosen.add(d.job_id)
                 won.append(ok)
             if chosen:
-                conn.execute(
-                    _CLAIM,
-                    {
-                        "ids": sorted(chosen),
-                        "grace_us": int(lease_grace_s * 1_000_000),
-                        "worker": worker[:255],
-                        "now": _naive(now),
-                    },
+                at = _naive(now)
+                grace_us = int(lease_grace_s * 1_000_000)
+                conn.exec_driver_sql(
+                    _CLAIM.format(ids=_ids(sorted(chosen))), (at, grace_us, worker[:255], at)
                 )
             return won
 
@@ -599,7 +617,7 @@ class SchedulerStore:
             return [], []
 
         def run(conn: Connection) -> tuple[list[bool], list[bool]]:
-            rows = {r.id: r for r in conn.execute(_LOCK_RESULT, {"ids": ids}).all()}
+            rows = {r[0]: r for r in conn.exec_driver_sql(_LOCK_RESULT.format(ids=_ids(ids))).all()}
             done: set[int] = set()
             ok_s: list[bool] = []
             for d in succeeded:
@@ -607,14 +625,15 @@ class SchedulerStore:
                 ok = (
                     r is not None
                     and d.job_id not in done
-                    and r.state in _SUCCEEDABLE
-                    and r.total_attempts >= d.attempt
+                    and r[1] in _SUCCEEDABLE
+                    and r[2] >= d.attempt
                 )
                 if ok:
                     done.add(d.job_id)
                 ok_s.append(ok)
             if done:
-                conn.execute(_SUCCEED, {"ids": sorted(done), "now": _naive(now)})
+                at = _naive(now)
+                conn.exec_driver_sql(_SUCCEED.format(ids=_ids(sorted(done))), (at, at))
             ok_f: list[bool] = []
             for f in failed:
                 d = f.dispatch
@@ -622,8 +641,8 @@ class SchedulerStore:
                 ok = (
                     r is not None
                     and d.job_id not in done
-                    and r.state == _RUNNING
-                    and r.total_attempts == d.attempt
+                    and r[1] == _RUNNING
+                    and r[2] == d.attempt
                 )
                 if ok:
                     done.add(d.job_id)

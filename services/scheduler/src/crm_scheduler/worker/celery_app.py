@@ -4,9 +4,10 @@ Celery is untyped: every ``Any`` of this service stays in this module. Celery on
 carries due jobs from the pump to a worker; nothing here is trusted for correctness:
 
 - no ETA/countdown is ever used (the pump sends a job when it is due);
-- ``acks_late`` and ``worker_prefetch_multiplier=1``: a worker holds at most one
-  message (of at most ``pump_message_jobs`` jobs) per execution slot, so pending work
-  stays in MySQL, not in worker memory;
+- ``acks_late`` and ``worker_prefetch_multiplier=1``: a message is acked once its jobs
+  are held by the worker's runner (they run at their due time; the rows' leases cover
+  a worker that dies), and a worker holds at most the jobs the pump has in flight (the
+  next ``pump_lead_s``), so pending work stays in MySQL, not in worker memory;
 - the pump packs the jobs due together into few messages and writes them to Redis in
   one pipeline (kombu's ``Producer.batch``): Celery's cost per message is paid once
   for many jobs;
@@ -100,7 +101,9 @@ def _keep_our_logging(**_: Any) -> None:
 
 def register_task(app: Any, handle_batch: Callable[[list[object]], object]) -> None:
     """Registers :data:`BATCH_TASK_NAME` and :data:`TASK_NAME`, both calling
-    ``handle_batch(messages)``."""
+    ``handle_batch(messages)`` (the worker's ``JobRunner.submit``: it holds the jobs and
+    returns, so the message is acked once its jobs are in the runner's hands; from then
+    on the rows' leases, not Redis, guarantee they run)."""
 
     def run_jobs(messages: list[object]) -> None:
         handle_batch(messages if isinstance(messages, list) else [messages])
@@ -108,8 +111,10 @@ def register_task(app: Any, handle_batch: Callable[[list[object]], object]) -> N
     def run_job(message: object) -> None:
         handle_batch([message])
 
-    app.task(name=BATCH_TASK_NAME, acks_late=True, ignore_result=True)(run_jobs)
-    app.task(name=TASK_NAME, acks_late=True, ignore_result=True)(run_job)
+    backend = app.backend  # resolved once: Celery would resolve it again in every pool thread
+    for name, fn in ((BATCH_TASK_NAME, run_jobs), (TASK_NAME, run_job)):
+        task = app.task(name=name, acks_late=True, ignore_result=True)(fn)
+        task.backend = backend
 
 
 def start_worker(

@@ -1,8 +1,8 @@
 """``python -m crm_scheduler worker``: one Celery worker process.
 
-The Celery worker runs in the main thread (it handles SIGTERM: warm shutdown, running
-jobs finish and are recorded); health and ``/metrics`` run in a thread (see
-``crm_scheduler.health``).
+The Celery worker runs in the main thread (it handles SIGTERM: warm shutdown; then the
+jobs the runner holds still run at their due time and every result is recorded);
+health and ``/metrics`` run in a thread (see ``crm_scheduler.health``).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def run_worker(settings: SchedulerSettings) -> int:
     worker_metrics = WorkerMetrics(metrics.registry)
 
     def new_store() -> SchedulerStore:
-        engine = make_engine(settings.database_url, settings.db_pool_size)
+        engine = make_engine(settings.database_url, settings.db_pool_size, lean=True)
         return SchedulerStore(engine)
 
     runner = JobRunner(
@@ -40,9 +40,13 @@ def run_worker(settings: SchedulerSettings) -> int:
         lease_grace_s=settings.run_lease_grace_s,
         clock=utc_now,
         metrics=worker_metrics,
+        claim_ahead_s=settings.worker_claim_ahead_s,
+        claim_coalesce_s=settings.worker_claim_coalesce_s,
+        result_flush_s=settings.worker_result_flush_s,
+        max_held=settings.worker_max_held,
     )
     app = make_celery(settings)
-    register_task(app, runner.handle_batch)
+    register_task(app, runner.submit)
     probe = CelerySender(app, settings.queue_name, settings.redis_url)
     consuming = threading.Event()
 
@@ -61,13 +65,15 @@ def run_worker(settings: SchedulerSettings) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     health.start()
     try:
+        runner.start()  # threads and the database pool before the first message
         log.info(
             "worker starting",
             extra={"pool": settings.worker_pool, "concurrency": settings.worker_concurrency},
         )
         return start_worker(app, settings, on_ready=consuming.set)
     finally:
+        # the held jobs still run at their due time, every result is recorded
+        runner.close(drain_timeout_s=settings.pump_lead_s + 30)
         health.stop()
-        runner.close()
         probe.close()
         log.info("worker stopped")
