@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import io
 import json
 import logging
@@ -97,3 +98,29 @@ def test_grpc_service_builds_serve_and_migrate() -> None:
     assert list(cli.commands) == ["serve"]
     assert cli.parser().parse_args(["migrate"]).command == "migrate"
     assert cli.parser().parse_args(["serve", "--migrate"]).migrate
+
+
+class _App:
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()  # RuntimeError when built outside a loop
+
+    async def run_until_signal(self) -> None:
+        assert asyncio.get_running_loop() is self.loop
+        BUILT.append(self.loop)
+
+
+BUILT: list[asyncio.AbstractEventLoop] = []
+
+
+def build_app(settings: Settings) -> _App:
+    return _App()
+
+
+def test_grpc_service_builds_the_app_inside_the_loop_it_runs_in() -> None:
+    # grpc.aio channels bind to the loop they are made in: an app built before
+    # asyncio.run() failed every client call ("attached to a different loop")
+    cli = ServiceCli.grpc_service(
+        "x", "x: doc", Settings, build_app=f"{__name__}:build_app", upgrade="json:loads"
+    )
+    assert cli.main(["serve"]) == 0
+    assert len(BUILT) == 1

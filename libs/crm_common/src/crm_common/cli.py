@@ -72,8 +72,13 @@ class ServiceCli(Generic[S]):
         ``upgrade(settings.database_url)``; both given as ``"module:function"``, imported
         when the command runs."""
 
+        async def run(settings: D) -> None:
+            # built inside the running loop: grpc.aio channels bind to the loop they are
+            # created in (an app built before asyncio.run() fails its client calls)
+            await _load(build_app)(settings).run_until_signal()
+
         def serve(settings: D, _: argparse.Namespace) -> None:
-            asyncio.run(_load(build_app)(settings).run_until_signal())
+            asyncio.run(run(settings))
 
         def migrate(settings: D) -> None:
             _load(upgrade)(settings.database_url)

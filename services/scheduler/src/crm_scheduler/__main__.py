@@ -28,10 +28,14 @@ def _migrate(settings: SchedulerSettings) -> None:
     upgrade(settings.database_url)
 
 
-def _serve(settings: SchedulerSettings, _: argparse.Namespace) -> None:
+async def _run_api(settings: SchedulerSettings) -> None:
     from crm_scheduler.app import build_app
 
-    asyncio.run(build_app(settings).run_until_signal())
+    await build_app(settings).run_until_signal()  # built inside the loop it runs in
+
+
+def _serve(settings: SchedulerSettings, _: argparse.Namespace) -> None:
+    asyncio.run(_run_api(settings))
 
 
 def _pump(settings: SchedulerSettings, _: argparse.Namespace) -> None:
