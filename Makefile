@@ -15,7 +15,7 @@ PY_SRC := libs/crm_common/src libs/crm_devstack/src services/assignment/src \
 
 .PHONY: help setup lock proto proto-check docs docs-check lint fmt typecheck buf-lint \
         stack-up stack-down k8s-check schemas-check check pytest test demo bench eval manifests clean web-lock \
-        web web-check
+        web web-check screenshot
 
 help:
 	@echo "make demo   - start the platform locally and play a short call-center scenario"
@@ -25,6 +25,7 @@ help:
 	@echo "make eval   - offline evaluation of the car recommendations (hit@10, NDCG@10)"
 	@echo "make lock   - re-pin dependencies into requirements.lock"
 	@echo "make web    - build the agent console (web/dist), served by python -m crm_web serve"
+	@echo "make screenshot - retake docs/img/console-task-detail.png (the console browser test)"
 
 setup:
 	@tools/setup.sh
@@ -89,6 +90,12 @@ web/dist/index.html: $(WEB_SRC)
 	cd web && npm run build
 
 web: setup web/dist/index.html
+
+# The README's console screenshot, taken by the browser test on the real platform.
+screenshot: setup stack-up
+	$(PY) -m pytest -q tests/web/test_web_console.py -k test_agent_accepts_an_offer
+	cp tests/web/artifacts/console-task-detail.png docs/img/console-task-detail.png
+	@echo "screenshot: docs/img/console-task-detail.png updated"
 
 # Re-lock the console's npm dependencies (after editing web/package.json).
 web-lock:

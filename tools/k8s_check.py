@@ -41,6 +41,7 @@ import hashlib
 import importlib
 import json
 import os
+import posixpath
 import re
 import subprocess
 import sys
@@ -239,7 +240,8 @@ COMPONENTS: tuple[Component, ...] = (
         "crm-bilog",
         "crm_bilog.settings:BilogSettings",
         ("bilog", "sink"),
-        probes="none",
+        (("grpc", "port", "sink_port"), ("metrics", "metricsPort", "sink_metrics_port")),
+        "crm_bilog.sink.process:SINK_HEALTH_NAME",
     ),
     Component(
         "crm-operator",
@@ -259,13 +261,11 @@ COMPONENTS: tuple[Component, ...] = (
 
 # Processes that serve no probe or no /metrics, and why (the policy check accepts nothing
 # else without a probe or scrape annotations).
-NO_PROBES: dict[tuple[str, str], str] = {
-    ("crm-bilog", "sink"): "a Kafka consumer serving no port (crm_bilog.sink has no health "
-    "endpoint); it exits on a fatal error and the kubelet restarts it",
-}
+# Empty: every long-running process serves gRPC health (the file sink included: a hung
+# consumer must fail its liveness probe); add an entry only with a reason.
+NO_PROBES: dict[tuple[str, str], str] = {}
 NO_METRICS: dict[tuple[str, str], str] = {
     ("crm-bilog", "registry"): "the dev schema registry serves no /metrics",
-    ("crm-bilog", "sink"): "crm_bilog.sink serves no /metrics",
 }
 # Pods that talk to the Kubernetes API and therefore mount a service-account token.
 API_CLIENTS: frozenset[tuple[str, str]] = frozenset({("crm-operator", "operator")})
@@ -401,20 +401,22 @@ _SCHED = ("crm-scheduler-pump", "crm-scheduler-worker")
 _KPI = ("crm-bilog-kpi",)
 # processes besides the servers with a gRPC health port and metrics: Service, PDB, ...
 _SIDE = (*_SCHED, *_KPI)
-_ALL_PROCS = (*_SERVERS, *_SIDE, "crm-bilog-registry", "crm-bilog-sink")
+_SINK = "crm-bilog-sink"  # health + metrics Service, no PDB (one writer of its volume)
+_ALL_PROCS = (*_SERVERS, *_SIDE, "crm-bilog-registry", _SINK)
 _JOBS = tuple(f"{s}-migrate" for s in _SERVERS)
 _SA = _objs(*_SERVERS, kinds=["ServiceAccount"])
 _DEFAULT = (
     _SA
     | _objs(*_SERVERS, *_SIDE, kinds=["Service", "Deployment", "PodDisruptionBudget"])
     | _objs("crm-bilog-registry", kinds=["Service", "Deployment"])
-    | _objs("crm-bilog-sink", kinds=["Deployment", "PersistentVolumeClaim"])
+    | _objs(_SINK, kinds=["Service", "Deployment", "PersistentVolumeClaim"])
     | _objs(*_JOBS, kinds=["Job"])
 )
 _OPERATOR = _objs(
     "crm-operator", kinds=["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment"]
 ) | _objs("crm-operator", kinds=["Service"])
 _WEBHOOK = frozenset({"ValidatingWebhookConfiguration/crm-operator.crm-system"})
+_OPERATOR_SINKS_NETPOL = frozenset({"NetworkPolicy/crm-operator-bilog-sinks"})
 
 VARIANTS: tuple[Variant, ...] = (
     Variant("default", expect=_DEFAULT),
@@ -433,7 +435,8 @@ VARIANTS: tuple[Variant, ...] = (
                 "ServiceMonitor",
             ],
         )
-        | _objs(*_JOBS[:3], kinds=["Job"])
+        | _objs(*_JOBS[:3], kinds=["Job", "NetworkPolicy"])
+        | _OPERATOR_SINKS_NETPOL
         | _objs(
             "crm-assignment",
             "crm-recommendation",
@@ -448,7 +451,7 @@ VARIANTS: tuple[Variant, ...] = (
         files=("values-dev.yaml",),
         expect=_SA
         | _objs(*_SERVERS, *_SIDE, "crm-bilog-registry", kinds=["Service", "Deployment"])
-        | {"Deployment/crm-bilog-sink"}
+        | _objs(_SINK, kinds=["Service", "Deployment"])
         | _objs(*_JOBS, kinds=["Job"]),
     ),
     Variant(
@@ -486,8 +489,9 @@ VARIANTS: tuple[Variant, ...] = (
             *_KPI,
             kinds=["Service", "Deployment", "PodDisruptionBudget", "NetworkPolicy"],
         )
-        | _objs("crm-bilog-sink", kinds=["Deployment", "PersistentVolumeClaim", "NetworkPolicy"])
-        | _objs(*_JOBS[:3], kinds=["Job"]),
+        | _objs(_SINK, kinds=["Service", "Deployment", "PersistentVolumeClaim", "NetworkPolicy"])
+        | _objs(*_JOBS[:3], kinds=["Job", "NetworkPolicy"])
+        | _OPERATOR_SINKS_NETPOL,
     ),
     Variant(
         "everything-on",
@@ -501,10 +505,12 @@ VARIANTS: tuple[Variant, ...] = (
             "assignment.podDisruptionBudget.minAvailable=50%",
             "bilog.sink.persistence.existingClaim=bilog-files",
             "global.mysql.tls.caSecret=crm-mysql-ca",
+            "global.tracing.enabled=true",
         ),
         expect=(_DEFAULT - {"Job/crm-assignment-migrate", "PersistentVolumeClaim/crm-bilog-sink"})
-        | _objs(*_ALL_PROCS, kinds=["NetworkPolicy"])
-        | _objs(*_SERVERS, *_SIDE, kinds=["ServiceMonitor"])
+        | _objs(*_ALL_PROCS, *_JOBS[1:], kinds=["NetworkPolicy"])
+        | _OPERATOR_SINKS_NETPOL
+        | _objs(*_SERVERS, *_SIDE, _SINK, kinds=["ServiceMonitor"])
         | _objs(
             "crm-assignment",
             "crm-scheduler-worker",
@@ -526,9 +532,18 @@ VARIANTS: tuple[Variant, ...] = (
         files=("values-production.yaml",),
         expect=_OPERATOR
         | _WEBHOOK
-        | _objs("crm-operator", kinds=["NetworkPolicy", "ServiceMonitor"]),
+        | _objs("crm-operator", kinds=["NetworkPolicy", "ServiceMonitor"])
+        | _objs("crm-operator@crm", kinds=["Role", "RoleBinding"]),
     ),
     Variant("dev", chart="crm-operator", files=("values-dev.yaml",), expect=_OPERATOR),
+    Variant(
+        "managed-webhook+namespaced",
+        chart="crm-operator",
+        sets=("webhook.managed=true,watchNamespaces={crm,bi}",),
+        expect=_OPERATOR
+        | _objs("crm-operator@crm", "crm-operator@bi", kinds=["Role", "RoleBinding"])
+        | {"Issuer/crm-operator-selfsigned", "Certificate/crm-operator-webhook"},
+    ),
 )
 
 
@@ -567,8 +582,14 @@ def ref(doc: Manifest) -> str:
     return f"{doc.get('kind')}/{doc.get('metadata', {}).get('name')}"
 
 
+def _placed_ref(doc: Manifest) -> str:
+    """``Kind/name``, ``@namespace`` added for an object placed in another namespace."""
+    namespace = (doc.get("metadata") or {}).get("namespace")
+    return ref(doc) + (f"@{namespace}" if namespace else "")
+
+
 def render_problems(variant: Variant, docs: list[Manifest]) -> list[str]:
-    rendered = [ref(d) for d in docs]
+    rendered = [_placed_ref(d) for d in docs]
     problems = [f"{r} rendered twice" for r in sorted(set(rendered)) if rendered.count(r) > 1]
     missing = variant.expect - set(rendered)
     extra = set(rendered) - variant.expect
@@ -1129,8 +1150,14 @@ def _selector_problems(
                 for r, _, pod, _ in matched:
                     if not any(_resolves(target, c) for c in pod.get("containers") or []):
                         p.append(f"{where}: targetPort {target} is not a port of {r}")
-        elif kind in ("PodDisruptionBudget", "NetworkPolicy", "ServiceMonitor"):
-            key = "podSelector" if kind == "NetworkPolicy" else "selector"
+        elif kind == "NetworkPolicy":
+            selector = (spec.get("podSelector") or {}).get("matchLabels")
+            if not any(_selects(selector, x[1]) for x in pods) and not _selects(
+                selector, operator_sink_labels()
+            ):
+                p.append(f"{where}: podSelector matches no pod (nor the operator's sinks)")
+        elif kind in ("PodDisruptionBudget", "ServiceMonitor"):
+            key = "selector"
             selector = (spec.get(key) or {}).get("matchLabels")
             targets = [x for x in pods if _selects(selector, x[1]) and x[3]]
             if not targets:
@@ -1405,10 +1432,11 @@ class _Pod:
 
 
 def _pods(docs: list[Manifest], namespace: str = NAMESPACE) -> list[_Pod]:
+    """Every pod the documents run: the long-running ones and the Jobs' (migrations)."""
     out = []
     for doc in docs:
         template = pod_template(doc)
-        if template is not None and doc.get("kind") in LONG_RUNNING_KINDS:
+        if template is not None and doc.get("kind") in (*LONG_RUNNING_KINDS, "Job"):
             out.append(
                 _Pod(
                     ref(doc),
@@ -1518,16 +1546,21 @@ def _service_pod(docs: list[Manifest], pods: list[_Pod], host: str) -> tuple[Man
 
 
 def network_policy_problems(
-    docs: list[Manifest], values: Mapping[str, Any] | None = None
+    docs: list[Manifest], values: Mapping[str, Any] | None = None, *, operator_sinks: bool = False
 ) -> list[str]:
-    """When NetworkPolicies are rendered: every pod is isolated both ways; every call the
-    environment configures is allowed both ways (in-release targets) or out (external
-    endpoints, on their ports); and every in-release peer a policy admits is justified by
-    such a call (or a job callback to a *_SELF_TARGET)."""
+    """When NetworkPolicies are rendered: every pod is isolated both ways (the migration
+    Jobs' included, and with ``operator_sinks`` the built-in BI log sinks the operator
+    creates in the release's namespace, rendered by crm_operator.builtin for these
+    values' Kafka and registry); every call the environment configures is allowed both
+    ways (in-release targets) or out (external endpoints, on their ports); and every
+    in-release peer a policy admits is justified by such a call (or a job callback to a
+    *_SELF_TARGET)."""
     policies = [d for d in docs if d.get("kind") == "NetworkPolicy"]
     if not policies:
         return []
     values = values or {}
+    if operator_sinks:
+        docs = [*docs, *operator_sink_deployments_for(values)]
     mysql_port = int(dig(values, ("global", "mysql", "port")) or 3306)
     redis_port = int(dig(values, ("global", "redis", "port")) or 6379)
     pods = _pods(docs)
@@ -1650,6 +1683,102 @@ def network_policy_problems(
     return p
 
 
+ALLOWED_TARGETS_ENV = "CRM_SCHEDULER_ALLOWED_TARGET_SERVICES"
+
+
+def _served_services(component: Component) -> set[str]:
+    health = component.health or ""
+    return {_resolve(health)} if health.startswith("proto:") else set()
+
+
+def job_target_problems(docs: list[Manifest], values: Mapping[str, Any] | None = None) -> list[str]:
+    """The scheduler's ``allowed_target_services`` (what a job may be scheduled to call)
+    is exactly what its workers can reach: the gRPC services of the in-release servers
+    the workers call with the job (crm.topology ``""`` calls of scheduler/worker) plus
+    ``scheduler.jobTargets.extraServices``; no prefix or ``*``. With NetworkPolicies
+    rendered, it equals the services of the in-release pods the workers' egress admits
+    (plus the extras). And crm.topology's ``grpcServices`` are what the servers serve."""
+    values = values or {}
+    topology = chart_topology()
+    by_key = {c.key: c for c in COMPONENTS if c.chart == "crm"}
+    p: list[str] = []
+    for key, entry in topology.items():
+        declared = set(entry.get("grpcServices") or [])
+        component = by_key.get(key)
+        if component is not None and declared != _served_services(component):
+            p.append(
+                f"crm.topology {key}: grpcServices {sorted(declared)} but it serves "
+                f"{sorted(_served_services(component))}"
+            )
+    server = next(
+        (
+            d
+            for d in docs
+            if d.get("kind") == "Deployment"
+            and _label_key((pod_template(d) or ({}, {}))[0].get("labels") or {})
+            == ("crm-scheduler", "server")
+        ),
+        None,
+    )
+    if server is None:
+        return p
+    template = pod_template(server)
+    assert template is not None
+    got_text = next(
+        (
+            v
+            for c in _containers(template[1])
+            if (v := _env_value(c, ALLOWED_TARGETS_ENV)) is not None
+        ),
+        None,
+    )
+    if got_text is None:
+        return [
+            *p,
+            f"{ref(server)}: {ALLOWED_TARGETS_ENV} is not set (default: every crm. service)",
+        ]
+    got = {x.strip() for x in got_text.split(",") if x.strip()}
+    p += [
+        f"{ref(server)}: {ALLOWED_TARGETS_ENV} entry {x!r} is a prefix or wildcard: jobs could "
+        "name services the workers cannot reach"
+        for x in sorted(got)
+        if x == "*" or x.endswith(".")
+    ]
+    extra = set(dig(values, ("scheduler", "jobTargets", "extraServices")) or [])
+    rendered = {_label_key((pod_template(d) or ({}, {}))[0].get("labels") or {}) for d in docs}
+    want = set(extra)
+    for key, setting in (topology["scheduler/worker"].get("calls") or {}).items():
+        component = by_key.get(key)
+        if not setting and component is not None and component.labels in rendered:
+            want |= _served_services(component)
+    if got != want:
+        p.append(
+            f"{ref(server)}: {ALLOWED_TARGETS_ENV} is {sorted(got)}, but the workers call "
+            f"{sorted(want)} (crm.topology job targets + scheduler.jobTargets.extraServices)"
+        )
+    policies = [d for d in docs if d.get("kind") == "NetworkPolicy"]
+    if policies:
+        pods = _pods(docs)
+        reachable = set(extra)
+        for worker in (x for x in pods if _label_key(x.labels) == ("crm-scheduler", "worker")):
+            for dst in pods:
+                component = component_of(dst.labels)
+                if component is None or dst is worker:
+                    continue
+                port = next(
+                    (v for c in dst.containers for n, v in _port_numbers(c).items() if n == "grpc"),
+                    None,
+                )
+                if port and netpol_allows(policies, "Egress", worker, dst, port):
+                    reachable |= _served_services(component)
+        if reachable and got != reachable:
+            p.append(
+                f"{ref(server)}: {ALLOWED_TARGETS_ENV} is {sorted(got)} but the workers' "
+                f"NetworkPolicy lets them reach {sorted(reachable)}"
+            )
+    return p
+
+
 # --------------------------------------------------------------------------- operator chart
 
 
@@ -1709,15 +1838,102 @@ def _normalized_rules(rules: Iterable[Mapping[str, Any]]) -> list[tuple[tuple[st
     return sorted(out)
 
 
+def operator_rbac_problems(
+    docs: list[Manifest], values: Mapping[str, Any], operator_dir: Path = OPERATOR_DIR
+) -> list[str]:
+    """The rendered ClusterRole and Roles have exactly the rules of
+    ``crm_operator.manifests.rbac()`` for the mode the values select (least privilege):
+    the sink Deployments' rules namespaced (a Role per ``watchNamespaces`` entry) unless
+    the operator watches every namespace, the webhook-configuration rule only in kopf's
+    managed mode (``webhook.managed``), which the operator is then told about; and
+    operator/rbac.yaml is the generated default mode (``make manifests``)."""
+    from crm_operator import manifests
+
+    p: list[str] = []
+    generated = manifests.render()["rbac.yaml"]
+    if (operator_dir / "rbac.yaml").read_text(encoding="utf-8") != generated:
+        p.append("operator/rbac.yaml is not crm_operator.manifests' output (make manifests)")
+    webhook = values.get("webhook") or {}
+    managed = bool(webhook.get("enabled") and webhook.get("managed"))
+    namespaces = list(values.get("watchNamespaces") or [])
+    roles = {
+        (d["kind"], d["metadata"].get("namespace", "")): d
+        for d in docs
+        if d.get("kind") in ("ClusterRole", "Role")
+    }
+    account = next((d for d in docs if d.get("kind") == "ServiceAccount"), None)
+    if account is None:
+        return [*p, "no ServiceAccount rendered"]
+    want_docs = manifests.rbac(
+        account["metadata"].get("namespace", RELEASES["crm-operator"][1]),
+        account["metadata"]["name"],
+        webhook_managed=managed,
+        namespaces=namespaces,
+    )
+    want = {
+        (d["kind"], d["metadata"].get("namespace", "")): d
+        for d in want_docs
+        if d["kind"] in ("ClusterRole", "Role")
+    }
+    mode = f"(webhook.managed={managed}, watchNamespaces={namespaces})"
+    for key in sorted(set(want) - set(roles)):
+        p.append(f"{key[0]} in namespace {key[1] or '(cluster)'} is missing {mode}")
+    for key in sorted(set(roles) - set(want)):
+        p.append(f"{ref(roles[key])} ({key[1] or 'cluster'}) is not needed {mode}")
+    for key in sorted(set(want) & set(roles)):
+        got = _normalized_rules(roles[key].get("rules") or [])
+        exp = _normalized_rules(want[key]["rules"])
+        where = f"{ref(roles[key])} ({key[1] or 'cluster'})"
+        p += [f"{where}: rule {r} is not needed {mode}" for r in sorted(set(got) - set(exp))]
+        p += [f"{where}: misses rule {r} {mode}" for r in sorted(set(exp) - set(got))]
+    bindings = {
+        (d["kind"], d["metadata"].get("namespace", "")): d
+        for d in docs
+        if d.get("kind") in ("ClusterRoleBinding", "RoleBinding")
+    }
+    for (kind, ns), role in want.items():
+        binding = bindings.get((f"{kind}Binding", ns))
+        if binding is None:
+            p.append(f"{kind} in {ns or 'the cluster'} has no {kind}Binding")
+        elif binding["roleRef"] != {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": kind,
+            "name": role["metadata"]["name"],
+        }:
+            p.append(f"{ref(binding)} ({ns or 'cluster'}) binds {binding['roleRef']}")
+    env: dict[str, str] = {}
+    for doc in docs:
+        if doc.get("kind") == "Deployment":
+            for c in doc["spec"]["template"]["spec"]["containers"]:
+                env.update({e["name"]: str(e.get("value", "")) for e in c.get("env") or []})
+    configs = [d for d in docs if d.get("kind") == "ValidatingWebhookConfiguration"]
+    if managed:
+        if not env.get("CRM_OPERATOR_WEBHOOK_MANAGED"):
+            p.append("webhook.managed but CRM_OPERATOR_WEBHOOK_MANAGED is not set")
+        p += [f"{ref(c)}: rendered although kopf manages it (webhook.managed)" for c in configs]
+    elif "CRM_OPERATOR_WEBHOOK_MANAGED" in env:
+        p.append("CRM_OPERATOR_WEBHOOK_MANAGED is set but the ClusterRole may not manage it")
+    if env.get("CRM_OPERATOR_NAMESPACES", "") != ",".join(namespaces):
+        p.append(
+            f"CRM_OPERATOR_NAMESPACES is {env.get('CRM_OPERATOR_NAMESPACES')!r}, not the "
+            f"namespaces the Roles cover {namespaces}"
+        )
+    return p
+
+
 def operator_chart_problems(
     docs: list[Manifest],
     chart_dir: Path = CHARTS["crm-operator"],
     operator_dir: Path = OPERATOR_DIR,
+    *,
+    values: Mapping[str, Any] | None = None,
 ) -> list[str]:
     """charts/crm-operator agrees with operator/: its crds/ are byte-equal copies of
-    operator/crds (the generated source), its ClusterRole has exactly the rules of
-    operator/rbac.yaml (least privilege), its ServiceAccount is the one bound, and its
-    webhook calls the operator's validating handlers on the CRDs' resources."""
+    operator/crds (the generated source), its RBAC is crm_operator.manifests' for the
+    values' mode (least privilege, :func:`operator_rbac_problems`), its ServiceAccount
+    is the one bound, and its webhook calls the operator's validating handlers on the
+    CRDs' resources."""
+    values = chart_defaults(chart_dir) if values is None else values
     p: list[str] = []
     source = {f.name: f for f in (operator_dir / "crds").glob("*.yaml")}
     copies = {f.name: f for f in (chart_dir / "crds").glob("*.yaml")}
@@ -1733,29 +1949,13 @@ def operator_chart_problems(
             )
         crds.append(load_yaml(copies[name]))
         p += crd_structural_problems(crds[-1])
-    rbac = _parse_yaml_all((operator_dir / "rbac.yaml").read_text(encoding="utf-8"))
-    want_rules = next((d["rules"] for d in rbac if d and d.get("kind") == "ClusterRole"), None)
-    roles = [d for d in docs if d.get("kind") in ("ClusterRole", "Role")]
-    if want_rules is None:
-        p.append("operator/rbac.yaml has no ClusterRole")
-    elif len(roles) != 1:
-        p.append(f"expected one ClusterRole, rendered {[ref(r) for r in roles]}")
-    else:
-        got, want = _normalized_rules(roles[0].get("rules") or []), _normalized_rules(want_rules)
-        for rule in sorted(set(got) - set(want)):
-            p.append(
-                f"{ref(roles[0])}: rule {rule} is not in operator/rbac.yaml (not least privilege)"
-            )
-        for rule in sorted(set(want) - set(got)):
-            p.append(f"{ref(roles[0])}: misses operator/rbac.yaml rule {rule}")
+    p += operator_rbac_problems(docs, values, operator_dir)
     deployments = [d for d in docs if d.get("kind") == "Deployment"]
     accounts = {d["metadata"]["name"] for d in docs if d.get("kind") == "ServiceAccount"}
-    for binding in (d for d in docs if d.get("kind") == "ClusterRoleBinding"):
+    for binding in (d for d in docs if d.get("kind") in ("ClusterRoleBinding", "RoleBinding")):
         for subject in binding.get("subjects") or []:
             if subject.get("name") not in accounts:
                 p.append(f"{ref(binding)} binds {subject.get('name')}, which is not rendered")
-        if roles and binding["roleRef"]["name"] != roles[0]["metadata"]["name"]:
-            p.append(f"{ref(binding)} binds {binding['roleRef']['name']}, not the chart's role")
     for deployment in deployments:
         sa = deployment["spec"]["template"]["spec"].get("serviceAccountName")
         if sa not in accounts:
@@ -1803,6 +2003,103 @@ def operator_chart_problems(
     return p
 
 
+@functools.cache
+def _operator_sink_labels() -> tuple[tuple[str, str], ...]:
+    template = pod_template(operator_sink_deployments()[0])
+    assert template is not None
+    return tuple(sorted((template[0].get("labels") or {}).items()))
+
+
+def operator_sink_labels() -> dict[str, str]:
+    """The pod labels of the sink Deployments the operator creates."""
+    return dict(_operator_sink_labels())
+
+
+def operator_sink_deployments_for(values: Mapping[str, Any]) -> list[Manifest]:
+    """The operator's sink Deployments in the crm release's namespace, wired like the
+    release (its Kafka, its registry) as the operator chart's values should be."""
+    registry = str(dig(values, ("global", "schemaRegistry", "url")) or "")
+    if not registry:
+        port = dig(values, ("bilog", "registry", "port"))
+        registry = f"http://{RELEASE}-bilog-registry.{NAMESPACE}.svc:{port}"
+    kafka = ",".join(dig(values, ("global", "kafka", "bootstrapServers")) or [])
+    return operator_sink_deployments(kafka_bootstrap=kafka, schema_registry_url=registry)
+
+
+def operator_sink_deployments(
+    *, kafka_bootstrap: str | None = None, schema_registry_url: str | None = None
+) -> list[Manifest]:
+    """The Deployments the operator creates for a BILogSink with a builtin target (with
+    and without a claim), rendered by the operator's own code with its default settings
+    (or the given endpoints)."""
+    from crm_operator.builtin import render_deployment
+    from crm_operator.settings import OperatorSettings
+
+    settings = OperatorSettings()
+    docs = []
+    for claim in ("", "bi-files"):
+        spec = {
+            "topics": ["crm.bi.fact_call_record"],
+            "target": {
+                "builtin": {"claimName": claim, "image": "registry.example.com/crm-bilog:0.1.0"}
+            },
+        }
+        docs.append(
+            render_deployment(
+                "files",
+                NAMESPACE,
+                spec,
+                settings.bilog_sink_image,
+                kafka_bootstrap=kafka_bootstrap or settings.bilog_sink_kafka_bootstrap,
+                schema_registry_url=schema_registry_url or settings.bilog_sink_schema_registry_url,
+            )
+        )
+    return docs
+
+
+def operator_sink_problems(docs: list[Manifest] | None = None) -> list[str]:
+    """The operator's built-in sink Deployments pass the charts' workload policy (probes
+    included), their environment is accepted by the sink's settings class and agrees with
+    their container ports and probes (health names of the code), and their probe timing
+    is the crm chart's ``bilog.sink.probes``."""
+    docs = operator_sink_deployments() if docs is None else docs
+    component = next(c for c in COMPONENTS if c.key == "bilog/sink")
+    settings_cls = load_settings_class(component.settings)
+    prefix = _env_prefix(settings_cls)
+    health = _resolve(component.health) if component.health else None
+    chart_probes = dig(chart_defaults(CHARTS["crm"]), ("bilog", "sink", "probes")) or {}
+    p: list[str] = []
+    for doc in docs:
+        template = pod_template(doc)
+        assert template is not None
+        _, pod = template
+        for container in _containers(pod):
+            where = f"operator {ref(doc)}"
+            at = f"{where} container {container.get('name')}"
+            p += container_policy_problems(where, pod, container, long_running=True, probes=True)
+            plain = {e["name"]: str(e["value"]) for e in container.get("env") or [] if "value" in e}
+            try:
+                with _environment(prefix, plain):
+                    settings = settings_cls()
+            except Exception as exc:
+                p.append(f"{at}: {settings_cls.__name__} rejects its environment: {exc}")
+                continue
+            p += _serving_settings_problems(at, component, settings, pod, container, health)
+            for probe, key in (
+                ("startupProbe", "startup"),
+                ("readinessProbe", "readiness"),
+                ("livenessProbe", "liveness"),
+            ):
+                spec = container.get(probe) or {}
+                timing = {k: v for k, v in spec.items() if k not in ("grpc", "httpGet")}
+                if timing != chart_probes.get(key):
+                    p.append(
+                        f"{at}: {probe} timing {timing} is not the crm chart's "
+                        f"bilog.sink.probes.{key} {chart_probes.get(key)}"
+                    )
+    return p
+
+
 def operator_webhook_ids(
     handlers: Path = OPERATOR_DIR / "src" / "crm_operator" / "handlers.py",
 ) -> set[str]:
@@ -1818,6 +2115,43 @@ def operator_webhook_ids(
     if not ids:
         raise CheckError(f"{handlers}: no VALIDATE_* handler ids found")
     return ids
+
+
+INSTALL_DOCS = ("README.md", "docs/kubernetes.md", "charts/crm-operator/values.yaml")
+_HELM_INSTALL = re.compile(r"\bhelm (?:upgrade --install|install) (\S+) (\S+)(.*)$")
+
+
+def install_docs_problems(root: Path = ROOT, paths: Iterable[str] = INSTALL_DOCS) -> list[str]:
+    """Every ``helm upgrade --install`` the docs show can be pasted into an empty
+    cluster: it names its namespace and creates it (``--create-namespace``); the crm
+    chart's is preceded by a pointer to the Secrets it reads (docs/kubernetes.md §3),
+    without which its pods never start."""
+    p: list[str] = []
+    for rel in paths:
+        lines = (root / rel).read_text(encoding="utf-8").splitlines()
+        for i, line in enumerate(lines):
+            match = _HELM_INSTALL.search(line)
+            if not match:
+                continue
+            command = match.group(0)
+            j = i
+            while command.rstrip().endswith("\\") and j + 1 < len(lines):
+                j += 1
+                command = command.rstrip()[:-1] + " " + lines[j].strip()
+            args = command.split()
+            at = f"{rel}:{i + 1}"
+            if not ({"-n", "--namespace"} & set(args)):
+                p.append(f"{at}: {match.group(1)} is installed without -n <namespace>")
+            if "--create-namespace" not in args:
+                p.append(f"{at}: {match.group(1)} is installed without --create-namespace")
+            if match.group(2).rstrip("/") == "charts/crm":
+                before = " ".join(lines[max(0, i - 3) : i])
+                if "Secrets" not in before or "§3" not in before:
+                    p.append(
+                        f"{at}: the crm chart's install is not preceded by a pointer to the "
+                        "Secrets it reads first (docs/kubernetes.md §3)"
+                    )
+    return p
 
 
 def prometheus_rules_problems(path: Path = CHART / "files" / "prometheus-rules.yaml") -> list[str]:
@@ -2218,21 +2552,61 @@ def _port_forward_problems(
     return p
 
 
+DEV_SRC = "/tmp/dev-src"  # noqa: S108 (the /tmp emptyDir the dev reload loop copies to)
+_EXPORT_PYTHONPATH = re.compile(r"(?:^|[\s;])export PYTHONPATH=([^\s;]+)")
+
+
+def _exported_pythonpath(container: Manifest) -> str | None:
+    """The PYTHONPATH a container's shell command exports (the dev reload loop), if any."""
+    script = "\n".join(
+        str(x) for x in [*(container.get("command") or []), *(container.get("args") or [])]
+    )
+    found = _EXPORT_PYTHONPATH.findall(script)
+    return found[-1].strip("'\"").rstrip("/") if found else None
+
+
 def _sync_problems(
     artifacts: list[Manifest], rendered: list[tuple[Manifest, list[Manifest]]], label: str
 ) -> list[str]:
-    """Manual sync rules match files and land on a writable mount (the root filesystem is
-    read-only) of every container running the artifact."""
+    """Manual sync rules match files, and every matched file, its ``strip`` prefix removed,
+    lands under ``dest`` in ``/tmp/dev-src/<the artifact's own module>/`` (where the dev
+    reload loop copies the installed package); ``dest`` is on a writable mount (the root
+    filesystem is read-only) of every container running the artifact, and that
+    container's reload loop exports ``PYTHONPATH`` equal to ``dest`` (else the synced
+    files are never imported)."""
     p: list[str] = []
     for artifact in artifacts:
         image = str(artifact.get("image"))
         context = ROOT / str(artifact.get("context", "."))
+        known = IMAGES.get(image)
         for rule in (artifact.get("sync") or {}).get("manual") or []:
             src, dest = str(rule.get("src")), str(rule.get("dest"))
-            if not any(context.glob(src)):
+            strip = str(rule.get("strip") or "")
+            matched = sorted(f for f in context.glob(src) if f.is_file())
+            if not matched:
                 p.append(f"{label}: sync src {src!r} of {image} matches no file")
             if not dest.startswith("/"):
                 p.append(f"{label}: sync dest {dest!r} of {image} is not absolute")
+            if known is not None:
+                root = f"{DEV_SRC}/{known.module}/"
+                sources = f"{known.package}/src/"
+                for f in matched:
+                    rel = f.relative_to(context).as_posix()
+                    if not rel.startswith(strip):
+                        p.append(
+                            f"{label}: sync of {image}: {rel} does not start with strip {strip!r}"
+                        )
+                        break
+                    landed = posixpath.normpath(f"{dest}/{rel[len(strip) :]}")
+                    # its import path under the reload loop's PYTHONPATH (/tmp/dev-src)
+                    wanted = f"{DEV_SRC}/{rel[len(sources) :]}" if rel.startswith(sources) else ""
+                    if landed != wanted or not landed.startswith(root):
+                        p.append(
+                            f"{label}: sync of {image} puts {rel} at {landed}, not at "
+                            f"{wanted or root + '...'} (the reload loop imports {known.module} "
+                            f"from {root})"
+                        )
+                        break
             for _, docs in rendered:
                 for doc in docs:
                     template = pod_template(doc)
@@ -2250,6 +2624,12 @@ def _sync_problems(
                             p.append(
                                 f"{label}: sync dest {dest} is on the read-only root filesystem "
                                 f"of {ref(doc)} container {c.get('name')}"
+                            )
+                        exported = _exported_pythonpath(c)
+                        if exported != dest.rstrip("/"):
+                            p.append(
+                                f"{label}: sync dest of {image} is {dest} but {ref(doc)} "
+                                f"container {c.get('name')} exports PYTHONPATH={exported}"
                             )
                         hooks = json.dumps((artifact.get("sync") or {}).get("hooks") or {})
                         if "dev-server.pid" in hooks and "dev-server.pid" not in json.dumps(
@@ -2677,7 +3057,9 @@ def run_all() -> list[Outcome]:
             lambda: [
                 f"{v}: {x}"
                 for v, docs in renders.docs.items()
-                for x in network_policy_problems(docs, renders.values[v])
+                for x in network_policy_problems(
+                    docs, renders.values[v], operator_sinks=v.startswith("crm/")
+                )
             ],
         )
     )
@@ -2686,13 +3068,36 @@ def run_all() -> list[Outcome]:
     )
     outcomes.append(
         run_check(
+            "scheduler job targets = what the workers reach",
+            lambda: [
+                f"{v}: {x}"
+                for v, docs in renders.docs.items()
+                if v.startswith("crm/")
+                for x in job_target_problems(docs, renders.values[v])
+            ],
+        )
+    )
+    outcomes.append(
+        run_check(
             "operator chart = operator/ (CRDs, RBAC, webhooks)",
             lambda: [
                 f"{v}: {x}"
                 for v, docs in renders.docs.items()
                 if v.startswith("crm-operator/")
-                for x in operator_chart_problems(docs)
+                for x in operator_chart_problems(docs, values=renders.values[v])
             ],
+        )
+    )
+    outcomes.append(
+        run_check(
+            "operator's built-in sink Deployments (policy, probes, settings)",
+            lambda: operator_sink_problems(),
+        )
+    )
+    outcomes.append(
+        run_check(
+            "install commands in the docs (namespace, Secrets first)",
+            lambda: install_docs_problems(),
         )
     )
     outcomes.append(

@@ -12,9 +12,10 @@ import aiohttp
 import kmock
 import kopf
 import pytest
+from crm_devstack.stack import free_port
 from k8s_standin import KubernetesStandIn
 from kopf.testing import KopfRunner
-from operator_testlib import ENTRY, GROUP_VERSION, Kube, Operator, eventually, free_port
+from operator_testlib import ENTRY, GROUP_VERSION, Kube, Operator, eventually
 
 
 @pytest.fixture

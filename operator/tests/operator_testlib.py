@@ -5,7 +5,6 @@ API stand-in client, the operator handle, polling. A uniquely named module, beca
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -17,12 +16,6 @@ from kopf.testing import KopfRunner
 ENTRY = str(Path(__file__).with_name("kopf_entry.py"))
 GROUP_VERSION = "crm.platform.io/v1alpha1"
 WAIT = 20.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def eventually(

@@ -150,7 +150,7 @@ def test_the_pod_passes_the_charts_workload_policy(claim: str) -> None:
         p
         for c in pod["containers"]
         for p in kc.container_policy_problems(
-            "Deployment/bilog-sink-files", pod, c, long_running=True, probes=False
+            "Deployment/bilog-sink-files", pod, c, long_running=True, probes=True
         )
     ]
     assert problems == []

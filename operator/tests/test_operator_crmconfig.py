@@ -297,9 +297,17 @@ async def test_webhook_refuses_invalid_config_naming_the_field(
         {"service": "assignment", "key": "SALE", "data": {"weights": {"star": "lots"}}}
     )
     assert nested["status"]["message"].startswith("spec.data.weights.star:")
-    unknown = await review({"service": "assignment", "key": "NOPE", "data": {}})
+    unknown = await review({"service": "assignment", "key": "no/pe", "data": {}})
     assert unknown["status"]["message"].startswith("spec.key:")
     assert (await review(spec(60)))["allowed"]
+    # lines are data: a new line is one CRMConfig, its code in the data
+    leasing = {"service": "assignment", "key": "LEASING", "data": {"code": 4}}
+    assert (await review(leasing))["allowed"]
+    no_code = await review({**leasing, "data": {"accept_timeout_s": 20}})
+    assert not no_code["allowed"]
+    assert no_code["status"]["message"].startswith("spec.data.code:")
+    taken = await review({**leasing, "data": {"code": 3}})
+    assert taken["status"]["message"].startswith("spec.data.code:")
     sink = await review(
         {
             "topics": ["t"],

@@ -30,7 +30,19 @@ def test_validate_names_the_field() -> None:
     with pytest.raises(schemas.ConfigInvalid, match=r"^spec\.service:"):
         schemas.validate("nope", "SALE", {})
     with pytest.raises(schemas.ConfigInvalid, match=r"^spec\.key:"):
-        schemas.validate("assignment", "NOPE", {})
+        schemas.validate("assignment", "nope", {})
+    # lines are data: a new line is a name with its code; a bad one names the field
+    assert schemas.validate("assignment", "LEASING", {"code": 4, "accept_timeout_s": 9}) == (
+        b'{"accept_timeout_s":9,"code":4}'
+    )
+    for data in ({}, {"code": 1}, {"code": "four"}):
+        with pytest.raises(schemas.ConfigInvalid, match=r"^spec\.data\.code:"):
+            schemas.validate("assignment", "LEASING", data)
+    with pytest.raises(schemas.ConfigInvalid, match=r"^spec\.data\.accept_timeout_s:"):
+        schemas.validate("assignment", "LEASING", {"code": 4, "accept_timeout_s": 0})
+    assert schemas.validate("recommendation", "ranking", {"lines": {"LEASING": {"code": 4}}})
+    with pytest.raises(schemas.ConfigInvalid, match=r"^spec\.data\.lines:"):
+        schemas.validate("recommendation", "ranking", {"lines": {"LEASING": {}}})
 
 
 def test_last_transition_time_moves_only_when_status_changes() -> None:

@@ -3,7 +3,8 @@
 Real processes on the real local stack (MariaDB, Redis, etcd, Tansu): recommendation,
 the bilog schema registry, intake and file sink, the scheduler API, pump and worker,
 and assignment. With ``--chaos`` the scheduler worker, the BI intake and the assignment
-service are killed with SIGKILL mid-day and restarted. The demo itself reads the
+service are killed with SIGKILL mid-day and restarted (the scheduler pump and the BI file
+sink with the worker), each at a moment when work is in flight. The demo itself reads the
 assignment database, the scheduler's jobs and the BI files back and exits non-zero when
 they disagree; this test also checks the printed numbers against each other.
 """
@@ -17,6 +18,7 @@ import sys
 import uuid
 from pathlib import Path
 
+import pytest
 from crm_devstack import Stack, drop_database
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,11 +30,33 @@ PROCESSES = (
     "scheduler-pump",
     "scheduler-worker",
     "bilog-sink",
+    "bilog-kpi",
     "assignment",
     "config-admin",
 )
 
 
+DEMO_TIMEOUT_S = 900
+IN_FLIGHT = re.compile(r"in flight: (\d+) tasks held by agents mid-call, (\d+) scheduler jobs")
+KPI_CHECKS = (
+    "realtime KPIs (from the BI stream) agree with the database",
+    "realtime KPI calls agree with the call records",
+    "realtime KPI wait-time histogram has one sample per offer",
+    "realtime KPIs show nothing waiting or open after the drain",
+)
+
+
+def _kill_line(out: str, what: str) -> tuple[int, int]:
+    """(tasks agents held mid-call, scheduler jobs pending) when ``what`` was killed."""
+    line = next((ln for ln in out.splitlines() if what in ln), None)
+    assert line is not None, what
+    m = IN_FLIGHT.search(line)
+    assert m is not None, line
+    return int(m.group(1)), int(m.group(2))
+
+
+# the subprocess may take up to DEMO_TIMEOUT_S; the global pytest timeout is shorter
+@pytest.mark.timeout(DEMO_TIMEOUT_S + 60)
 def test_call_center_day_with_chaos_loses_nothing(stack: Stack) -> None:
     name = f"crm_demo_t{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "tools")}
@@ -43,7 +67,7 @@ def test_call_center_day_with_chaos_loses_nothing(stack: Stack) -> None:
             env=env,
             capture_output=True,
             text=True,
-            timeout=900,
+            timeout=DEMO_TIMEOUT_S,
             check=False,
         )
     finally:
@@ -60,6 +84,23 @@ def test_call_center_day_with_chaos_loses_nothing(stack: Stack) -> None:
     assert "CHAOS: scheduler worker and BI intake killed (SIGKILL)" in out
     assert "CHAOS: the assignment service killed (SIGKILL)" in out
     assert "assignment back" in out
+    for proc in ("scheduler-worker", "scheduler-pump", "bilog", "bilog-sink", "assignment"):
+        assert re.search(rf"^\[[\d:]+\] {proc} killed with SIGKILL", out, re.M), proc
+    # ... at moments when there was something to lose: agents mid-call (their call
+    # records, completions and BI events still to come) and scheduler jobs pending (offer
+    # timeouts, call-backs) when the worker, pump, intake and sink died; agents mid-call
+    # when assignment died: their next calls failed and were retried, their streams broke
+    held, jobs = _kill_line(out, "CHAOS: scheduler worker and BI intake")
+    assert held > 0, (held, jobs)
+    assert jobs > 0, (held, jobs)
+    held, _ = _kill_line(out, "CHAOS: the assignment service killed")
+    assert held > 0, held
+    rode = re.search(
+        r"client retries after UNAVAILABLE: (\d+), offer streams broken and reopened: (\d+)", out
+    )
+    assert rode is not None, out[-6000:]
+    assert int(rode.group(1)) > 0, rode.group(0)
+    assert int(rode.group(2)) > 0, rode.group(0)
     # the scenario's beats
     assert "lets the offer of task" in out  # an offer rang out ...
     recycles = re.search(r"recycle_count (\d+), history (\d+), BI (\d+)", out)
@@ -78,6 +119,14 @@ def test_call_center_day_with_chaos_loses_nothing(stack: Stack) -> None:
     names = " | ".join(name for _, name in checks)
     assert "call records agree" in names
     assert "presence changes agree" in names
+    # the KPI consumer ran, so its cross-checks ran (a scrape failure is a FAIL, not a skip)
+    for kpi_check in KPI_CHECKS:
+        assert kpi_check in names, kpi_check
+    # every offer has its expire-offer job, and ended accepted or recycled by it
+    assert "one expire-offer job per offer" in names
+    offers = re.search(r"(\d+) offers in the history, (\d+) expire-offer jobs; (\d+) accepted", out)
+    assert offers is not None, out[-6000:]
+    assert int(offers.group(1)) == int(offers.group(2)) > 0
     assert all(status == "ok" for status, _ in checks), checks
     moved = re.search(r"(\d+) transitions, 0 missing from the files", out)
     assert moved is not None
@@ -91,3 +140,8 @@ def test_call_center_day_with_chaos_loses_nothing(stack: Stack) -> None:
     text = Path(page.group(1)).read_text()
     assert text.count("<svg") >= 5
     assert "all checks passed" in text
+    assert "Realtime KPIs" in text
+    assert "Config history of assignment/SALE" in text
+    # the 11:00 change went through crmctl config set: validated, with its author kept
+    assert re.search(r"crmctl\| assignment/SALE: written at revision \d+", out), out[-6000:]
+    assert re.search(r"crmctl\|.*ops-demo", out), out[-6000:]

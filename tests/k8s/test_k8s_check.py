@@ -409,14 +409,30 @@ def test_commands_the_chart_passes_exist(default_docs: Docs, operator_docs: Docs
     assert kc.entry_commands(kc.IMAGES["crm-scheduler"]) == {"serve", "pump", "worker", "migrate"}
 
 
-def test_policy_exempts_only_the_named_processes(default_docs: Docs) -> None:
+def test_policy_exempts_no_process_from_probes(default_docs: Docs) -> None:
+    assert kc.NO_PROBES == {}
     docs = copy.deepcopy(default_docs)
     sink = _container(_one(docs, "Deployment/crm-bilog-sink"))
-    assert "readinessProbe" not in sink  # exempt: NO_PROBES names why
+    assert sink["livenessProbe"]["grpc"]["service"] == "liveness"
+    del sink["livenessProbe"]  # a hung sink consumer would never be restarted
     registry = _container(_one(docs, "Deployment/crm-bilog-registry"))
     del registry["readinessProbe"]
     problems = kc.policy_problems(docs)
-    assert problems == ["Deployment/crm-bilog-registry container bilog-registry: no readinessProbe"]
+    assert problems == [
+        "Deployment/crm-bilog-registry container bilog-registry: no readinessProbe",
+        "Deployment/crm-bilog-sink container bilog-sink: no livenessProbe",
+    ]
+
+
+def test_operator_sink_deployments_are_checked_like_the_charts() -> None:
+    docs = kc.operator_sink_deployments()
+    assert kc.operator_sink_problems(docs) == []
+    container = docs[0]["spec"]["template"]["spec"]["containers"][0]
+    del container["readinessProbe"]
+    container["livenessProbe"]["grpc"]["service"] = "crm.bilog.sink"
+    problems = kc.operator_sink_problems(docs)
+    assert any("no readinessProbe" in p for p in problems)
+    assert any("livenessProbe checks health name 'crm.bilog.sink'" in p for p in problems)
 
 
 def test_policy_lets_only_the_operator_mount_a_token(operator_docs: Docs) -> None:
@@ -559,6 +575,42 @@ def test_netpol_catches_a_pod_left_open(netpol_render: tuple[Docs, dict[str, Any
     assert "Deployment/crm-bilog-sink: no NetworkPolicy restricts its egress" in problems
 
 
+def test_netpol_isolates_the_migration_jobs_to_mysql_and_dns(
+    netpol_render: tuple[Docs, dict[str, Any]],
+) -> None:
+    docs, values = netpol_render
+    policy = _one(docs, "NetworkPolicy/crm-bilog-migrate")
+    assert policy["spec"]["ingress"] == []
+    ports = sorted(p["port"] for r in policy["spec"]["egress"] for p in r["ports"])
+    assert ports == [53, 53, values["global"]["mysql"]["port"]]
+    assert policy["metadata"]["annotations"]["helm.sh/hook-weight"] == "-10"  # before the Job
+    left_open = [d for d in docs if kc.ref(d) != "NetworkPolicy/crm-bilog-migrate"]
+    problems = kc.network_policy_problems(left_open, values)
+    assert "Job/crm-bilog-migrate: no NetworkPolicy restricts its ingress" in problems
+    assert "Job/crm-bilog-migrate: no NetworkPolicy restricts its egress" in problems
+
+
+def test_netpol_covers_the_operators_sink_deployments(
+    netpol_render: tuple[Docs, dict[str, Any]],
+) -> None:
+    docs, values = netpol_render
+    assert kc.network_policy_problems(docs, values, operator_sinks=True) == []
+    sinks = kc.operator_sink_deployments_for(values)
+    assert kc.operator_sink_labels().items() <= sinks[0]["metadata"]["labels"].items()
+    left_open = [d for d in docs if kc.ref(d) != "NetworkPolicy/crm-operator-bilog-sinks"]
+    problems = kc.network_policy_problems(left_open, values, operator_sinks=True)
+    assert "Deployment/bilog-sink-files: no NetworkPolicy restricts its egress" in problems
+    # the dev registry admits them (they read writer schemas from it)
+    registry = copy.deepcopy(docs)
+    ingress = _one(registry, "NetworkPolicy/crm-bilog-registry")["spec"]["ingress"][0]
+    ingress["from"] = [f for f in ingress["from"] if "crm-operator" not in str(f)]
+    problems = kc.network_policy_problems(registry, values, operator_sinks=True)
+    assert any(
+        "crm-bilog-registry: ingress from Deployment/bilog-sink-files on 8081" in p
+        for p in problems
+    )
+
+
 def test_netpol_follows_an_external_schema_registry(renders: dict[str, Docs]) -> None:
     docs = renders["crm/scheduler-api-only+netpol"]
     egress = _egress_rules(docs, "crm-bilog")
@@ -667,8 +719,37 @@ def test_operator_check_catches_rbac_beyond_least_privilege(
     role["rules"].append({"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]})
     role["rules"][0]["verbs"].remove("update")
     problems = kc.operator_chart_problems(docs, chart, source)
-    assert any("('secrets',)" in p and "not least privilege" in p for p in problems)
-    assert any("misses operator/rbac.yaml rule" in p and "crmconfigs" in p for p in problems)
+    assert any("('secrets',)" in p and "is not needed" in p for p in problems)
+    assert any("misses rule" in p and "crmconfigs" in p for p in problems)
+
+
+def test_operator_rbac_follows_the_webhook_mode_and_the_watched_namespaces(
+    renders: dict[str, Docs], operator_docs: Docs
+) -> None:
+    variant = _variant("crm-operator", "managed-webhook+namespaced")
+    values = kc.deep_merge(kc.chart_defaults(kc.CHARTS["crm-operator"]), variant.values())
+    scoped = renders["crm-operator/managed-webhook+namespaced"]
+    assert kc.operator_chart_problems(scoped, values=values) == []
+    roles = {(d["kind"], d["metadata"].get("namespace")) for d in scoped if "Role" in d["kind"]}
+    assert ("Role", "crm") in roles
+    assert ("Role", "bi") in roles
+    cluster = _one(scoped, "ClusterRole/crm-operator")
+    assert not any("deployments" in r["resources"] for r in cluster["rules"])
+    assert any("validatingwebhookconfigurations" in r["resources"] for r in cluster["rules"])
+    assert not [d for d in scoped if d["kind"] == "ValidatingWebhookConfiguration"]
+    # the default render (all namespaces, the chart's own webhook configuration) judged
+    # against the managed + namespaced mode: every difference is named
+    problems = kc.operator_chart_problems(operator_docs, values=values)
+    assert any("misses rule" in p and "validatingwebhookconfigurations" in p for p in problems)
+    assert any("deployments" in p and "is not needed" in p for p in problems)
+    assert any("Role in namespace bi is missing" in p for p in problems)
+    assert any("CRM_OPERATOR_WEBHOOK_MANAGED is not set" in p for p in problems)
+    assert any("rendered although kopf manages it" in p for p in problems)
+    # and the other way round: the scoped render under the default mode
+    defaults = kc.chart_defaults(kc.CHARTS["crm-operator"])
+    problems = kc.operator_chart_problems(scoped, values=defaults)
+    assert any("validatingwebhookconfigurations" in p and "not needed" in p for p in problems)
+    assert any("misses rule" in p and "deployments" in p for p in problems)
 
 
 def test_operator_check_catches_a_webhook_to_no_handler(operator_docs: Docs) -> None:
@@ -824,6 +905,43 @@ def test_skaffold_catches_sync_onto_the_read_only_root(skaffold_config: dict[str
     )
 
 
+def test_skaffold_catches_sync_outside_the_artifacts_own_module(
+    skaffold_config: dict[str, Any],
+) -> None:
+    assert kc.skaffold_problems(config=skaffold_config) == []
+    patches = skaffold_config["profiles"][0]["patches"]
+    bilog = next(p["value"] for p in patches if p["path"] == "/build/artifacts/3/sync")
+    bilog["manual"][0]["strip"] = "services/bilog/"  # lands in /tmp/dev-src/src/crm_bilog
+    operator = next(p["value"] for p in patches if p["path"] == "/build/artifacts/4/sync")
+    operator["manual"][0] = {  # another package's files into the operator's pod
+        "src": "libs/crm_common/src/crm_common/**/*.py",
+        "dest": "/tmp/dev-src",
+        "strip": "libs/crm_common/src/",
+    }
+    problems = kc.skaffold_problems(config=skaffold_config)
+    assert any(
+        "sync of crm-bilog puts services/bilog/src/crm_bilog/" in p
+        and "at /tmp/dev-src/src/crm_bilog/" in p
+        for p in problems
+    )
+    assert any("sync of crm-operator puts libs/crm_common/" in p for p in problems)
+
+
+def test_skaffold_catches_a_sync_dest_off_the_pythonpath(
+    skaffold_config: dict[str, Any],
+) -> None:
+    patches = skaffold_config["profiles"][0]["patches"]
+    sched = next(p["value"] for p in patches if p["path"] == "/build/artifacts/2/sync")
+    sched["manual"][0]["dest"] = "/tmp/dev-src/crm_scheduler"
+    problems = kc.skaffold_problems(config=skaffold_config)
+    assert any(
+        "sync dest of crm-scheduler is /tmp/dev-src/crm_scheduler but Deployment/crm-scheduler "
+        "container scheduler exports PYTHONPATH=/tmp/dev-src" in p
+        for p in problems
+    )
+    assert any("crm_scheduler/crm_scheduler/__init__.py" in p for p in problems)
+
+
 def test_skaffold_catches_sync_without_the_reload_loop(skaffold_config: dict[str, Any]) -> None:
     patches = skaffold_config["profiles"][0]["patches"]
     patches[:] = [p for p in patches if "releases/1/valuesFiles" not in p["path"]]
@@ -883,11 +1001,13 @@ def test_dockerfile_check_catches_drift_from_the_template(tmp_path: Path) -> Non
     text = image.dockerfile.read_text()
     path.write_text(text)
     assert kc.dockerfile_problems(image, renders, kc.RUN_AS_USER, path) == []
-    path.write_text(text.replace("EXPOSE 8081 9154 9156 50054 50056", "EXPOSE 9154 50054"))
+    exposed = "EXPOSE 8081 9154 9156 9157 50054 50056 50057"
+    path.write_text(text.replace(exposed, "EXPOSE 9154 50054"))
     problems = kc.dockerfile_problems(image, renders, kc.RUN_AS_USER, path)
     assert any("differs from the template" in p for p in problems)
     assert any(
-        "EXPOSE [9154, 50054] but the charts use ports [8081, 9154, 9156, 50054, 50056]" in p
+        "EXPOSE [9154, 50054] but the charts use ports "
+        "[8081, 9154, 9156, 9157, 50054, 50056, 50057]" in p
         for p in problems
     )
     path.write_text(text.replace("USER 10001:10001", "USER 0"))
@@ -985,10 +1105,10 @@ def test_kpi_consumer_switches_off(renders: dict[str, Docs]) -> None:
     values = {"bilog": {"kpi": {"enabled": False}}, "global": {"networkPolicy": {"enabled": True}}}
     docs = kc.render_chart("crm", values)
     registry = _one(docs, "NetworkPolicy/crm-bilog-registry")["spec"]["ingress"][0]["from"]
-    assert [p["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for p in registry] == [
-        "server",
-        "sink",
-    ]
+    assert [
+        p["podSelector"]["matchLabels"].get("app.kubernetes.io/component", "operator's sinks")
+        for p in registry
+    ] == ["server", "sink", "operator's sinks"]
     assert kc.network_policy_problems(docs, kc.deep_merge(kc.chart_defaults(), values)) == []
     # bilog off takes the KPI consumer along
     docs = kc.render_chart("crm", {"bilog": {"enabled": False}})
@@ -1013,7 +1133,8 @@ def test_kpi_network_policy_is_kafka_and_registry_out_prometheus_in(
         }
     ]
     ports = sorted(p["port"] for r in spec["egress"] for p in r.get("ports", []))
-    assert ports == [53, 53, 8081, 9092]  # DNS, the in-release registry, Kafka
+    # DNS, the OpenTelemetry collector (global.tracing on), the in-release registry, Kafka
+    assert ports == [53, 53, 4317, 8081, 9092]
     assert "registry" in str(spec["egress"])
     # the registry admits it; nothing else may call it
     registry = str(_one(docs, "NetworkPolicy/crm-bilog-registry")["spec"]["ingress"])
@@ -1129,3 +1250,68 @@ def test_netpol_does_not_open_endpoints_the_operator_only_hands_on(
         "Deployment/crm-operator: egress to schema-registry.kafka.svc:8081 "
         "(CRM_OPERATOR_BILOG_SINK_SCHEMA_REGISTRY_URL) is not allowed",
     ]
+
+
+# --------------------------------------------------------------------------- job targets, docs
+
+
+def test_scheduler_job_targets_are_what_the_workers_reach(
+    netpol_render: tuple[Docs, dict[str, Any]],
+) -> None:
+    docs, values = netpol_render
+    assert kc.job_target_problems(docs, values) == []
+    assert _env(docs, "Deployment/crm-scheduler")[kc.ALLOWED_TARGETS_ENV] == (
+        "crm.assignment.v1.AssignmentService"
+    )
+    # a prefix (the setting's own default) would let jobs name unreachable services
+    wide = copy.deepcopy(docs)
+    for env in _container(_one(wide, "Deployment/crm-scheduler"))["env"]:
+        if env["name"] == kc.ALLOWED_TARGETS_ENV:
+            env["value"] = "crm."
+    problems = kc.job_target_problems(wide, values)
+    assert any("'crm.' is a prefix or wildcard" in p for p in problems)
+    assert any("the workers' NetworkPolicy lets them reach" in p for p in problems)
+    # an extra target is listed with the in-release one
+    extra = {"scheduler": {"jobTargets": {"extraServices": ["crm.billing.v1.BillingService"]}}}
+    docs = kc.render_chart("crm", extra)
+    assert _env(docs, "Deployment/crm-scheduler")[kc.ALLOWED_TARGETS_ENV] == (
+        "crm.assignment.v1.AssignmentService,crm.billing.v1.BillingService"
+    )
+    assert kc.job_target_problems(docs, kc.deep_merge(kc.chart_defaults(), extra)) == []
+
+
+def test_install_commands_in_the_docs_create_their_namespace(tmp_path: Path) -> None:
+    assert kc.install_docs_problems() == []
+    (tmp_path / "README.md").write_text(
+        "```sh\nhelm upgrade --install crm charts/crm -n crm -f values.yaml\n```\n"
+    )
+    problems = kc.install_docs_problems(tmp_path, ["README.md"])
+    assert problems == [
+        "README.md:2: crm is installed without --create-namespace",
+        "README.md:2: the crm chart's install is not preceded by a pointer to the Secrets it "
+        "reads first (docs/kubernetes.md §3)",
+    ]
+
+
+def test_tracing_is_off_by_default_and_wires_every_grpc_process_when_on(
+    default_docs: Docs, renders: dict[str, Docs]
+) -> None:
+    def traced(docs: Docs) -> dict[str, str]:
+        out = {}
+        for doc in docs:
+            template = kc.pod_template(doc)
+            for c in template[1]["containers"] if template else []:
+                for e in c.get("env") or []:
+                    if e["name"].endswith("_TRACING_EXPORTER"):
+                        out[kc.ref(doc)] = e["value"]
+        return out
+
+    assert traced(default_docs) == {}
+    on = renders["crm/everything-on"]
+    exporters = traced(on)
+    assert set(exporters.values()) == {"otlp"}
+    assert "Deployment/crm-bilog-sink" in exporters
+    assert "Deployment/crm-bilog-registry" not in exporters  # no gRPC server kit
+    assert not [r for r in exporters if r.startswith("Job/")]
+    egress = _egress_rules(on, "crm-scheduler-worker")
+    assert {"port": 4317, "protocol": "TCP"} in [p for r in egress for p in r.get("ports", [])]

@@ -3,10 +3,8 @@
 config live, and the grpc-web gateway serving the console.
 
 "Which instances applied it" comes from the leased acknowledgements the config watcher
-writes when given an instance name (``ConfigWatcher(..., ack=name)``). The services on
-main do not pass one yet, so this test runs one more live instance of the assignment
-routing config itself: the real watcher with the service's own parser and an ack name,
-exactly what an assignment replica runs.
+writes under the instance name: here the real assignment process of the test platform
+(``CRM_ASSIGNMENT_INSTANCE_NAME``), which acknowledges a value once it applied it.
 """
 
 from __future__ import annotations
@@ -14,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -22,10 +20,15 @@ import pytest
 import pytest_asyncio
 from crm.config.v1 import config_pb2 as cpb
 from crm.config.v1 import config_pb2_grpc as cpb_grpc
-from crm_assignment import config as assignment_config
-from crm_common.config_watch import ConfigWatcher
 from crm_devstack import Stack
-from web_platform import Platform, Scenario, browser_missing, build_console, platform
+from web_platform import (
+    ASSIGNMENT_INSTANCE,
+    Platform,
+    Scenario,
+    browser_missing,
+    build_console,
+    platform,
+)
 
 pytestmark = [
     pytest.mark.slow,
@@ -42,33 +45,32 @@ async def web(stack: Stack) -> AsyncIterator[Platform]:
         yield p
 
 
-REPLICA = "assignment-web-test-0"
+REPLICA = ASSIGNMENT_INSTANCE  # the platform's assignment process
 
 
-@pytest_asyncio.fixture(loop_scope="module")
-async def replica(web: Platform) -> AsyncIterator[ConfigWatcher[object]]:
-    watcher: ConfigWatcher[object] = ConfigWatcher(
-        web.stack.etcd_endpoint,
-        f"{web.prefix}/assignment",
-        assignment_config.parse,
-        name="assignment-routing",
-        ack=REPLICA,
-    )
-    await watcher.start(timeout=30)
-    yield watcher
-    await watcher.stop()
+async def acked(
+    stub: cpb_grpc.ConfigAdminServiceStub, done: Callable[[cpb.InstanceAck], bool]
+) -> cpb.InstanceAck:
+    """The assignment process's acknowledgement of SALE once ``done`` holds for it (it
+    acknowledges asynchronously, after applying); the last one seen after 30 s."""
+    deadline = time.monotonic() + 30
+    while True:
+        rollout = await stub.Rollout(cpb.RolloutRequest(service="assignment", key="SALE"))
+        ack = {i.instance: i for i in rollout.instances}.get(REPLICA)
+        if ack is not None and (done(ack) or time.monotonic() > deadline):
+            return ack
+        assert time.monotonic() < deadline, f"{REPLICA} never acknowledged SALE"
+        await asyncio.sleep(0.1)
 
 
-async def test_config_change_appears_in_history_and_is_applied(
-    web: Platform, replica: ConfigWatcher[object]
-) -> None:
+async def test_config_change_appears_in_history_and_is_applied(web: Platform) -> None:
     env = {"CONSOLE_URL": web.url, "EXPECT_INSTANCE": REPLICA}
     async with Scenario("scenario_config.mjs", env) as sc:
         changed = await sc.event("changed", 90)
         applied = await sc.event("applied", 60)
         refused = await sc.event("refused")
         rolled = await sc.event("rolled-back")
-        await check_rollback(web, rolled, changed, applied, refused, replica)
+        await check_rollback(web, rolled, changed, applied, refused)
         await sc.send("rollout")
         await sc.event("rollout", 60)
         assert await sc.finish() == 0
@@ -79,10 +81,12 @@ async def test_config_change_appears_in_history_and_is_applied(
         assert rollout.candidate.percent == 80
         assert json.loads(rollout.candidate.value_json)["accept_timeout_s"] == 30
         assert rollout.stable.revision == int(rolled["revision"])  # untouched
-        ack = {i.instance: i for i in rollout.instances}[REPLICA]
+        # the assignment process (bucket below 80) applied the candidate
+        ack = await acked(stub, lambda a: a.applied_revision == rollout.candidate.revision)
         assert ack.bucket < 80
+        assert ack.applied_revision == rollout.candidate.revision
         assert ack.version == cpb.APPLIED_VERSION_ROLLOUT
-    assert replica.snapshot.values["SALE"].accept_timeout_s == 30  # what it now applies
+        assert ack.rejected_revision == 0
 
 
 async def check_rollback(
@@ -91,7 +95,6 @@ async def check_rollback(
     changed: dict[str, Any],
     applied: dict[str, Any],
     refused: dict[str, Any],
-    replica: ConfigWatcher[object],
 ) -> None:
     assert any("accept_timeout_s" in f for f in refused["fields"]), refused
     assert web.config_admin is not None
@@ -106,15 +109,9 @@ async def check_rollback(
         second = by_rev[int(changed["r2"])]
         assert second.author == "ops-web"
         assert {c.path for c in second.changes} == {"accept_timeout_s", "weights"}
-        assert applied["instance"] == REPLICA
-        # the rollback is applied by the live instance too (poll: it acks asynchronously)
-        deadline = time.monotonic() + 30
-        while True:
-            rollout = await stub.Rollout(cpb.RolloutRequest(service="assignment", key="SALE"))
-            ack = {i.instance: i for i in rollout.instances}[REPLICA]
-            if ack.applied_revision == newest.revision or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.1)
+        assert applied["instance"] == REPLICA  # the page showed the process's ack
+        # the assignment process applies the rollback too
+        ack = await acked(stub, lambda a: a.applied_revision == newest.revision)
         assert ack.applied_revision == newest.revision
         assert ack.version == cpb.APPLIED_VERSION_STABLE
-    assert replica.snapshot.values["SALE"].accept_timeout_s == 45
+        assert ack.rejected_revision == 0

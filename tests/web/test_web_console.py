@@ -114,6 +114,11 @@ async def test_agent_accepts_an_offer_records_the_call_and_completes_it(
     assert (call.agent_id, call.duration_seconds) == (301, 95)
     assert call.outcome == pb.CALL_OUTCOME_CONNECTED
     assert call.note == "asked about financing"
+    # the console's start of a call just after accepting: not "now - 95 s" (before the
+    # agent had the task, refused by the service) but the offer's time (in milliseconds)
+    [offered] = [e for e in got.history if e.kind == "OFFERED" and e.agent_id == 301]
+    offered_ms = offered.at.ToDatetime().replace(microsecond=offered.at.nanos // 10**6 * 1000)
+    assert call.started_at.ToDatetime() >= offered_ms
     # the console showed what the service holds
     assert detail["phone"] == got.customer.phone.masked
     shots = {e["name"] for e in sc.events if e["event"] == "screenshot"}

@@ -38,6 +38,8 @@ WEB = ROOT / "web"
 HERE = Path(__file__).resolve().parent
 ARTIFACTS = HERE / "artifacts"  # screenshots and logs (git-ignored)
 CHROMIUM = Path("/usr/bin/chromium")
+ASSIGNMENT_INSTANCE = "assignment-web-test-0"
+"""The assignment process's instance name: the name it acknowledges config under."""
 
 sys.path.insert(0, str(ROOT / "tools"))
 from crm_tools.procs import ServiceProc, start_service, wait_http, wait_serving  # noqa: E402
@@ -151,6 +153,7 @@ async def platform(
             "CRM_ASSIGNMENT_RECOMMENDATION_TIMEOUT_S": "2",
             "CRM_ASSIGNMENT_DISPATCH_POLL_S": "0.3",
             "CRM_ASSIGNMENT_AUTH_TOKEN_SECRET": f"web-test-secret-{run}",
+            "CRM_ASSIGNMENT_INSTANCE_NAME": ASSIGNMENT_INSTANCE,
             **(assignment_env or {}),
         }
         asg = start_service(

@@ -5,7 +5,9 @@ by side does. Results are printed as a table and written to .bench/results.json 
 time-stamped copy).
 
 assignment (issue #3): target >= 0.33x the no-op RPC throughput
-  baseline  a bare grpc.aio no-op unary RPC (own process, no interceptors, no database)
+  baseline  a bare grpc.aio no-op unary RPC (own process, no interceptors, no database),
+            measured before, between and after the two figures; each figure's ratio is
+            to the mean of the baseline right before and right after it
   clue      CreateClue alone (new customer each time: customer upsert + task + audit)
   flow      one task through the platform: CreateClue -> dispatched to a streaming agent
             -> AcceptTask -> CompleteTask (4 RPCs/stream messages; 16 agents, 4 concurrent
@@ -17,7 +19,8 @@ bilog (issue #5): acked events/s through LogBatch(500) vs a raw confluent-kafka 
   crm_tools.bench_bilog).
 
 recommendation (issue #6): Recommend top-20 p99 over 100,000 cars and 1,000,000
-  interactions vs a no-op RPC p99 on the same server (target <= 3x); index memory in MB
+  interactions vs a no-op RPC p99 on the same server, both at 100 calls/s open loop
+  (target <= 3x), and both saturated (16 in flight; no target); index memory in MB
   (see crm_tools.bench_recommendation).
 
 scheduler (issue #4): fire lateness p50/p99 of 10,000 jobs spread over 10 s (target p99
@@ -110,23 +113,54 @@ async def closed_loop(
     return Measure(name, len(lat), seconds, pct(lat, 0.5), pct(lat, 0.99))
 
 
-async def bench_noop(concurrency: int, seconds: float) -> Measure:
-    port = free_port()
-    proc = start_service(
-        "noop", "crm_tools.noop_server", port, {"CRM_NOOP_PORT": str(port)}, OUT / "noop.log"
+class NoopBaseline:
+    """The baseline: a bare grpc.aio no-op server in a process of its own, measured as often
+    as a section needs (``measure()``), so each figure can be set against the baseline
+    measured right before and right after it (the shared machine's load drifts)."""
+
+    def __init__(self, concurrency: int, seconds: float) -> None:
+        self.concurrency = concurrency
+        self.seconds = seconds
+        port = free_port()
+        self.proc = start_service(
+            "noop", "crm_tools.noop_server", port, {"CRM_NOOP_PORT": str(port)}, OUT / "noop.log"
+        )
+        self.channel: grpc.aio.Channel | None = None
+
+    async def __aenter__(self) -> NoopBaseline:
+        try:
+            await wait_serving(self.proc)
+            self.channel = grpc.aio.insecure_channel(self.proc.target)
+        except BaseException:
+            self.proc.stop()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.channel is not None:
+            await self.channel.close(None)
+        self.proc.stop()
+
+    async def measure(self) -> Measure:
+        assert self.channel is not None
+        ping = self.channel.unary_unary(NOOP_METHOD, None, None)
+        payload = b"x" * 64
+
+        async def call(_: int) -> None:
+            await ping(payload)
+
+        return await closed_loop("no-op RPC (baseline)", call, self.concurrency, self.seconds)
+
+
+def bracketing(before: Measure, after: Measure) -> Measure:
+    """The baseline of a figure measured between ``before`` and ``after``: their mean."""
+    return Measure(
+        "no-op RPC (baseline)",
+        before.ops + after.ops,
+        before.seconds + after.seconds,
+        (before.p50_ms + after.p50_ms) / 2,
+        (before.p99_ms + after.p99_ms) / 2,
     )
-    try:
-        await wait_serving(proc)
-        async with grpc.aio.insecure_channel(proc.target) as ch:
-            ping = ch.unary_unary(NOOP_METHOD, None, None)
-            payload = b"x" * 64
-
-            async def call(_: int) -> None:
-                await ping(payload)
-
-            return await closed_loop("no-op RPC (baseline)", call, concurrency, seconds)
-    finally:
-        proc.stop()
 
 
 async def start_assignment(etcd: str) -> ServiceProc:
@@ -282,25 +316,41 @@ def row(
 
 
 async def section_assignment(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """no-op, CreateClue, no-op, flow, no-op: each figure's ratio is to the mean of the
+    no-op measured right before and right after it."""
     stack = await asyncio.to_thread(up)
-    noop = await bench_noop(args.concurrency, args.seconds)
-    svc = await start_assignment(stack.etcd_endpoint)
-    try:
-        async with grpc.aio.insecure_channel(svc.target) as ch:
-            stub = pb_grpc.AssignmentServiceStub(ch)
-            clue_m = await bench_clue(stub, args.concurrency, args.seconds)
-            flow_m = await bench_flow(stub, args.agents, args.seconds)
-    finally:
-        svc.stop()
-    base = noop.rate or 1.0
+    async with NoopBaseline(args.concurrency, args.seconds) as noop:
+        svc = await start_assignment(stack.etcd_endpoint)
+        try:
+            async with grpc.aio.insecure_channel(svc.target) as ch:
+                stub = pb_grpc.AssignmentServiceStub(ch)
+                noop_1 = await noop.measure()
+                clue_m = await bench_clue(stub, args.concurrency, args.seconds)
+                noop_2 = await noop.measure()
+                flow_m = await bench_flow(stub, args.agents, args.seconds)
+                noop_3 = await noop.measure()
+        finally:
+            svc.stop()
+    clue_base = bracketing(noop_1, noop_2).rate or 1.0
+    flow_base = bracketing(noop_2, noop_3).rate or 1.0
+    every = bracketing(bracketing(noop_1, noop_2), noop_3)
     return [
-        row("no-op RPC (baseline)", noop, noop.rate, "RPC/s", 1.0),
-        row("CreateClue", clue_m, clue_m.rate, "RPC/s", clue_m.rate / base, 0.33),
+        row("no-op RPC (baseline, mean of 3)", every, every.rate, "RPC/s", 1.0),
+        row("CreateClue", clue_m, clue_m.rate, "RPC/s", clue_m.rate / clue_base, 0.33),
         row(
-            "flow (clue+offer+accept+complete)", flow_m, flow_m.rate, "flows/s", flow_m.rate / base
+            "flow (clue+offer+accept+complete)",
+            flow_m,
+            flow_m.rate,
+            "flows/s",
+            flow_m.rate / flow_base,
         ),
         row(
-            "flow, as gRPC messages", flow_m, flow_m.rate * 4, "msg/s", flow_m.rate * 4 / base, 0.33
+            "flow, as gRPC messages",
+            flow_m,
+            flow_m.rate * 4,
+            "msg/s",
+            flow_m.rate * 4 / flow_base,
+            0.33,
         ),
     ]
 

@@ -31,7 +31,10 @@ from crm.assignment.v1 import assignment_pb2 as pb
 from crm.assignment.v1 import assignment_pb2_grpc as pb_grpc
 from crm.common.v1 import common_pb2
 from crm.recommendation.v1 import recommendation_pb2 as rpb
+from crm.scheduler.v1 import scheduler_pb2 as spb
+from crm.scheduler.v1 import scheduler_pb2_grpc as spb_grpc
 from crm_common.config_watch import put_json
+from crm_common.lines import default_name
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from crm_tools.local_platform import LocalPlatform
@@ -40,7 +43,13 @@ Line: TypeAlias = common_pb2.BusinessLine.ValueType
 SALE: Line = common_pb2.BUSINESS_LINE_SALE
 AFTER_SALE: Line = common_pb2.BUSINESS_LINE_AFTER_SALE
 FINANCE: Line = common_pb2.BUSINESS_LINE_FINANCE
-LINE_NAMES: dict[int, str] = {SALE: "SALE", AFTER_SALE: "AFTER_SALE", FINANCE: "FINANCE"}
+
+
+def line_label(code: int) -> str:
+    """A line as the KPI consumer labels it (``SALE``, ``LINE_4``): lines are data."""
+    return default_name(code)
+
+
 T = TypeVar("T")
 
 # Config as ops would write it (timings compressed: the demo lasts a minute, not a day).
@@ -53,12 +62,15 @@ SALE_CONFIG: dict[str, object] = {
 }
 AFTER_SALE_CONFIG: dict[str, object] = {"accept_timeout_s": 3, "default_priority": 5}
 FINANCE_CONFIG: dict[str, object] = {
+    "code": 3,  # a line is data: its code is in its config (optional for the well-known)
     "accept_timeout_s": 4,
     "default_priority": 6,
     "source_priority": {"loan-calculator": 8},
     "weights": {"wait_per_minute": 5},
 }
 SALE_CHANGE: dict[str, object] = {**SALE_CONFIG, "accept_timeout_s": 8, "weights": {"star": 500}}
+SALE_CHANGE_FIELDS: dict[str, object] = {"accept_timeout_s": 8, "weights.star": 500}
+"""The 11:00 change as the fields ops patch (``crmctl config set --set PATH=VALUE``)."""
 INITIAL_CONFIG: dict[str, dict[str, object]] = {
     "assignment/SALE": SALE_CONFIG,
     "assignment/AFTER_SALE": AFTER_SALE_CONFIG,
@@ -100,6 +112,23 @@ AGENTS = [
 ]
 
 
+@dataclass(frozen=True)
+class InFlight:
+    """Work under way at one moment: what a kill at that moment could lose."""
+
+    held: int  # tasks agents accepted and are calling about (the clients' own count)
+    jobs_pending: int  # scheduler jobs not finished (scheduled, enqueued or running)
+    jobs_due: int  # of those, due now (enqueued or running): a worker should be on them
+    queues: str = ""  # the assignment service's view (QueueStats), when it answered
+
+    def __str__(self) -> str:
+        return (
+            f"in flight: {self.held} tasks held by agents mid-call, "
+            f"{self.jobs_pending} scheduler jobs pending ({self.jobs_due} due)"
+            + (f"; {self.queues}" if self.queues else "")
+        )
+
+
 @dataclass
 class DayLog:
     """What the clients of the platform saw during the day."""
@@ -125,6 +154,7 @@ class DayLog:
     offer_windows: list[tuple[float, int, float]] = field(default_factory=list)
     finance_open_at: float | None = None
     drained: bool = False
+    in_flight: dict[str, InFlight] = field(default_factory=dict)  # at each chaos kill
 
     def sim_hour(self, now: float | None = None) -> float:
         t = time.monotonic() if now is None else now
@@ -175,6 +205,9 @@ class Day:
     on_shift: dict[int, asyncio.Event] = field(default_factory=dict)
     presence: dict[int, int] = field(default_factory=dict)
     rang_out: asyncio.Event = field(default_factory=asyncio.Event)
+    holding: int = 0  # tasks accepted and not yet completed or failed, over all agents
+    finance_clues: int = 0  # FINANCE clues sent once the line is open
+    mid_call: asyncio.Event = field(default_factory=asyncio.Event)  # set while holding > 0
 
     async def set_presence(self, agent: AgentSpec, presence: int) -> None:
         if self.presence.get(agent.id) == presence:
@@ -260,54 +293,61 @@ class Day:
             ):
                 return  # too late: recycled to someone else
         self.log.accepted[spec.line] += 1
-        started = ts(0)
-        await asyncio.sleep(self.rng.uniform(0.2, 0.6) * self.log.hour_s / 4)  # the call
-        roll = self.rng.random()
-        call_req = pb.RecordCallRequest(
-            call_id=f"call-{task.id}-{spec.id}",
-            task_id=task.id,
-            agent_id=spec.id,
-            call_type=pb.CALL_TYPE_CALLOUT,
-            provider=self.rng.choice([pb.TELEPHONY_PROVIDER_ZT, pb.TELEPHONY_PROVIDER_RL]),
-            started_at=started,
-            duration_seconds=0 if roll < 0.1 else self.rng.randrange(60, 900),
-            outcome=pb.CALL_OUTCOME_NO_ANSWER if roll < 0.1 else pb.CALL_OUTCOME_CONNECTED,
-            note="" if roll < 0.1 else "talked about the car and a test drive",
-        )
-        # the same call id on a retry returns the same record (idempotent)
-        await retrying(self.log, lambda: self.stub.RecordCall(call_req))
-        self.log.calls[spec.line] += 1
-        req: Any
-        if roll < 0.1:
-            req = pb.FailTaskRequest(task_id=task.id, agent_id=spec.id, reason="unreachable")
-            call: Callable[[], Awaitable[Any]] = lambda: self.stub.FailTask(req)  # noqa: E731
-            outcome = "failed"
-        elif roll < 0.3 and task.category == pb.CATEGORY_NEW_CLUE:
-            req = pb.CompleteTaskRequest(
+        self.holding += 1
+        self.mid_call.set()
+        try:
+            started = ts(0)
+            await asyncio.sleep(self.rng.uniform(0.2, 0.6) * self.log.hour_s / 4)  # the call
+            roll = self.rng.random()
+            call_req = pb.RecordCallRequest(
+                call_id=f"call-{task.id}-{spec.id}",
                 task_id=task.id,
                 agent_id=spec.id,
-                note="asked to call back",
-                revisit_at=ts(self.log.hour_s),
+                call_type=pb.CALL_TYPE_CALLOUT,
+                provider=self.rng.choice([pb.TELEPHONY_PROVIDER_ZT, pb.TELEPHONY_PROVIDER_RL]),
+                started_at=started,
+                duration_seconds=0 if roll < 0.1 else self.rng.randrange(60, 900),
+                outcome=pb.CALL_OUTCOME_NO_ANSWER if roll < 0.1 else pb.CALL_OUTCOME_CONNECTED,
+                note="" if roll < 0.1 else "talked about the car and a test drive",
             )
-            call = lambda: self.stub.CompleteTask(req)  # noqa: E731
-            outcome = "revisit"
-        else:
-            req = pb.CompleteTaskRequest(task_id=task.id, agent_id=spec.id, note="visit booked")
-            call = lambda: self.stub.CompleteTask(req)  # noqa: E731
-            outcome = "completed"
-        try:
-            await retrying(self.log, call)
-        except grpc.aio.AioRpcError as exc:
-            # a retry after a restart may find the first attempt already applied
-            if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
-                raise
-        if outcome == "failed":
-            self.log.failed[spec.line] += 1
-        else:
-            self.log.completed[spec.line] += 1
-        if outcome == "revisit":
-            self.log.revisits += 1
-            self.log.note(f"{spec.name} completed task {task.id}; call-back in 1 h", self.say)
+            # the same call id on a retry returns the same record (idempotent)
+            await retrying(self.log, lambda: self.stub.RecordCall(call_req))
+            self.log.calls[spec.line] += 1
+            req: Any
+            if roll < 0.1:
+                req = pb.FailTaskRequest(task_id=task.id, agent_id=spec.id, reason="unreachable")
+                call: Callable[[], Awaitable[Any]] = lambda: self.stub.FailTask(req)  # noqa: E731
+                outcome = "failed"
+            elif roll < 0.3 and task.category == pb.CATEGORY_NEW_CLUE:
+                req = pb.CompleteTaskRequest(
+                    task_id=task.id,
+                    agent_id=spec.id,
+                    note="asked to call back",
+                    revisit_at=ts(self.log.hour_s),
+                )
+                call = lambda: self.stub.CompleteTask(req)  # noqa: E731
+                outcome = "revisit"
+            else:
+                req = pb.CompleteTaskRequest(task_id=task.id, agent_id=spec.id, note="visit booked")
+                call = lambda: self.stub.CompleteTask(req)  # noqa: E731
+                outcome = "completed"
+            try:
+                await retrying(self.log, call)
+            except grpc.aio.AioRpcError as exc:
+                # a retry after a restart may find the first attempt already applied
+                if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                    raise
+            if outcome == "failed":
+                self.log.failed[spec.line] += 1
+            else:
+                self.log.completed[spec.line] += 1
+            if outcome == "revisit":
+                self.log.revisits += 1
+                self.log.note(f"{spec.name} completed task {task.id}; call-back in 1 h", self.say)
+        finally:
+            self.holding -= 1
+            if not self.holding:
+                self.mid_call.clear()
 
     async def _holds(self, spec: AgentSpec, task_id: int) -> bool:
         detail = await retrying(self.log, lambda: self.stub.GetTask(pb.GetTaskRequest(id=task_id)))
@@ -335,7 +375,7 @@ class Day:
             if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
                 raise
             self.log.turned_away.append(key)
-            self.log.note(f"{LINE_NAMES[line]} clue turned away: {exc.details()}", self.say)
+            self.log.note(f"{line_label(line)} clue turned away: {exc.details()}", self.say)
             return
         self.log.acknowledged[key] = resp.task.id
         if resp.merged:
@@ -355,6 +395,9 @@ class Day:
                     line, phone = self.rng.choice(phones)
                 else:
                     line = SALE if n == 1 else self.rng.choice(open_lines)
+                    if self.log.finance_open_at is not None and not self.finance_clues:
+                        line = FINANCE  # the first clue after the line opened
+                    self.finance_clues += line == FINANCE
                     phone = f"1{self.rng.choice('358')}{self.rng.randrange(10**9):09d}"
                     phones.append((line, phone))
                 await self.clue(n, line, phone)
@@ -377,7 +420,7 @@ class Day:
                 stats = await self.stub.QueueStats(pb.QueueStatsRequest(), timeout=2)
                 point: Counter[str] = Counter()
                 for q in stats.queues:
-                    name = LINE_NAMES.get(q.business_line, str(q.business_line))
+                    name = line_label(q.business_line)
                     point[f"{name} waiting"] += q.waiting
                     point["with an agent"] += q.in_progress + q.offered
                 self.log.timeline.append((self.log.sim_hour(), dict(point)))
@@ -401,6 +444,66 @@ async def wait_drained(
     return False
 
 
+PENDING_JOB_STATES = (
+    spb.JOB_STATE_SCHEDULED,
+    spb.JOB_STATE_ENQUEUED,
+    spb.JOB_STATE_RUNNING,
+)
+
+
+async def jobs_pending(platform: LocalPlatform) -> tuple[int, int]:
+    """Scheduler jobs not finished, and of those the ones due now."""
+    pending = due = 0
+    async with grpc.aio.insecure_channel(platform.target("scheduler")) as ch:
+        sched = spb_grpc.SchedulerServiceStub(ch)
+        token = ""
+        while True:
+            page = await sched.List(
+                spb.ListRequest(
+                    states=PENDING_JOB_STATES,
+                    page=common_pb2.PageRequest(page_size=500, page_token=token),
+                ),
+                timeout=5,
+            )
+            pending += len(page.jobs)
+            due += sum(1 for j in page.jobs if j.state != spb.JOB_STATE_SCHEDULED)
+            token = page.page.next_page_token
+            if not token:
+                return pending, due
+
+
+async def queue_view(stub: pb_grpc.AssignmentServiceAsyncStub) -> str:
+    stats = await stub.QueueStats(pb.QueueStatsRequest(), timeout=5)
+    return (
+        f"a moment before, assignment showed {sum(q.offered for q in stats.queues)} offers out, "
+        f"{sum(q.in_progress for q in stats.queues)} tasks in progress, "
+        f"{sum(q.waiting for q in stats.queues)} waiting"
+    )
+
+
+async def kill_mid_call(day: Day, names: tuple[str, ...], timeout: float) -> InFlight:
+    """SIGKILL ``names`` at a moment when agents are mid-call on tasks (accepted, not yet
+    completed: RecordCall, CompleteTask and their BI events still to come), waiting up
+    to ``timeout`` s for one; returns what was in flight (the tasks held counted at the
+    kill; the scheduler's jobs read right after it, as the scheduler API stays up). The
+    chaos notes print it; the e2e test asserts there was work to lose."""
+    queues = ""
+    with contextlib.suppress(grpc.aio.AioRpcError):  # the assignment service's view
+        queues = await queue_view(day.stub)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(day.mid_call.wait(), timeout)
+    held = day.holding
+    for name in names:
+        await day.platform.kill(name)
+    pending, due = await jobs_pending(day.platform)
+    return InFlight(held=held, jobs_pending=pending, jobs_due=due, queues=queues)
+
+
+CHAOS_FIRST = ("scheduler-worker", "scheduler-pump", "bilog", "bilog-sink")
+"""Killed together at 14:00, back at 14:30 (the scheduler's pump and worker, the BI
+intake and the BI file sink); the assignment service is killed alone at 15:00."""
+
+
 async def play(
     platform: LocalPlatform,
     inventory: list[rpb.Car],
@@ -410,9 +513,13 @@ async def play(
     chaos: bool = False,
     say: Callable[[str], None] = print,
     open_finance: Callable[[], Awaitable[str]] | None = None,
+    change_config: Callable[[str, dict[str, object]], Awaitable[int]] | None = None,
 ) -> DayLog:
     """Play the day; returns what the clients saw (the report checks it against the
-    platform's own records)."""
+    platform's own records). ``open_finance()`` opens the FINANCE line and says how;
+    ``change_config(key, fields)`` patches fields of a config key (e.g.
+    ``assignment/SALE``) and returns the revision written; without them the config is
+    written to etcd directly."""
     log = DayLog(hour_s=hour_s)
     rng = random.Random(seed)
     by_brand: dict[str, list[rpb.Car]] = {}
@@ -463,13 +570,27 @@ async def play(
             day.on_shift[104].clear()
             await day.set_presence(AGENTS[3], pb.PRESENCE_BREAK)
             await at_hour(log, 11)
-            rev = await put_json(platform.etcd, f"{platform.prefix}/assignment/SALE", SALE_CHANGE)
-            log.note(
-                f"ops raise the sales accept window 3 s -> 8 s and favour star customers "
-                f"(etcd revision {rev}); applied live",
-                say,
-                mark=True,
-            )
+
+            async def sales_change() -> None:  # crmctl takes a while: the day goes on
+                log.note(
+                    "ops patch the sales routing: accept window 8 s, weights.star 500 "
+                    + ("(`crmctl config set assignment SALE --set ...`)" if change_config else ""),
+                    say,
+                )
+                if change_config is not None:
+                    rev = await change_config("assignment/SALE", SALE_CHANGE_FIELDS)
+                else:
+                    rev = await put_json(
+                        platform.etcd, f"{platform.prefix}/assignment/SALE", SALE_CHANGE
+                    )
+                log.note(
+                    f"ops raise the sales accept window 3 s -> 8 s and favour star customers "
+                    f"(etcd revision {rev}); applied live",
+                    say,
+                    mark=True,
+                )
+
+            change = asyncio.create_task(sales_change())
             await at_hour(log, 12)
             lunch = [a for a in AGENTS if a.lunch]
             log.note(f"lunch: {', '.join(a.name for a in lunch)} on BREAK", say, mark=True)
@@ -483,22 +604,28 @@ async def play(
             how = await (open_finance() if open_finance else _open_finance(platform))
             log.finance_open_at = log.sim_hour()
             log.note(f"ops open the FINANCE line ({how}): it starts taking clues", say, mark=True)
+            await change
             if chaos:
                 await at_hour(log, 14)
-                await platform.kill("scheduler-worker")
-                await platform.kill("bilog")
-                log.note("CHAOS: scheduler worker and BI intake killed (SIGKILL)", say, mark=True)
-                await at_hour(log, 14.5)
-                back = asyncio.gather(
-                    platform.restart("scheduler-worker"), platform.restart("bilog")
+                # kill while agents are mid-call and offer timeouts are pending
+                now = await kill_mid_call(day, CHAOS_FIRST, hour_s)
+                log.in_flight["scheduler worker"] = now
+                log.note(
+                    "CHAOS: scheduler worker and BI intake killed (SIGKILL), with the "
+                    f"scheduler pump and the BI file sink; {now}",
+                    say,
+                    mark=True,
                 )
+                await at_hour(log, 14.5)
+                back = asyncio.gather(*(platform.restart(name) for name in CHAOS_FIRST))
                 await at_hour(log, 15)
-                await platform.kill("assignment")
-                log.note("CHAOS: the assignment service killed (SIGKILL)", say, mark=True)
+                now = await kill_mid_call(day, ("assignment",), hour_s)
+                log.in_flight["assignment"] = now
+                log.note(f"CHAOS: the assignment service killed (SIGKILL); {now}", say, mark=True)
                 await platform.restart("assignment")
                 log.note("assignment back; clients retried and reopened their streams", say)
                 await back
-                log.note("scheduler worker and BI intake back", say)
+                log.note("scheduler pump and worker, BI intake and file sink back", say)
 
         try:
             await asyncio.gather(clues, ops())

@@ -33,12 +33,13 @@ from crm.scheduler.v1 import scheduler_pb2_grpc as spb_grpc
 from crm_bilog.sink.runner import FILE_NAME  # the sink's own file naming
 from prometheus_client.parser import text_string_to_metric_families
 
-from crm_tools.day import LINE_NAMES, DayLog
+from crm_tools.day import DayLog, line_label
 from crm_tools.local_platform import Incident, LocalPlatform
 
 STATUS = {v: k.removeprefix("STATUS_") for k, v in pb.Status.items()}
 JOB_STATE = {v: k.removeprefix("JOB_STATE_") for k, v in spb.JobState.items()}
 TransitionKey = tuple[int, str, int]  # (task id, to status, at in ms)
+WAITING = (pb.STATUS_UNASSIGNED, pb.STATUS_RECYCLED)  # in a queue, waiting for an offer
 
 
 @dataclass
@@ -51,6 +52,9 @@ class TaskFacts:
     wait_s: float | None  # due (or created) -> accepted
     transitions: list[TransitionKey]
     calls: int = 0
+    offers: int = 0  # offered from a queue (UNASSIGNED/RECYCLED -> ASSIGNED)
+    accepts: int = 0  # ASSIGNED -> IN_PROGRESS
+    timeouts: int = 0  # ASSIGNED -> RECYCLED (the offer rang out)
 
 
 @dataclass
@@ -72,6 +76,8 @@ class DayFacts:
     incidents: list[Incident] = field(default_factory=list)
     sample_task: int = 0
     kpis: dict[tuple[str, str], float] = field(default_factory=dict)  # (metric, line)
+    kpi_url: str = ""  # the KPI consumer's /metrics ("" when it does not run)
+    kpi_error: str = ""  # why the KPIs could not be scraped
 
     @property
     def ok(self) -> bool:
@@ -93,16 +99,20 @@ async def read_tasks(stub: pb_grpc.AssignmentServiceAsyncStub) -> list[TaskFacts
             detail = await stub.GetTask(pb.GetTaskRequest(id=t.id))
             start = max(_ms(t.created_at), _ms(t.due_at) if t.HasField("due_at") else 0)
             accepted = [_ms(e.at) for e in detail.history if e.to_status == pb.STATUS_IN_PROGRESS]
+            moves = [(e.from_status, e.to_status) for e in detail.history]
             out.append(
                 TaskFacts(
                     id=t.id,
-                    line=LINE_NAMES.get(t.business_line, str(t.business_line)),
+                    line=line_label(t.business_line),
                     category=pb.Category.Name(t.category).removeprefix("CATEGORY_"),
                     status=STATUS[t.status],
                     recycles=t.recycle_count,
                     wait_s=(accepted[-1] - start) / 1000 if accepted else None,
                     transitions=[(t.id, STATUS[e.to_status], _ms(e.at)) for e in detail.history],
                     calls=len(detail.calls),
+                    offers=sum(1 for f, to in moves if to == pb.STATUS_ASSIGNED and f in WAITING),
+                    accepts=moves.count((pb.STATUS_ASSIGNED, pb.STATUS_IN_PROGRESS)),
+                    timeouts=moves.count((pb.STATUS_ASSIGNED, pb.STATUS_RECYCLED)),
                 )
             )
         token = page.page.next_page_token
@@ -205,7 +215,9 @@ async def collect(
         f"read back {len(facts.tasks)} tasks ({sum(history.values())} transitions) and "
         f"{sum(facts.jobs.values())} scheduler jobs; waiting for the BI files"
     )
-    deadline = time.monotonic() + bi_timeout
+    started = time.monotonic()
+    deadline = started + bi_timeout
+    shown = started
     while True:  # the sink publishes files every few seconds
         (
             facts.bi_records,
@@ -220,9 +232,16 @@ async def collect(
         )
         if complete or time.monotonic() > deadline:
             break
+        if time.monotonic() - shown >= 5:  # progress: what is still missing
+            shown = time.monotonic()
+            say(
+                f"  ... BI files after {shown - started:.0f} s: {_bi_progress(facts, log, history)}"
+            )
         await asyncio.sleep(1)
-    if platform.kpi_metrics_url:
-        facts.kpis = await wait_kpis(platform.kpi_metrics_url, facts, deadline=bi_timeout)
+    say(f"BI files read: {_bi_progress(facts, log, history)}")
+    facts.kpi_url = platform.kpi_metrics_url
+    if facts.kpi_url:  # the KPI consumer runs: its cross-check is not optional
+        facts.kpis, facts.kpi_error = await wait_kpis(facts.kpi_url, facts, deadline=bi_timeout)
     clues = [t for t in facts.tasks if t.category == "NEW_CLUE"]
     recycled = [t for t in clues if t.recycles]
     facts.sample_task = (
@@ -232,46 +251,94 @@ async def collect(
     return facts
 
 
+def _bi_progress(facts: DayFacts, log: DayLog, history: Counter[TransitionKey]) -> str:
+    missing = len(set(history) - set(facts.bi_transitions))
+    calls = len(facts.bi_unique.get("FactCallRecord", ()))
+    presence = len(facts.bi_unique.get("AgentPresenceChanged", ()))
+    return (
+        f"{len(history) - missing}/{len(history)} transitions, "
+        f"{calls}/{sum(log.calls.values())} call records, "
+        f"{presence}/{log.presence_changes} presence changes"
+    )
+
+
 KPI_TOTALS = ("crm_kpi_tasks_handled", "crm_kpi_calls", "crm_kpi_tasks_recycled")
+KPI_WAIT = "crm_kpi_task_wait_seconds"  # histogram: its _count is one per offer
+KPI_GAUGES = ("crm_kpi_tasks_waiting", "crm_kpi_tasks_open")
 
 
 def read_kpis(url: str) -> dict[tuple[str, str], float]:
-    """Sums of the KPI counters per (metric, business line) from a /metrics page."""
+    """Sums per (metric, business line) from a /metrics page: the KPI counters, the
+    wait-time histogram's sample count and the waiting/open task gauges."""
     with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 (local URL)
         text = resp.read().decode()
     out: dict[tuple[str, str], float] = defaultdict(float)
     for family in text_string_to_metric_families(text):
-        if family.name not in KPI_TOTALS:
+        if family.name in KPI_TOTALS:
+            suffix = "_total"
+        elif family.name == KPI_WAIT:
+            suffix = "_count"
+        elif family.name in KPI_GAUGES:
+            suffix = ""
+        else:
             continue
         for sample in family.samples:
-            if sample.name.endswith("_total"):
+            if sample.name == family.name + suffix:
                 out[(family.name, sample.labels.get("business_line", ""))] += sample.value
     return dict(out)
 
 
 def _kpi_expected(facts: DayFacts) -> dict[tuple[str, str], float]:
+    """What the KPI consumer must show once it has read the whole day: the counters
+    from the database, one wait sample per offer, and (the day drained) nothing waiting
+    or open."""
     want: dict[tuple[str, str], float] = defaultdict(float)
     for t in facts.tasks:
         if t.status == "COMPLETED":
             want[("crm_kpi_tasks_handled", t.line)] += 1
         want[("crm_kpi_calls", t.line)] += t.calls
         want[("crm_kpi_tasks_recycled", t.line)] += t.recycles
-    return {k: v for k, v in want.items() if v}
+        want[(KPI_WAIT, t.line)] += t.offers
+        want[("crm_kpi_tasks_waiting", t.line)] += 0
+        want[("crm_kpi_tasks_open", t.line)] += 0
+    return dict(want)
 
 
-async def wait_kpis(url: str, facts: DayFacts, deadline: float) -> dict[tuple[str, str], float]:
-    """The KPI consumer's counters, once they match the database (or after ``deadline``
-    seconds: the check then reports the difference)."""
+def _kpi_off(
+    facts: DayFacts, metrics: tuple[str, ...]
+) -> dict[tuple[str, str], tuple[float, float]]:
+    """(metric, line) -> (KPI, expected) where they differ, for these metrics; a line
+    the KPIs show but the database does not counts too."""
+    want = {k: v for k, v in _kpi_expected(facts).items() if k[0] in metrics}
+    keys = set(want) | {k for k, v in facts.kpis.items() if k[0] in metrics and v}
+    return {
+        k: (facts.kpis.get(k, 0.0), want.get(k, 0.0))
+        for k in sorted(keys)
+        if facts.kpis.get(k, 0.0) != want.get(k, 0.0)
+    }
+
+
+async def wait_kpis(
+    url: str, facts: DayFacts, deadline: float
+) -> tuple[dict[tuple[str, str], float], str]:
+    """The KPI consumer's figures once they match the database (or after ``deadline``
+    seconds: the checks then report the difference), and why they could not be
+    scraped at all ("" when they were)."""
     want = _kpi_expected(facts)
     end = time.monotonic() + deadline
     got: dict[tuple[str, str], float] = {}
+    error = "not scraped"
     while time.monotonic() < end:
-        with contextlib.suppress(OSError, ValueError):
+        try:
             got = await asyncio.to_thread(read_kpis, url)
-            if all(got.get(k, 0) == v for k, v in want.items()):
+        except (OSError, ValueError) as exc:
+            error = f"scraping {url} failed: {exc}"
+        else:
+            error = "" if got else f"{url} shows no KPI figures"
+            if got and all(got.get(k, 0) == v for k, v in want.items()):
                 break
         await asyncio.sleep(1)
-    return got
+    return got, error
 
 
 def _checks(facts: DayFacts, log: DayLog, history: Counter[TransitionKey]) -> None:
@@ -363,20 +430,20 @@ def _checks(facts: DayFacts, log: DayLog, history: Counter[TransitionKey]) -> No
             f"BI AgentPresenceChanged {bi['AgentPresenceChanged']}",
         )
     )
-    if facts.kpis:
-        want = _kpi_expected(facts)
-        off = {k: (facts.kpis.get(k, 0), v) for k, v in want.items() if facts.kpis.get(k, 0) != v}
-        add(
-            Check(
-                "realtime KPIs (from the BI stream) agree with the database",
-                not off,
-                "handled, calls and recycles per line match"
-                if not off
-                else "; ".join(
-                    f"{m} {line}: KPI {g:g}, database {w:g}" for (m, line), (g, w) in off.items()
-                ),
-            )
+    offers = sum(t.offers for t in facts.tasks)
+    accepts = sum(t.accepts for t in facts.tasks)
+    timeouts = sum(t.timeouts for t in facts.tasks)
+    expiries = sum(n for (name, _), n in facts.jobs.items() if name == "assignment.expire-offer")
+    add(
+        Check(
+            "one expire-offer job per offer; every offer accepted or timed out and recycled",
+            expiries == offers == accepts + timeouts and timeouts >= log.ring_outs,
+            f"{offers} offers in the history, {expiries} expire-offer jobs; {accepts} "
+            f"accepted + {timeouts} OFFERED->RECYCLED (agents let {log.ring_outs} ring out)",
         )
+    )
+    if facts.kpi_url:
+        _kpi_checks(facts, log)
     add(
         Check(
             "all queues drained",
@@ -386,6 +453,52 @@ def _checks(facts: DayFacts, log: DayLog, history: Counter[TransitionKey]) -> No
             else "work left at the end",
         )
     )
+
+
+KPI_CHECKS = (
+    (
+        "realtime KPIs (from the BI stream) agree with the database",
+        ("crm_kpi_tasks_handled", "crm_kpi_tasks_recycled"),
+        "tasks handled and recycled per line match",
+    ),
+    (
+        "realtime KPI calls agree with the call records",
+        ("crm_kpi_calls",),
+        "calls per line match the database's call records",
+    ),
+    (
+        "realtime KPI wait-time histogram has one sample per offer",
+        (KPI_WAIT,),
+        "crm_kpi_task_wait_seconds_count per line = offers in the history",
+    ),
+    (
+        "realtime KPIs show nothing waiting or open after the drain",
+        KPI_GAUGES,
+        "crm_kpi_tasks_waiting and crm_kpi_tasks_open are 0 on every line",
+    ),
+)
+
+
+def _kpi_checks(facts: DayFacts, log: DayLog) -> None:
+    """The KPI consumer runs: its figures must be there and agree (never skipped)."""
+    for name, metrics, ok_text in KPI_CHECKS:
+        if not facts.kpis:
+            facts.checks.append(Check(name, False, facts.kpi_error or "no KPI figures"))
+            continue
+        off = _kpi_off(facts, metrics)
+        detail = ok_text
+        if metrics == ("crm_kpi_calls",):
+            kpi_calls = sum(v for (m, _), v in facts.kpis.items() if m == "crm_kpi_calls")
+            bi_calls = len(facts.bi_unique.get("FactCallRecord", ()))
+            detail += f" (KPI {kpi_calls:g}, BI FactCallRecord {bi_calls})"
+            if kpi_calls != bi_calls and not off:
+                off = {("crm_kpi_calls", "all lines"): (kpi_calls, float(bi_calls))}
+        if off:
+            detail = "; ".join(
+                f"{m} {line}: KPI {got:g}, expected {want:g}"
+                for (m, line), (got, want) in off.items()
+            )
+        facts.checks.append(Check(name, not off, detail))
 
 
 # -- text -------------------------------------------------------------------------------
@@ -435,12 +548,13 @@ def text_report(facts: DayFacts, log: DayLog) -> str:
         out.append(
             "realtime KPIs (crm_bilog kpi, Prometheus): "
             + "; ".join(
-                f"{line} handled {facts.kpis.get(('crm_kpi_tasks_handled', line), 0):g}, "
-                f"calls {facts.kpis.get(('crm_kpi_calls', line), 0):g}, "
-                f"recycled {facts.kpis.get(('crm_kpi_tasks_recycled', line), 0):g}"
+                f"{line} "
+                + ", ".join(f"{label} {facts.kpis.get((m, line), 0):g}" for label, m in KPI_COLUMNS)
                 for line in lines_seen
             )
         )
+    elif facts.kpi_url:
+        out.append(f"realtime KPIs (crm_bilog kpi): NOT SCRAPED: {facts.kpi_error}")
     for inc in facts.incidents:
         out.append(f"incident: {inc.process} exited ({inc.exit_code}); restarted={inc.restarted}")
     out.append("consistency checks (assignment database / scheduler jobs / BI files):")
@@ -472,7 +586,7 @@ COLORS = {
     "FINANCE": "#d97706",
     "completed": "#16a34a",
     "failed": "#dc2626",
-    "recycles": "#d97706",
+    "recycles": "#7c3aed",  # not FINANCE's amber
     "with an agent": "#6b7280",
 }
 PALETTE = ["#2563eb", "#16a34a", "#d97706", "#dc2626", "#7c3aed", "#0891b2", "#65a30d"]
@@ -613,7 +727,46 @@ def _svg(w: int, h: int, parts: list[str]) -> str:
 WAIT_BINS = [(0, 5), (5, 10), (10, 20), (20, 40), (40, 80), (80, 10**9)]
 
 
-def html_report(facts: DayFacts, log: DayLog, title: str) -> str:
+KPI_COLUMNS = (
+    ("handled", "crm_kpi_tasks_handled"),
+    ("calls", "crm_kpi_calls"),
+    ("recycled", "crm_kpi_tasks_recycled"),
+    ("wait samples", KPI_WAIT),
+    ("waiting now", "crm_kpi_tasks_waiting"),
+    ("open now", "crm_kpi_tasks_open"),
+)
+
+
+def kpi_panel(facts: DayFacts) -> str:
+    """The realtime KPIs as scraped at the end (what a Grafana board would show)."""
+    if not facts.kpi_url:
+        return "<h3>Realtime KPIs</h3><p>the KPI consumer did not run</p>"
+    if not facts.kpis:
+        return (
+            f'<h3>Realtime KPIs</h3><p class="fail">not scraped: '
+            f"{html.escape(facts.kpi_error or 'no figures')}</p>"
+        )
+    lines = sorted({line for _, line in facts.kpis if line})
+    head = "".join(f"<th>{html.escape(label)}</th>" for label, _ in KPI_COLUMNS)
+    rows = "".join(
+        f"<tr><td>{html.escape(line)}</td>"
+        + "".join(f"<td>{facts.kpis.get((m, line), 0):g}</td>" for _, m in KPI_COLUMNS)
+        + "</tr>"
+        for line in lines
+    )
+    return (
+        "<h3>Realtime KPIs (crm_bilog kpi, scraped from "
+        f"<code>{html.escape(facts.kpi_url)}</code> at the end)</h3>"
+        f"<table><tr><th>line</th>{head}</tr>{rows}</table>"
+    )
+
+
+def html_report(
+    facts: DayFacts,
+    log: DayLog,
+    title: str,
+    config_history: dict[str, str] | None = None,
+) -> str:
     lines = sorted(per_line(facts))
     pl = per_line(facts)
     handled = bar_chart(
@@ -660,6 +813,16 @@ def html_report(facts: DayFacts, log: DayLog, title: str) -> str:
         for x in lines
     )
     verdict = "all checks passed" if facts.ok else "SOME CHECKS FAILED"
+    history = "".join(
+        f"<h3>Config history of {html.escape(key)} (crmctl config history)</h3>"
+        f"<pre>{html.escape(text)}</pre>"
+        for key, text in (config_history or {}).items()
+    )
+    chaos = "".join(
+        f"<li>{html.escape(what)} killed with {html.escape(str(now))}</li>"
+        for what, now in log.in_flight.items()
+    )
+    chaos_card = f'<div class="card"><h3>Chaos</h3><ul>{chaos}</ul></div>' if chaos else ""
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
@@ -682,14 +845,21 @@ turned away; {sum(log.offers.values())} offers, {log.ring_outs} rang out;
 <div class="card"><h3>Per line</h3><table><tr><th>line</th><th>tasks</th><th>completed</th>
 <th>failed</th><th>recycles</th></tr>{table}</table>
 <h3>Consistency checks</h3><table>{checks}</table></div>
+<div class="card">{kpi_panel(facts)}{history}</div>{chaos_card}
 <div class="card"><h3>The day</h3><ul>{events}</ul></div>
 </div></body></html>
 """
 
 
-def write_html(path: Path, facts: DayFacts, log: DayLog, title: str) -> Path:
+def write_html(
+    path: Path,
+    facts: DayFacts,
+    log: DayLog,
+    title: str,
+    config_history: dict[str, str] | None = None,
+) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(html_report(facts, log, title), encoding="utf-8")
+    path.write_text(html_report(facts, log, title, config_history), encoding="utf-8")
     with contextlib.suppress(Exception):
         path.chmod(0o644)
     return path

@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import json
 import random
+import re
 import signal
 import sys
 import time
@@ -59,6 +60,19 @@ async def open_finance_with_crmctl(platform: LocalPlatform) -> str:
     path.write_text(json.dumps(doc, indent=2))  # JSON is YAML
     await crmctl(platform, "config", "apply", "-f", str(path))
     return f"`crmctl config apply -f {path.name}`"
+
+
+async def change_with_crmctl(platform: LocalPlatform, key: str, fields: dict[str, object]) -> int:
+    """Patch fields of a live config key the way ops would: ``crmctl config set SERVICE KEY
+    --set PATH=VALUE ...`` (validated like the operator does, kept in ``config history``
+    with its author). Returns the revision written."""
+    service, _, name = key.partition("/")
+    sets = [arg for path, v in fields.items() for arg in ("--set", f"{path}={json.dumps(v)}")]
+    text = await crmctl(platform, "config", "set", service, name, *sets)
+    m = re.search(r"written at revision (\d+)", text)
+    if m is None:
+        raise RuntimeError(f"crmctl config set {key}: no revision in {text!r}")
+    return int(m.group(1))
 
 
 async def crmctl(platform: LocalPlatform, *args: str) -> str:
@@ -211,6 +225,7 @@ async def amain(args: argparse.Namespace) -> int:
             chaos=args.chaos,
             say=say,
             open_finance=lambda: open_finance_with_crmctl(platform),
+            change_config=lambda key, fields: change_with_crmctl(platform, key, fields),
         )
         facts = await collect(platform, log, say)
         print(text_report(facts, log))
@@ -219,8 +234,14 @@ async def amain(args: argparse.Namespace) -> int:
                 await show_task(pb_grpc.AssignmentServiceStub(ch), facts.sample_task)
         say("which assignment instances applied the FINANCE config (crmctl config rollout):")
         await crmctl(platform, "config", "rollout", "assignment", "FINANCE")
+        say("who changed the sales routing, and what (crmctl config history):")
+        history = await crmctl(platform, "config", "history", "assignment", "SALE")
         page = write_html(
-            ROOT / ".demo" / f"{args.name}-report.html", facts, log, "CRM 2.0 — a call-center day"
+            ROOT / ".demo" / f"{args.name}-report.html",
+            facts,
+            log,
+            "CRM 2.0 — a call-center day",
+            config_history={"assignment/SALE": history},
         )
         print(f"HTML report: {page} (open it in a browser)")
         if args.stay:

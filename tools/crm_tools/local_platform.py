@@ -11,7 +11,7 @@ process            command                                      ready when
 recommendation     ``python -m crm_recommendation serve``       gRPC health SERVING
 bilog-registry     ``python -m crm_bilog registry``             ``GET /subjects`` is 200
 bilog              ``python -m crm_bilog serve``                gRPC health SERVING
-bilog-sink         ``python -m crm_bilog sink``                 its partitions assigned
+bilog-sink         ``python -m crm_bilog sink``                 assigned + health SERVING
 bilog-kpi          ``python -m crm_bilog kpi``                  gRPC health SERVING
 scheduler          ``python -m crm_scheduler serve``            gRPC health SERVING
 scheduler-pump     ``python -m crm_scheduler pump``             gRPC health SERVING
@@ -45,7 +45,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from crm_common.config_watch import delete_prefix, put_json
+from crm_common.config_watch import delete_prefix
+from crm_ctl.config import ConfigAdmin
 from crm_devstack import Stack, create_database, drop_database, free_port, up
 
 from crm_tools.procs import ServiceProc, start_service, wait_http, wait_log, wait_serving
@@ -96,7 +97,10 @@ class LocalPlatform:
     say: Callable[[str], None] = _say
     max_restarts: int = 3
     config: dict[str, dict[str, object]] = field(default_factory=dict)
-    """Initial live config: ``{"assignment/SALE": {...}, ...}`` under :attr:`prefix`."""
+    """Initial live config: ``{"assignment/SALE": {...}, ...}`` under :attr:`prefix`
+    (written through ``crm_ctl``'s ConfigAdmin: validated, kept in ``config history``)."""
+    config_author: str = "local-platform"
+    """Author of the initial config in the config history."""
     assignment_env: dict[str, str] = field(default_factory=dict)
     """Extra CRM_ASSIGNMENT_* settings (e.g. compressed timings)."""
     stack: Stack | None = None
@@ -160,8 +164,13 @@ class LocalPlatform:
             "each service migrates its own at start"
         )
         await delete_prefix(self.etcd, self.prefix + "/")  # an earlier run's config
-        for key, value in self.config.items():
-            await put_json(self.etcd, f"{self.prefix}/{key}", value)
+        admin = ConfigAdmin.connect(self.etcd, self.prefix)
+        try:  # validated and kept in the config history, like an operator's write
+            for key, value in self.config.items():
+                service, _, name = key.partition("/")
+                await admin.set(service, name, value, author=self.config_author, field=key)
+        finally:
+            await admin.close()
         shutil.rmtree(self.sink_dir, ignore_errors=True)
         self.sink_dir.mkdir(parents=True)
         self._plan(urls)
@@ -311,6 +320,7 @@ class LocalPlatform:
                 "assignment",
                 "bilog-kpi",
                 "kpi-metrics",
+                "bilog-sink",
                 "config-admin",
                 "console",
             )
@@ -374,16 +384,19 @@ class LocalPlatform:
 
         async def sink_ready(proc: ServiceProc) -> None:
             await wait_log(proc, "partitions assigned", timeout=60)
+            await wait_serving(proc)
 
         add(
             "bilog-sink",
             "crm_bilog",
             ["sink"],
-            0,
+            ports["bilog-sink"],
             env(
                 "BILOG",
                 {
                     **bilog_common,
+                    "SINK_PORT": str(ports["bilog-sink"]),
+                    "SINK_METRICS_PORT": "-1",
                     "SINK_DIR": str(self.sink_dir),
                     "SINK_GROUP_ID": f"{self.name}-sink-{self.run_id}",
                     "SINK_SESSION_TIMEOUT_MS": "6000",
@@ -392,7 +405,7 @@ class LocalPlatform:
                 },
             ),
             sink_ready,
-            "its Kafka partitions are assigned",
+            "its Kafka partitions are assigned and its gRPC health SERVING",
         )
         add(
             "bilog-kpi",

@@ -25,6 +25,7 @@ import {
   type GetTaskResponse,
   type Offer,
   type Task,
+  type TaskEvent,
 } from "./gen/crm/assignment/v1/assignment_pb";
 
 const PAGE_SIZE = 10;
@@ -533,7 +534,7 @@ export async function taskDetailPage(root: HTMLElement, session: Session, id: bi
         h("span", { class: "phone", "data-testid": "customer-phone" }, customer?.phone?.masked ?? "?"),
         customer?.star ? h("span", { class: "star" }, " ★ star customer") : null,
       ),
-      actions(task, session, rerender),
+      actions(task, session, detail.history, rerender),
       h("h3", {}, "Clues"),
       table(
         ["Clue", "Source", "City", "Cars asked about", "Budget", "At"],
@@ -628,8 +629,22 @@ function recommendations(detail: GetTaskResponse): HTMLElement {
   );
 }
 
+/** When the agent got the task (its latest offer of it, by the service's clock); 0 when
+ * the history does not say. */
+function heldSince(history: TaskEvent[], agentId: bigint): number {
+  let at = 0;
+  for (const e of history) if (e.kind === "OFFERED" && e.agentId === agentId) at = Math.max(at, ms(e.at));
+  return at;
+}
+
+/** A recorded call's start: `duration` seconds before now (the call just ended), but
+ * never before the agent got the task (the service refuses such a start). */
+function callStart(nowMs: number, durationS: number, heldSinceMs: number): number {
+  return Math.max(nowMs - durationS * 1000, heldSinceMs);
+}
+
 /** What the agent can do with the task now. */
-function actions(task: Task, session: Session, done: () => void): HTMLElement | null {
+function actions(task: Task, session: Session, history: TaskEvent[], done: () => void): HTMLElement | null {
   if (task.agentId !== session.agentId) return null;
   const error = h("p", { class: "error", "data-testid": "action-error" });
   const run = async (f: () => Promise<unknown>) => {
@@ -678,7 +693,9 @@ function actions(task: Task, session: Session, done: () => void): HTMLElement | 
       provider: Number(provider.value),
       outcome: Number(outcome.value),
       durationSeconds: Number(duration.value || 0),
-      startedAt: timestampFromMs(Date.now() - Number(duration.value || 0) * 1000),
+      startedAt: timestampFromMs(
+        callStart(Date.now(), Number(duration.value || 0), heldSince(history, session.agentId)),
+      ),
       note: callNote.value,
     });
   const note = h("input", { "data-testid": "complete-note", placeholder: "outcome note" });

@@ -11,7 +11,10 @@ function label(name: string | undefined): string {
 export const statusLabel = (s: Status): string => label(Status[s]);
 export const categoryLabel = (c: Category): string => label(Category[c]);
 export const presenceLabel = (p: Presence): string => label(Presence[p]);
-export const lineLabel = (l: BusinessLine): string => BusinessLine[l] ?? "?";
+/** Lines are data: a well-known line by its name, any other code (a line added by
+ * config; the enum is open) as LINE_<code>, as the KPI labels show it. Never fails. */
+export const lineLabel = (l: BusinessLine | number): string =>
+  (l > 0 && BusinessLine[l]) || `LINE_${l}`;
 
 /** Enum values except UNSPECIFIED, as [value, label] pairs for a <select>. */
 export function enumOptions(e: Record<string, string | number>, fmt: (v: number) => string): [string, string][] {

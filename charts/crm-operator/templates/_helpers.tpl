@@ -73,3 +73,10 @@ while :; do
   sleep 1
 done
 {{- end -}}
+
+{{/* The sink Deployments' rules (crm_operator.manifests.SINK_RULES). */}}
+{{- define "crm-operator.sinkRules" -}}
+- apiGroups: [apps]
+  resources: [deployments]
+  verbs: [get, create, patch, delete]
+{{- end -}}

@@ -39,6 +39,11 @@ values block <service>.<component>.
               (scheduler jobs carry their target)
   args:       arguments of the image's entrypoint (python -m crm_<svc>)
   protocol:   grpc (native gRPC probes on the standard health service) or http
+  grpcServices: the gRPC services a server serves (full names)
+  allowedTargetsEnv: the setting listing the gRPC services a scheduled job may call: the
+              grpcServices of what scheduler/worker calls with the job ("" calls) plus
+              scheduler.jobTargets.extraServices, i.e. what the worker's NetworkPolicy
+              lets it reach
   portEnv / metricsPortEnv: the settings of its serving and /metrics ports ("" none)
   selfTargetEnv: the setting telling others where to call this process back
   migrations: the component owns the service's database: its `migrate` Job runs when
@@ -49,6 +54,7 @@ assignment/server:
   migrations: true
   args: [serve]
   protocol: grpc
+  grpcServices: [crm.assignment.v1.AssignmentService]
   portEnv: PORT
   metricsPortEnv: METRICS_PORT
   uses: [mysql, etcd]
@@ -61,6 +67,7 @@ recommendation/server:
   migrations: true
   args: [serve]
   protocol: grpc
+  grpcServices: [crm.recommendation.v1.RecommendationService]
   portEnv: PORT
   metricsPortEnv: METRICS_PORT
   uses: [mysql, etcd]
@@ -69,8 +76,10 @@ scheduler/server:
   migrations: true
   args: [serve]
   protocol: grpc
+  grpcServices: [crm.scheduler.v1.SchedulerService]
   portEnv: PORT
   metricsPortEnv: METRICS_PORT
+  allowedTargetsEnv: ALLOWED_TARGET_SERVICES
   uses: [mysql]
   calls: {}
 scheduler/pump:
@@ -91,6 +100,7 @@ scheduler/worker:
 bilog/server:
   args: [serve]
   protocol: grpc
+  grpcServices: [crm.bilog.v1.BilogService]
   portEnv: PORT
   metricsPortEnv: METRICS_PORT
   uses: [kafka, schemaRegistry]
@@ -112,9 +122,9 @@ bilog/kpi:
   calls: {}
 bilog/sink:
   args: [sink]
-  protocol: none
-  portEnv: ""
-  metricsPortEnv: ""
+  protocol: grpc
+  portEnv: SINK_PORT
+  metricsPortEnv: SINK_METRICS_PORT
   uses: [kafka, schemaRegistry]
   calls: {}
 {{- end -}}
@@ -266,6 +276,11 @@ redefine a variable the chart owns.
 {{- end -}}
 {{- if has "schemaRegistry" $topo.uses -}}
 {{- $_ := set $owned (printf "%s_SCHEMA_REGISTRY_URL" $p) (include "crm.schemaRegistryUrl" $root) -}}
+{{- end -}}
+{{- if include "crm.traced" (dict "root" $root "topo" $topo) -}}
+{{- $_ := set $owned (printf "%s_TRACING_EXPORTER" $p) "otlp" -}}
+{{- $_ := set $owned (printf "%s_TRACING_OTLP_ENDPOINT" $p) $g.tracing.otlpEndpoint -}}
+{{- $_ := set $owned (printf "%s_TRACING_SAMPLE_RATIO" $p) (toString $g.tracing.sampleRatio) -}}
 {{- end -}}
 {{- range $key, $setting := $topo.calls -}}
 {{- if $setting -}}
@@ -497,6 +512,23 @@ topo (its crm.topology entry), topology.
 {{- $persistence := $proc.persistence | default dict -}}
 {{- if $proc.dataDir -}}
 {{- $_ := set $extraOwned (printf "%s_SINK_DIR" (include "crm.envPrefix" .)) $proc.dataDir -}}
+{{- end -}}
+{{- if and (eq .name "assignment") (eq .component "server") (or $autoscaling (gt (int $proc.replicaCount) 1)) -}}
+{{- /* several replicas: each must sign console tokens with the same secret */ -}}
+{{- $_ := set $extraOwned "CRM_ASSIGNMENT_AUTH_TOKEN_SECRET_REQUIRED" "true" -}}
+{{- end -}}
+{{- if $topo.allowedTargetsEnv -}}
+{{- $targets := list -}}
+{{- range $key, $setting := (index .topology "scheduler/worker").calls -}}
+{{- if and (not $setting) (include "crm.enabled" (dict "root" $root "key" $key)) -}}
+{{- $targets = concat $targets ((index $.topology $key).grpcServices | default list) -}}
+{{- end -}}
+{{- end -}}
+{{- $targets = concat $targets ($svc.jobTargets.extraServices | default list) | uniq -}}
+{{- if not $targets -}}
+{{- fail "scheduler: no service a job could call (assignment is off): set scheduler.jobTargets.extraServices" -}}
+{{- end -}}
+{{- $_ := set $extraOwned (printf "%s_%s" (include "crm.envPrefix" .) $topo.allowedTargetsEnv) (join "," $targets) -}}
 {{- end -}}
 {{- if $topo.portEnv }}
 ---
@@ -814,7 +846,8 @@ is set). Kubelet probes are always allowed by Kubernetes.
 {{- $callees = append $callees "bilog/registry" -}}
 {{- end -}}
 {{- end -}}
-{{- $ingressOpen := and .topo.portEnv (or $callers (and (eq .component "server") $np.extraGrpcFrom) .proc.networkPolicy.extraIngressFrom) -}}
+{{- $operatorSinks := and (eq $self "bilog/registry") $np.operatorSinks.enabled (not $g.schemaRegistry.url) -}}
+{{- $ingressOpen := and .topo.portEnv (or $callers (and (eq .component "server") $np.extraGrpcFrom) .proc.networkPolicy.extraIngressFrom $operatorSinks) -}}
 ---
 apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
@@ -848,6 +881,12 @@ spec:
         {{- end }}
         {{- with .proc.networkPolicy.extraIngressFrom }}
         {{- toYaml . | nindent 8 }}
+        {{- end }}
+        {{- if $operatorSinks }}
+        # the operator's built-in BI log sinks (crm.operatorSinkPolicy)
+        - podSelector:
+            matchLabels:
+              {{- include "crm.operatorSinkLabels" . | nindent 14 }}
         {{- end }}
       ports:
         - port: {{ .portName }}
@@ -905,18 +944,62 @@ spec:
     {{- if $registry }}
     {{- include "crm.externalEgress" (dict "ports" (list (include "crm.urlPort" $g.schemaRegistry.url)) "peers" $g.schemaRegistry.networkPolicyPeers) | nindent 4 }}
     {{- end }}
+    {{- if include "crm.traced" (dict "root" $root "topo" .topo) }}
+    # the OpenTelemetry collector (global.tracing)
+    {{- include "crm.externalEgress" (dict "ports" (list (include "crm.urlPort" $g.tracing.otlpEndpoint)) "peers" $g.tracing.networkPolicyPeers) | nindent 4 }}
+    {{- end }}
     {{- with .proc.networkPolicy.extraEgress }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
 {{- end -}}
 
-{{/* Schema migrations of a service (its `migrate` command) before the new pods start. */}}
+{{/*
+Schema migrations of a service (its `migrate` command) before the new pods start, and
+(global.networkPolicy.enabled) their NetworkPolicy: no ingress, egress to DNS and MySQL
+only. The policy is a hook too, created before the Job (weight -10) and kept for the next
+run (hook resources are not part of the release: `helm uninstall` leaves it; it selects
+only the migration pods).
+*/}}
 {{- define "crm.migrationsJob" -}}
 {{- $svc := .svc -}}
 {{- $root := .root -}}
+{{- $g := $root.Values.global -}}
 {{- $job := merge (dict "component" "migrations") . -}}
 {{- $topo := dict "uses" (list "mysql") "calls" dict "portEnv" "" "metricsPortEnv" "" -}}
 {{- $proc := dict "logLevel" "" "shutdownDelaySeconds" 0 "shutdownGraceSeconds" 0 -}}
+{{- if $g.networkPolicy.enabled }}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: {{ printf "%s-migrate" (include "crm.componentName" .) | trunc 63 | trimSuffix "-" }}
+  labels:
+    {{- include "crm.labels" $job | nindent 4 }}
+  annotations:
+    helm.sh/hook: pre-install,pre-upgrade
+    helm.sh/hook-weight: "-10"
+    helm.sh/hook-delete-policy: before-hook-creation
+spec:
+  podSelector:
+    matchLabels:
+      {{- include "crm.selectorLabels" $job | nindent 6 }}
+  policyTypes:
+    - Ingress
+    - Egress
+  ingress: []
+  egress:
+    # DNS
+    - ports:
+        - port: 53
+          protocol: UDP
+        - port: 53
+          protocol: TCP
+      {{- with $g.networkPolicy.dnsPeers }}
+      to:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+    {{- include "crm.externalEgress" (dict "ports" (list $g.mysql.port) "peers" $g.mysql.networkPolicyPeers) | nindent 4 }}
+{{- end }}
 ---
 # A hook: it runs before the release's own objects exist, so it uses the namespace's
 # default ServiceAccount (token not mounted).
@@ -969,4 +1052,81 @@ spec:
       volumes:
         {{- include "crm.tmpVolume" . | nindent 8 }}
         {{- include "crm.mysqlTlsVolume" (merge (dict "topo" $topo) .) | nindent 8 }}
+{{- end -}}
+
+
+{{/* Labels of the sink Deployments the operator creates (crm_operator.builtin). */}}
+{{- define "crm.operatorSinkLabels" -}}
+app.kubernetes.io/name: crm-bilog-sink
+app.kubernetes.io/managed-by: crm-operator
+{{- end -}}
+
+{{/*
+NetworkPolicy of the built-in BI log sinks the operator creates in the release's
+namespace (BILogSink target.builtin; crm_operator.builtin labels their pods): no ingress
+but /metrics from the monitoring namespace (kubelet probes are always allowed), egress to
+DNS, Kafka and the schema registry only.
+*/}}
+{{- define "crm.operatorSinkPolicy" -}}
+{{- $g := .Values.global -}}
+{{- $np := $g.networkPolicy -}}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: {{ printf "%s-operator-bilog-sinks" (include "crm.fullname" .) | trunc 63 | trimSuffix "-" }}
+  labels:
+    helm.sh/chart: {{ include "crm.chart" . }}
+    app.kubernetes.io/instance: {{ .Release.Name }}
+    app.kubernetes.io/part-of: crm
+    app.kubernetes.io/managed-by: {{ .Release.Service }}
+spec:
+  podSelector:
+    matchLabels:
+      {{- include "crm.operatorSinkLabels" . | nindent 6 }}
+  policyTypes:
+    - Ingress
+    - Egress
+  ingress:
+    - from:
+        - namespaceSelector:
+            matchLabels:
+              kubernetes.io/metadata.name: {{ $np.metricsNamespace }}
+      ports:
+        - port: metrics
+          protocol: TCP
+  egress:
+    # DNS
+    - ports:
+        - port: 53
+          protocol: UDP
+        - port: 53
+          protocol: TCP
+      {{- with $np.dnsPeers }}
+      to:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+    {{- $ports := list }}
+    {{- range $g.kafka.bootstrapServers }}{{ $ports = append $ports (last (splitList ":" .)) }}{{ end }}
+    {{- $ports = concat $ports ($g.kafka.brokerPorts | default list) }}
+    {{- include "crm.externalEgress" (dict "ports" ($ports | uniq) "peers" $g.kafka.networkPolicyPeers) | nindent 4 }}
+    {{- if $g.schemaRegistry.url }}
+    {{- include "crm.externalEgress" (dict "ports" (list (include "crm.urlPort" $g.schemaRegistry.url)) "peers" $g.schemaRegistry.networkPolicyPeers) | nindent 4 }}
+    {{- else if include "crm.enabled" (dict "root" . "key" "bilog/registry") }}
+    - to:
+        - podSelector:
+            matchLabels:
+              {{- include "crm.selectorLabels" (dict "root" . "name" "bilog" "component" "registry") | nindent 14 }}
+      ports:
+        - port: {{ .Values.bilog.registry.port }}
+          protocol: TCP
+    {{- end }}
+{{- end -}}
+
+
+{{/* "true" when a component exports traces: global.tracing on and a gRPC process (the crm_common server kit). */}}
+{{- define "crm.traced" -}}
+{{- if and .root.Values.global.tracing.enabled (eq .topo.protocol "grpc") -}}
+true
+{{- end -}}
 {{- end -}}

@@ -549,17 +549,24 @@ async def test_graceful_stop_drains_in_flight_calls_and_refuses_new_ones(running
 
     async def refused() -> bool:
         # Until the client sees the GOAWAY, a call may still be answered or, if it lands
-        # in the instant the server stops taking calls, be CANCELLED by grpc core.
+        # in the instant the server stops taking calls, be CANCELLED by grpc core, or be
+        # left unanswered until its deadline (seen once in CI: the stream was opened on
+        # the old connection as the server stopped taking calls). None of these is served
+        # by the stopping server; the next call on a fresh stream must be UNAVAILABLE.
         try:
-            await running.unary()(b"echo:late", timeout=5)
+            await running.unary()(b"echo:late", timeout=1)
         except aio.AioRpcError as error:
             code = error.code()
         else:
             return False
-        assert code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+        assert code in (
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.CANCELLED,
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+        )
         return code == grpc.StatusCode.UNAVAILABLE
 
-    await eventually(refused)
+    await eventually(refused, timeout=20)
     assert not slow.done()
     assert not stopping.done()
     running.state.release.set()

@@ -8,7 +8,7 @@ import asyncio
 import io
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +17,7 @@ import pytest
 from crm_common import tracing
 from crm_common.errors import InvalidArgument
 from crm_common.interceptors import REQUEST_ID_KEY, insecure_channel
-from crm_common.logs import JsonFormatter
+from crm_common.logs import JsonFormatter, request_id_var
 from crm_common.server import GrpcServer
 from crm_common.settings import ServiceSettings
 from grpc import aio
@@ -109,20 +109,6 @@ async def chain() -> AsyncIterator[Chain]:
     finally:
         await front.stop(grace=0)
         await back.stop(grace=0)
-
-
-@pytest.fixture
-def spans() -> Iterator[InMemorySpanExporter]:
-    """Tracing on, into the SDK's in-memory exporter."""
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    tracing.install(provider)
-    try:
-        yield exporter
-    finally:
-        tracing.uninstall()
-        provider.shutdown()
 
 
 async def finished(exporter: InMemorySpanExporter, n: int) -> list[ReadableSpan]:
@@ -322,3 +308,102 @@ def test_no_trace_fields_outside_a_span() -> None:
     line = json.loads(JsonFormatter("test").format(record))
     assert "trace_id" not in line
     assert "span_id" not in line
+
+
+# -- carried over to a later call (the scheduler's jobs) ------------------------------------
+
+CARRIED = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+def test_carried_traceparent_with_tracing_off_is_the_callers_checked() -> None:
+    assert not tracing.enabled()
+    assert tracing.carried_traceparent([("traceparent", CARRIED)]) == CARRIED
+    assert tracing.carried_traceparent([("traceparent", CARRIED.encode())]) == CARRIED
+    assert tracing.carried_traceparent([("traceparent", "00-bogus")]) is None
+    assert tracing.carried_traceparent([("x-request-id", "r")]) is None
+    assert tracing.carried_traceparent(None) is None
+    assert tracing.start_carried_client_span("/a.B/C", CARRIED, "r") is None
+
+
+def test_carried_traceparent_inside_a_span_is_that_span(spans: InMemorySpanExporter) -> None:
+    tracer = TracerProvider().get_tracer("t")
+    with tracer.start_as_current_span("handling") as span:
+        ctx = span.get_span_context()
+        expected = f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
+        assert tracing.carried_traceparent([("traceparent", CARRIED)]) == expected
+
+
+def test_carried_client_span_continues_the_stored_trace(spans: InMemorySpanExporter) -> None:
+    made = tracing.start_carried_client_span("/a.B/C", CARRIED, "req-1", {"k": 1})
+    assert made is not None
+    span, sent = made
+    tracing.end_carried_client_span(span, "UNAVAILABLE")
+    fresh = tracing.start_carried_client_span("/a.B/C", "", None)
+    assert fresh is not None
+    tracing.end_carried_client_span(fresh[0], "OK")
+    first, second = spans.get_finished_spans()
+    assert first.kind is SpanKind.CLIENT
+    assert first.name == "a.B/C"
+    assert f"{first.context.trace_id:032x}" == CARRIED.split("-")[1]
+    assert first.parent is not None
+    assert f"{first.parent.span_id:016x}" == CARRIED.split("-")[2]
+    assert sent == f"00-{first.context.trace_id:032x}-{first.context.span_id:016x}-01"
+    attributes = first.attributes or {}
+    assert (attributes["crm.request_id"], attributes["k"]) == ("req-1", 1)
+    assert attributes["rpc.grpc.status_code"] == grpc.StatusCode.UNAVAILABLE.value[0]
+    assert first.status.status_code is StatusCode.ERROR
+    assert second.parent is None  # nothing carried: a new trace
+    assert "crm.request_id" not in (second.attributes or {})
+    assert second.status.status_code is not StatusCode.ERROR
+
+
+def test_request_origin_with_tracing_off_is_the_request_id_only() -> None:
+    assert not tracing.enabled()
+    assert tracing.request_origin() == tracing.RequestOrigin(None, None)
+    token = request_id_var.set("req-7")
+    try:
+        assert tracing.request_origin() == tracing.RequestOrigin("req-7", None)
+    finally:
+        request_id_var.reset(token)
+    with tracing.linked_span("outbox publish t", [CARRIED]) as span:
+        assert span is None
+
+
+def test_request_origin_inside_a_span_has_its_traceparent(spans: InMemorySpanExporter) -> None:
+    tracer = TracerProvider().get_tracer("t")
+    token = request_id_var.set("req-8")
+    try:
+        with tracer.start_as_current_span("handling") as span:
+            origin = tracing.request_origin()
+            assert origin == ("req-8", tracing.carried_traceparent(None))
+            assert origin.traceparent is not None
+            assert f"{span.get_span_context().span_id:016x}" in origin.traceparent
+    finally:
+        request_id_var.reset(token)
+    assert tracing.request_origin() == (None, None)  # no span, no request
+
+
+def test_linked_span_links_each_distinct_carried_context(spans: InMemorySpanExporter) -> None:
+    other = "00-11111111111111111111111111111111-2222222222222222-01"
+    carried = [CARRIED, None, "", "00-bogus", other, CARRIED]
+    seen: list[str | None] = []
+
+    def publish() -> None:
+        with tracing.linked_span("outbox publish t", carried, attributes={"n": 6}) as span:
+            assert span is not None
+            ctx = span.get_span_context()
+            seen.append(f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-")
+            seen.append(tracing.carried_traceparent(None))  # a call made inside: its child
+            raise RuntimeError("bilog down")
+
+    with pytest.raises(RuntimeError):
+        publish()
+    assert seen[0] is not None
+    assert (seen[1] or "").startswith(seen[0])
+    (made,) = spans.get_finished_spans()
+    assert made.kind is SpanKind.PRODUCER
+    assert made.parent is None  # a trace of its own
+    linked = [f"00-{ln.context.trace_id:032x}-{ln.context.span_id:016x}-01" for ln in made.links]
+    assert linked == [CARRIED, other]
+    assert (made.attributes or {})["n"] == 6
+    assert made.status.status_code is StatusCode.ERROR

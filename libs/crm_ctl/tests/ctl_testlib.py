@@ -2,50 +2,25 @@
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
-import threading
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from crm_common.app import ServiceApp
 from crm_ctl.cli import main
+from crm_devstack.apps import AppThread
 
 T = TypeVar("T")
 
 
-class ThreadedApp:
+class ThreadedApp(AppThread[ServiceApp]):
     """A ServiceApp started on its own event loop in a background thread, so that sync
     tests (and the CLI, which runs its own event loop) can call it over real sockets."""
 
     def __init__(self, build: Callable[[], ServiceApp]) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-
-        async def make() -> ServiceApp:
-            return build()
-
-        self.app = self.call(make())
-        self.call(self.app.start())
-        self.call(self.app.wait_ready(30))
-
-    @property
-    def target(self) -> str:
-        return self.app.target
-
-    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        try:
-            self.call(self.app.stop(grace=1))
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(10)
-            self.loop.close()
+        super().__init__(build, stop_grace=1)
 
 
 @dataclass

@@ -4,9 +4,7 @@ schema accepts stays failing (exit 1); offsets are committed after a real run.""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 import uuid
 from collections.abc import Iterator
 
@@ -20,6 +18,7 @@ from crm_bilog.settings import BilogSettings
 from crm_bilog.store import RegistryStore, make_engine
 from crm_bilog.store.migrate import upgrade
 from crm_common.aio import BlockingExecutor
+from crm_devstack.apps import LoopThread
 from crm_devstack.stack import Stack, create_database, drop_database
 from ctl_testlib import ThreadedApp, crmctl
 
@@ -29,22 +28,19 @@ def registry_url(stack: Stack) -> Iterator[str]:
     """The dev schema registry over a database of its own, on a loop in a thread."""
     name = f"crm_t_{uuid.uuid4().hex[:12]}"
     url = create_database(name)
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
+    loop = LoopThread()
     engine = make_engine(url, 2)
     executor = BlockingExecutor(2, name="ctl-test-registry")
     server = RegistryServer(RegistryStore(engine), executor, "127.0.0.1", 0)
     try:
         upgrade(url)
-        asyncio.run_coroutine_threadsafe(server.start(), loop).result(30)
+        loop.call(server.start(), 30)
         yield server.url
-        asyncio.run_coroutine_threadsafe(server.stop(), loop).result(30)
+        loop.call(server.stop(), 30)
     finally:
         executor.shutdown()
         engine.dispose()
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(5)
+        loop.close()
         drop_database(name)
 
 

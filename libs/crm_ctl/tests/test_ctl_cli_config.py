@@ -92,6 +92,23 @@ def test_invalid_value_one_line_with_field_path(etcd_endpoint: str, config_prefi
     )
 
 
+def test_a_business_line_is_one_config_set(etcd_endpoint: str, config_prefix: str) -> None:
+    """Lines are data: ``config set`` on a new name adds a line; its code is required."""
+    a = args(etcd_endpoint, config_prefix)
+    no_code = crmctl(*a, "config", "set", "assignment", "LEASING", "--set", "accept_timeout_s=45")
+    assert no_code.code == 3
+    assert "value.code" in no_code.err
+    r = crmctl(*a, "config", "set", "assignment", "LEASING", "--set", "code=4",
+               "--set", "accept_timeout_s=45")  # fmt: skip
+    assert r.code == 0, r.err
+    got = crmctl(*a, "-o", "json", "config", "get", "assignment", "LEASING").json()
+    value = json.loads(got["current"]["value_json"])
+    assert (value["code"], value["accept_timeout_s"]) == (4, 45)
+    bad_key = crmctl(*a, "config", "get", "assignment", "leasing")
+    assert bad_key.code == 3
+    assert "not a business line name" in bad_key.err
+
+
 def test_conflict_exit_code(etcd_endpoint: str, config_prefix: str) -> None:
     a = args(etcd_endpoint, config_prefix)
     ok = crmctl(
@@ -139,7 +156,7 @@ kind: CRMConfig
 spec: {service: assignment, key: SALE, data: {weights: {star: "x"}}}
 ---
 kind: Deployment
-spec: {service: assignment, key: NOPE}
+spec: {service: assignment, key: no-pe}
 """
     )
     r = crmctl(*a, "config", "apply", "-f", "-", stdin=text)
@@ -155,7 +172,7 @@ spec: {service: assignment, key: NOPE}
         "-f",
         "-",
         stdin=text.replace("kind: Deployment\n", "kind: CRMConfig\n").replace(
-            "NOPE}", "NOPE, data: {}}"
+            "no-pe}", "no-pe, data: {}}"
         ),
     )
     assert r.code == 3

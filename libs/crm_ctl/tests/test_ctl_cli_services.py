@@ -7,7 +7,8 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -19,7 +20,7 @@ from crm.scheduler.v1 import scheduler_pb2_grpc
 from crm_assignment.app import build_app as build_assignment
 from crm_assignment.settings import AssignmentSettings
 from crm_assignment.store.migrate import upgrade as upgrade_assignment
-from crm_devstack.stack import Stack, create_database, drop_database, free_port
+from crm_devstack.stack import Stack, create_database, drop_database, free_port, wait_until
 from crm_scheduler.app import build_app as build_scheduler
 from crm_scheduler.settings import SchedulerSettings
 from crm_scheduler.store.migrate import upgrade as upgrade_scheduler
@@ -56,6 +57,7 @@ def platform(stack: Stack) -> Iterator[dict[str, Any]]:
             jobs = seed_scheduler(scheduler_pb2_grpc.SchedulerServiceStub(ch))
         yield {
             "flags": ("--assignment", apps[0].target, "--scheduler", apps[1].target),
+            "etcd": ("--etcd", stack.etcd_endpoint, "--config-prefix", prefix),
             "jobs": jobs,
         }
     finally:
@@ -115,9 +117,12 @@ def test_tasks_list_table_and_json(platform: dict[str, Any]) -> None:
     assert [t["business_line"] for t in tasks] == ["BUSINESS_LINE_FINANCE"]
     assert tasks[0]["city"] == "beijing"
 
-    bad = crmctl(*f, "tasks", "list", "--line", "RETAIL")
+    bad = crmctl(*f, "tasks", "list", "--line", "retail?")
     assert bad.code == 2
-    assert "'RETAIL' is not one of SALE, AFTER_SALE, FINANCE" in bad.err
+    assert "'retail?' is not a business line" in bad.err
+    unknown = crmctl(*f, *platform["etcd"], "tasks", "list", "--line", "RETAIL")
+    assert unknown.code == 3
+    assert "unknown business line RETAIL: expected a code or one of SALE" in unknown.err
 
 
 def test_tasks_get_masks_the_phone(platform: dict[str, Any]) -> None:
@@ -205,3 +210,76 @@ def test_grpc_failures_are_one_line_with_an_exit_code(platform: dict[str, Any]) 
     assert down.err.startswith(("error: UNAVAILABLE: ", "error: DEADLINE_EXCEEDED: "))
     assert crmctl(*f, "tasks", "get", "0").code == 2  # refused before any call
     assert crmctl(*f, "agents", "presence", "7", "SLEEPING").code == 2
+
+
+def test_a_line_added_by_config_is_shown_by_name(platform: dict[str, Any]) -> None:
+    """Lines are data: ``crmctl config apply`` adds LEASING (code 4); crmctl then takes
+    its name or its code and shows its name (the services only know its code)."""
+    f, etcd = platform["flags"], platform["etcd"]
+    example = Path(__file__).resolve().parent.parent / "examples" / "leasing.yaml"
+    applied = crmctl(*etcd, "config", "apply", "-f", str(example))
+    assert applied.code == 0, applied.err
+    listed = crmctl(*etcd, "-o", "json", "config", "list", "assignment").json()
+    assert {"key": "LEASING", "known": True} in [
+        {"key": k["key"], "known": k["known"]} for k in listed
+    ]
+    with grpc.insecure_channel(f[1]) as ch:
+        stub = assignment_pb2_grpc.AssignmentServiceStub(ch)
+        request = apb.CreateClueRequest(
+            idempotency_key="lease-1", phone="13812349999", business_line=cast(Any, 4),
+            source="app", city="beijing",
+        )  # fmt: skip
+
+        def created() -> bool:
+            try:
+                stub.CreateClue(request)
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.INVALID_ARGUMENT:  # else: not applied yet
+                    raise
+                return False
+            return True
+
+        wait_until(created, timeout=15, what="the service applies LEASING")
+    for line in ("leasing", "4"):
+        r = crmctl(*f, *etcd, "tasks", "list", "--line", line)
+        assert r.code == 0, r.err
+        assert [row[1] for row in table_rows(r.out)] == ["LEASING"]
+    stats = crmctl(*f, *etcd, "queue", "stats")
+    rows = {(row[0], row[1]): row for row in table_rows(stats.out.split("\n\n")[0])}
+    assert rows[("LEASING", "NEW_CLUE")][2] == "1"
+    # without the live config crmctl still shows the line, by its code
+    plain = crmctl(*f, "--etcd", "127.0.0.1:1", "--timeout", "2", "tasks", "list", "--line", "4")
+    assert plain.code == 0, plain.err
+    assert [row[1] for row in table_rows(plain.out)] == ["4"]
+
+
+def test_agents_list_table_json_and_paging(platform: dict[str, Any]) -> None:
+    f = platform["flags"]
+    with grpc.insecure_channel(f[1]) as ch:
+        assignment_pb2_grpc.AssignmentServiceStub(ch).UpsertAgent(
+            apb.UpsertAgentRequest(
+                agent=apb.Agent(
+                    id=9, name="Bo", business_line=common_pb2.BUSINESS_LINE_SALE, capacity=1
+                )
+            )
+        )
+    r = crmctl(*f, "agents", "list")
+    assert r.code == 0, r.err
+    rows = table_rows(r.out)
+    assert [row[0] for row in rows] == ["7", "9"]
+    assert rows[0][1:3] == ["Mei", "FINANCE"]
+    assert rows[1][1:5] == ["Bo", "SALE", "OFFLINE", "0/1"]
+    js = crmctl(*f, "-o", "json", "agents", "list", "--line", "SALE").json()
+    assert [a["id"] for a in js["agents"]] == ["9"]  # int64: a JSON string
+    alias = crmctl(*f, "agents", "list", "--presence", "offline", "--line", "SALE", "--json")
+    assert alias.code == 0, alias.err
+    assert alias.json()["agents"][0]["name"] == "Bo"
+    first = crmctl(*f, "agents", "list", "--limit", "1")
+    assert [row[0] for row in table_rows(first.out) if not row[0].startswith("(more:")] == ["7"]
+    token = first.out.rsplit("--page-token ", 1)[1].rstrip(")\n ")
+    rest = crmctl(*f, "--json", "agents", "list", "--limit", "1", "--page-token", token).json()
+    assert [a["name"] for a in rest["agents"]] == ["Bo"]
+    assert not rest.get("page", {}).get("next_page_token")  # the last page
+    bad = crmctl(*f, "agents", "list", "--page-token", "garbage")
+    assert bad.code == 3, bad.err  # INVALID_ARGUMENT, with the field at fault
+    assert "page.page_token" in bad.err

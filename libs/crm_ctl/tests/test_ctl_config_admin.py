@@ -131,7 +131,7 @@ async def test_invalid_values_are_rejected_with_field_paths(stub: Stub) -> None:
     ("request_", "field"),
     [
         (pb.SetRequest(service="billing", key="X", value_json="{}"), "service"),
-        (pb.SetRequest(service="assignment", key="RETAIL", value_json="{}"), "key"),
+        (pb.SetRequest(service="assignment", key="retail", value_json="{}"), "key"),
         (pb.SetRequest(service="assignment", key="../etc", value_json="{}"), "key"),
         (pb.SetRequest(service="assignment", key="", value_json="{}"), "key"),
         (pb.SetRequest(service="assignment", key="SALE", value_json=""), "value_json"),

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import grpc
 import pytest
@@ -24,7 +25,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
 @contextmanager
-def serve(etcd: str, prefix: str) -> Iterator[tuple[subprocess.Popen[bytes], grpc.Channel]]:
+def serve(
+    etcd: str, prefix: str, log: Path
+) -> Iterator[tuple[subprocess.Popen[bytes], grpc.Channel]]:
+    """The config-admin server as a process; its stderr (JSON logs) goes to ``log``, a file,
+    not a pipe: nobody reads a pipe while it runs, and a full one (64 KiB of etcd
+    reconnect warnings) blocked the server's logging and with it every call."""
     port = free_port()
     env = {
         **os.environ,
@@ -35,12 +41,13 @@ def serve(etcd: str, prefix: str) -> Iterator[tuple[subprocess.Popen[bytes], grp
         "CRM_CONFIG_ADMIN_CONFIG_PREFIX": prefix,
         "CRM_CONFIG_ADMIN_READINESS_INTERVAL_S": "0.2",
     }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "crm_ctl", "serve-config-admin"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    with log.open("wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "crm_ctl", "serve-config-admin"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             yield proc, ch
@@ -58,8 +65,9 @@ def health_status(ch: grpc.Channel) -> int | None:
     return int(r.status)
 
 
-def test_serve_config_admin_process(etcd_endpoint: str, config_prefix: str) -> None:
-    with serve(etcd_endpoint, config_prefix) as (proc, ch):
+def test_serve_config_admin_process(etcd_endpoint: str, config_prefix: str, tmp_path: Path) -> None:
+    log = tmp_path / "config-admin.log"
+    with serve(etcd_endpoint, config_prefix, log) as (proc, ch):
         wait_until(
             lambda: health_status(ch) == health_pb2.HealthCheckResponse.SERVING,
             "the config-admin server to be SERVING",
@@ -76,13 +84,13 @@ def test_serve_config_admin_process(etcd_endpoint: str, config_prefix: str) -> N
         assert [s.service for s in listed.services] == ["assignment", "recommendation"]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
-        assert proc.stderr is not None
-        logs = [json.loads(ln) for ln in proc.stderr.read().decode().splitlines() if ln.strip()]
+        logs = [json.loads(ln) for ln in log.read_text().splitlines() if ln.strip()]
         assert any(rec.get("msg") == "stop signal received" for rec in logs)
 
 
-def test_etcd_down_is_unavailable_not_internal(config_prefix: str) -> None:
-    with serve(f"127.0.0.1:{free_port()}", config_prefix) as (proc, ch):
+def test_etcd_down_is_unavailable_not_internal(config_prefix: str, tmp_path: Path) -> None:
+    dead_etcd = f"127.0.0.1:{free_port()}"  # nothing listens there
+    with serve(dead_etcd, config_prefix, tmp_path / "config-admin.log") as (proc, ch):
         wait_until(
             lambda: health_status(ch) == health_pb2.HealthCheckResponse.NOT_SERVING,
             "the config-admin server to answer NOT_SERVING",

@@ -22,8 +22,15 @@ state               replicas: running -> ``target.builtin.replicas`` (default 1)
 (operator)          ``CRM_BILOG_KAFKA_BOOTSTRAP`` / ``CRM_BILOG_SCHEMA_REGISTRY_URL`` from the
                     operator's settings; ``CRM_BILOG_SINK_GROUP_ID`` =
                     ``crm-bilog-sink.<namespace>.<name>`` (every BILogSink gets every
-                    record); ``CRM_BILOG_SINK_DIR`` = the data volume
+                    record); ``CRM_BILOG_SINK_DIR`` = the data volume;
+                    ``CRM_BILOG_SINK_PORT`` / ``CRM_BILOG_SINK_METRICS_PORT`` = the
+                    container ports ``grpc`` (health) and ``metrics``
 ==================  =========================================================================
+
+Probes are the crm chart's ``bilog.sink`` ones (tools/k8s_check.py compares them): native
+gRPC probes on the sink's health port, readiness on :data:`SINK_HEALTH_NAME` (NOT_SERVING
+while no broker answers), liveness on ``liveness`` (NOT_SERVING only when the consume loop
+is stuck), so a hung sink is restarted and a broker outage is not a restart.
 
 :func:`builtin_spec_problems` names the spec fields the built-in sink cannot honour (the
 admission webhook refuses them; the handler reports them as ``Ready=False InvalidSpec``).
@@ -46,10 +53,14 @@ import kubernetes
 
 __all__ = [
     "DATA_DIR",
+    "HEALTH_PORT",
+    "METRICS_PORT",
     "SINK_ARGS",
+    "SINK_HEALTH_NAME",
     "DeploymentClient",
     "builtin_spec_problems",
     "deployment_name",
+    "probes",
     "render_deployment",
     "sink_environment",
 ]
@@ -66,6 +77,33 @@ RESOURCES: dict[str, dict[str, str]] = {
 """The charts' bilog.sink defaults."""
 TERMINATION_GRACE_S = 60
 """Room to publish the open files on SIGTERM."""
+HEALTH_PORT = 50057
+"""The sink's gRPC health port (``CRM_BILOG_SINK_PORT``)."""
+METRICS_PORT = 9157
+"""The sink's Prometheus /metrics port (``CRM_BILOG_SINK_METRICS_PORT``)."""
+SINK_HEALTH_NAME = "crm.bilog.sink"
+"""``crm_bilog.sink.process.SINK_HEALTH_NAME``: the readiness probe's health name."""
+LIVENESS_HEALTH_NAME = "liveness"
+PROBE_TIMING: dict[str, dict[str, int]] = {
+    "startupProbe": {"periodSeconds": 5, "failureThreshold": 60},
+    "readinessProbe": {"periodSeconds": 10, "failureThreshold": 3},
+    "livenessProbe": {"periodSeconds": 10, "failureThreshold": 6},
+}
+"""The charts' bilog.sink.probes timing."""
+
+
+def probes() -> dict[str, dict[str, Any]]:
+    """startup/readiness/liveness probes of the sink container (native gRPC)."""
+    return {
+        kind: {
+            "grpc": {
+                "port": HEALTH_PORT,
+                "service": LIVENESS_HEALTH_NAME if kind == "livenessProbe" else SINK_HEALTH_NAME,
+            },
+            **timing,
+        }
+        for kind, timing in PROBE_TIMING.items()
+    }
 
 
 def deployment_name(name: str) -> str:
@@ -118,6 +156,8 @@ def sink_environment(
         "CRM_BILOG_SINK_DIR": DATA_DIR,
         "CRM_BILOG_SINK_FLUSH_RECORDS": str(int(spec.get("flushSize", 1000))),
         "CRM_BILOG_SINK_ROTATE_INTERVAL_S": str(rotate_s),
+        "CRM_BILOG_SINK_PORT": str(HEALTH_PORT),
+        "CRM_BILOG_SINK_METRICS_PORT": str(METRICS_PORT),
     }
 
 
@@ -182,7 +222,16 @@ def render_deployment(
                             "name": "sink",
                             "image": builtin.get("image") or default_image,
                             "args": list(SINK_ARGS),
+                            "ports": [
+                                {"name": "grpc", "containerPort": HEALTH_PORT, "protocol": "TCP"},
+                                {
+                                    "name": "metrics",
+                                    "containerPort": METRICS_PORT,
+                                    "protocol": "TCP",
+                                },
+                            ],
                             "env": [{"name": k, "value": v} for k, v in env.items()],
+                            **probes(),
                             "resources": json.loads(json.dumps(RESOURCES)),
                             "securityContext": {
                                 "runAsNonRoot": True,

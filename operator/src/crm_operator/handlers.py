@@ -136,6 +136,7 @@ def _make_startup(cfg_factory: Callable[[], OperatorSettings]) -> Any:
                 host=cfg.webhook_host,
                 certfile=cfg.webhook_cert_file or None,
                 pkeyfile=cfg.webhook_key_file or None,
+                cafile=cfg.webhook_ca_file or None,
             )
         else:
             settings.admission.server = kopf.WebhookServer(

@@ -11,6 +11,7 @@ webhook checks everything else exactly like the service.
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,16 @@ import yaml
 from crm_operator import schemas
 from crm_operator.connect import RESERVED_CONFIG
 
-__all__ = ["RBAC_RULES", "bilogsink_crd", "crmconfig_crd", "rbac", "write_all"]
+__all__ = [
+    "CLUSTER_RULES",
+    "SINK_RULES",
+    "WEBHOOK_RULES",
+    "bilogsink_crd",
+    "cluster_rules",
+    "crmconfig_crd",
+    "rbac",
+    "write_all",
+]
 
 GROUP = "crm.platform.io"
 VERSION = "v1alpha1"
@@ -77,7 +87,9 @@ def _data_schema() -> dict[str, Any]:
     for name in conflicts:
         props[name] = {"x-kubernetes-preserve-unknown-fields": True}
     services = ", ".join(
-        f"{s.service} (keys {', '.join(s.keys)}: {s.model})" for s in schemas.REGISTRY.values()
+        f"{s.service} (keys {', '.join(s.keys)}{' ' + s.other_keys if s.other_keys else ''}: "
+        f"{s.model})"
+        for s in schemas.REGISTRY.values()
     )
     return {
         "type": "object",
@@ -347,7 +359,7 @@ def bilogsink_crd() -> dict[str, Any]:
     return _crd("BILogSink", "bilogsinks", ["bls"], spec, status, columns)
 
 
-RBAC_RULES: list[dict[str, Any]] = [
+CLUSTER_RULES: list[dict[str, Any]] = [
     {
         "apiGroups": [GROUP],
         "resources": ["crmconfigs", "bilogsinks"],
@@ -367,27 +379,58 @@ RBAC_RULES: list[dict[str, Any]] = [
     {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get", "list", "watch"]},
     # kopf: Events about the objects (Written, DriftRepaired, RolledBack, TaskRestarted, ...)
     {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create"]},
-    # builtin BILogSink target
+]
+"""What the operator calls cluster-wide whatever it watches."""
+
+SINK_RULES: list[dict[str, Any]] = [
+    # the builtin BILogSink target: crm_operator.builtin.DeploymentClient (read, create,
+    # patch, delete one Deployment by name; it never lists or watches them)
     {
         "apiGroups": ["apps"],
         "resources": ["deployments"],
-        "verbs": ["get", "list", "watch", "create", "patch", "delete"],
+        "verbs": ["get", "create", "patch", "delete"],
     },
-    # only with CRM_OPERATOR_WEBHOOK_MANAGED set (kopf keeps the webhook config current)
+]
+"""What the operator calls in the namespaces it serves: a Role per watched namespace
+(CRM_OPERATOR_NAMESPACES), in the ClusterRole only when it serves all of them."""
+
+WEBHOOK_RULES: list[dict[str, Any]] = [
+    # kopf keeps its ValidatingWebhookConfiguration current (CRM_OPERATOR_WEBHOOK_MANAGED)
     {
         "apiGroups": ["admissionregistration.k8s.io"],
         "resources": ["validatingwebhookconfigurations"],
         "verbs": ["get", "list", "watch", "create", "patch"],
     },
 ]
-"""Everything the operator calls on the Kubernetes API (a ClusterRole: it serves all
-namespaces unless CRM_OPERATOR_NAMESPACES narrows it). Peering (several replicas) needs
-kopf's peering CRDs and get/list/watch/patch on them in addition."""
+"""Only in kopf's managed webhook mode; otherwise the chart installs the configuration."""
 
 
-def rbac(namespace: str = "crm-system", name: str = "crm-operator") -> list[dict[str, Any]]:
+def cluster_rules(
+    *, webhook_managed: bool = False, namespaces: Sequence[str] = ()
+) -> list[dict[str, Any]]:
+    """The ClusterRole's rules for a mode: everything the operator calls on the API."""
+    rules = list(CLUSTER_RULES)
+    if not namespaces:
+        rules += SINK_RULES
+    if webhook_managed:
+        rules += WEBHOOK_RULES
+    return rules
+
+
+def rbac(
+    namespace: str = "crm-system",
+    name: str = "crm-operator",
+    *,
+    webhook_managed: bool = False,
+    namespaces: Sequence[str] = (),
+) -> list[dict[str, Any]]:
+    """ServiceAccount, ClusterRole and its binding, and a Role + RoleBinding (the sink
+    Deployments) in each of ``namespaces`` (none: the ClusterRole has those rules).
+    Peering (several replicas) needs kopf's peering CRDs and get/list/watch/patch on
+    them in addition."""
     meta = {"name": name, "labels": {"app.kubernetes.io/name": name}}
-    return [
+    subjects = [{"kind": "ServiceAccount", "name": name, "namespace": namespace}]
+    docs: list[dict[str, Any]] = [
         {
             "apiVersion": "v1",
             "kind": "ServiceAccount",
@@ -397,7 +440,7 @@ def rbac(namespace: str = "crm-system", name: str = "crm-operator") -> list[dict
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "ClusterRole",
             "metadata": meta,
-            "rules": RBAC_RULES,
+            "rules": cluster_rules(webhook_managed=webhook_managed, namespaces=namespaces),
         },
         {
             "apiVersion": "rbac.authorization.k8s.io/v1",
@@ -408,9 +451,26 @@ def rbac(namespace: str = "crm-system", name: str = "crm-operator") -> list[dict
                 "kind": "ClusterRole",
                 "name": name,
             },
-            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}],
+            "subjects": subjects,
         },
     ]
+    for ns in namespaces:
+        docs += [
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "Role",
+                "metadata": {**meta, "namespace": ns},
+                "rules": SINK_RULES,
+            },
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "RoleBinding",
+                "metadata": {**meta, "namespace": ns},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+                "subjects": subjects,
+            },
+        ]
+    return docs
 
 
 HEADER = "# Generated by `python -m crm_operator manifests`; do not edit by hand.\n"
@@ -423,6 +483,7 @@ def render() -> dict[str, str]:
         text: str = yaml.safe_dump(doc, sort_keys=False, width=100)
         return text
 
+    # the default mode: every namespace, the webhook configuration installed by the chart
     every: str = yaml.safe_dump_all(rbac(), sort_keys=False, width=100)
     return {
         "crds/crmconfigs.yaml": HEADER + dump(crmconfig_crd()),

@@ -23,6 +23,7 @@ __all__ = [
     "ServiceSchema",
     "canonical_json",
     "json_schema",
+    "key_known",
     "validate",
 ]
 
@@ -35,7 +36,9 @@ class ServiceSchema:
     model: str
     """``module:Model``: the pydantic model of one value (JSON Schema, docs)."""
     keys: tuple[str, ...]
-    """The keys the service reads (documentation and the CRD description)."""
+    """The keys the service always reads (documentation and the CRD description)."""
+    other_keys: str = ""
+    """Which other keys it reads, in words (keys its ``parse`` accepts: lines are data)."""
 
 
 REGISTRY: Mapping[str, ServiceSchema] = {
@@ -46,6 +49,7 @@ REGISTRY: Mapping[str, ServiceSchema] = {
             "crm_assignment.config:parse",
             "crm_assignment.config:LineConfig",
             ("SALE", "AFTER_SALE", "FINANCE"),
+            "or any other business line: its name, with its code in the value",
         ),
         ServiceSchema(
             "recommendation",
@@ -76,6 +80,20 @@ def _load(ref: str) -> Any:
 def parser(service: str) -> Callable[[str, bytes], Any]:
     fn: Callable[[str, bytes], Any] = _load(REGISTRY[service].parse)
     return fn
+
+
+def key_known(service: str, key: str) -> bool:
+    """Whether ``service`` reads ``key``: a declared key, or one its parser does not refuse
+    by name (a new business line)."""
+    if key in REGISTRY[service].keys:
+        return True
+    try:
+        parser(service)(key, b"{}")
+    except pydantic.ValidationError:
+        return True  # the key is fine, the empty value is not
+    except ValueError:
+        return False
+    return True
 
 
 def canonical_json(data: Mapping[str, Any]) -> bytes:

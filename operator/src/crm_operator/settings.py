@@ -38,6 +38,11 @@ class OperatorSettings(ServiceSettings):
     )
     webhook_cert_file: str = Field(default="", description="TLS certificate of the webhook.")
     webhook_key_file: str = Field(default="", description="TLS private key of the webhook.")
+    webhook_ca_file: str = Field(
+        default="",
+        description="CA of the webhook's certificate, written into the configuration kopf "
+        "manages (webhook_managed); empty: kopf's own choice.",
+    )
     webhook_managed: str = Field(
         default="",
         description="Name of the ValidatingWebhookConfiguration kopf keeps up to date "

@@ -4,12 +4,9 @@ slow recommendation server, free ports."""
 
 from __future__ import annotations
 
-import asyncio
-import socket
-import threading
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Iterator
 from concurrent import futures
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -18,34 +15,22 @@ import grpc
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from crm.recommendation.v1 import recommendation_pb2 as rpb
 from crm.recommendation.v1 import recommendation_pb2_grpc
+from crm_bilog.app import App as BilogApp
+from crm_bilog.app import build_app as build_bilog
+from crm_bilog.registry.server import RegistryServer
+from crm_bilog.schemas import topic_name
+from crm_bilog.settings import BilogSettings
+from crm_bilog.store import RegistryStore, make_engine
+from crm_bilog.store.migrate import upgrade as upgrade_bilog
 from crm_common.aio import BlockingExecutor
+from crm_devstack.apps import AppThread, LoopThread
 from crm_devstack.stack import create_database, drop_database
+from crm_recommendation.app import App as RecommendationApp
+from crm_recommendation.app import build_app as build_recommendation
+from crm_recommendation.settings import RecommendationSettings
+from crm_recommendation.store.migrate import upgrade as upgrade_recommendation
 
 T = TypeVar("T")
-
-
-class LoopThread:
-    """An event loop running in a thread of its own."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-
-    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close_loop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-        self.loop.close()
-
-
-def free_port() -> int:
-    """A port nothing listens on (now)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextmanager
@@ -62,16 +47,11 @@ def scratch_database() -> Iterator[str]:
 # --------------------------------------------------------------------------- recommendation
 
 
-class RecommendationService(LoopThread):
+class RecommendationService(AppThread[RecommendationApp]):
     """The real recommendation service (crm_recommendation.app.build_app), port 0."""
 
     def __init__(self, database_url: str, etcd: str) -> None:
-        from crm_recommendation.app import App, build_app
-        from crm_recommendation.settings import RecommendationSettings
-        from crm_recommendation.store.migrate import upgrade
-
-        super().__init__()
-        upgrade(database_url)
+        upgrade_recommendation(database_url)
         settings = RecommendationSettings(
             host="127.0.0.1",
             port=0,
@@ -84,23 +64,8 @@ class RecommendationService(LoopThread):
             shutdown_grace_s=1.0,
             readiness_interval_s=0.2,
         )
-
-        async def make() -> App:
-            return build_app(settings)
-
-        self.app: App = self.call(make())
-        self.call(self.app.start())
-        self.call(self.app.wait_ready(30))
-        self.target: str = self.app.target
-        self.channel = grpc.insecure_channel(self.target)
+        super().__init__(lambda: build_recommendation(settings), stop_grace=1)
         self.stub = recommendation_pb2_grpc.RecommendationServiceStub(self.channel)
-
-    def close(self) -> None:
-        self.channel.close()
-        try:
-            self.call(self.app.stop(grace=1))
-        finally:
-            self.close_loop()
 
 
 def car(car_id: int, brand: str, series: str, price: int, city: str = "beijing") -> rpb.Car:
@@ -152,12 +117,8 @@ class Registry(LoopThread):
     """The bilog service's dev schema registry (real aiohttp server, real MariaDB)."""
 
     def __init__(self, database_url: str) -> None:
-        from crm_bilog.registry.server import RegistryServer
-        from crm_bilog.store import RegistryStore, make_engine
-        from crm_bilog.store.migrate import upgrade
-
         super().__init__()
-        upgrade(database_url)
+        upgrade_bilog(database_url)
         self.engine = make_engine(database_url, 4)
         self.executor = BlockingExecutor(4, name="test-registry-db")
         self.server = RegistryServer(RegistryStore(self.engine), self.executor, "127.0.0.1", 0)
@@ -170,18 +131,14 @@ class Registry(LoopThread):
             self.executor.shutdown()
             self.engine.dispose()
         finally:
-            self.close_loop()
+            super().close()
 
 
-class BilogService(LoopThread):
+class BilogService(AppThread[BilogApp]):
     """The real bilog service (crm_bilog.app.build_app) against the shared Tansu broker,
     with topics of its own (``topic_prefix``)."""
 
     def __init__(self, kafka_bootstrap: str, registry_url: str, port: int = 0) -> None:
-        from crm_bilog.app import App, build_app
-        from crm_bilog.settings import BilogSettings
-
-        super().__init__()
         self.settings = BilogSettings(
             host="127.0.0.1",
             port=port,
@@ -193,14 +150,7 @@ class BilogService(LoopThread):
             readiness_timeout_s=10,
             shutdown_grace_s=1,
         )
-
-        async def make() -> App:
-            return build_app(self.settings)
-
-        self.app: App = self.call(make())
-        self.call(self.app.start())
-        self.call(self.app.wait_ready(30))
-        self.target: str = self.app.target
+        super().__init__(lambda: build_bilog(self.settings), stop_grace=1)
 
     @property
     def transition_topic(self) -> str:
@@ -208,15 +158,7 @@ class BilogService(LoopThread):
 
     def topic(self, schema: str) -> str:
         """The Kafka topic of a schema's events (with this instance's prefix)."""
-        from crm_bilog.schemas import topic_name
-
         return topic_name(schema, self.settings.topic_prefix)
-
-    def close(self) -> None:
-        try:
-            self.call(self.app.stop(grace=1))
-        finally:
-            self.close_loop()
 
 
 def read_avro_topic(
@@ -225,6 +167,17 @@ def read_avro_topic(
     """``(key, decoded value)`` of every message of ``topic`` (all partitions, from the
     start) once at least ``expected`` arrived and nothing more comes for a moment; values
     decoded by confluent-kafka's own AvroDeserializer through the registry."""
+    return [
+        (key, value)
+        for key, value, _ in read_avro_records(bootstrap, registry_url, topic, expected, timeout)
+    ]
+
+
+def read_avro_records(
+    bootstrap: str, registry_url: str, topic: str, expected: int, timeout: float = 30.0
+) -> list[tuple[bytes, dict[str, Any], dict[str, bytes]]]:
+    """:func:`read_avro_topic` with each record's headers: ``(key, value, headers)``, in
+    offset order per partition."""
     from confluent_kafka.schema_registry import SchemaRegistryClient
     from confluent_kafka.schema_registry.avro import AvroDeserializer
     from confluent_kafka.serialization import MessageField, SerializationContext
@@ -242,7 +195,7 @@ def read_avro_topic(
         consumer.assign(
             [TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(meta.partitions)]
         )
-        out: list[tuple[bytes, dict[str, Any]]] = []
+        out: list[tuple[bytes, dict[str, Any], dict[str, bytes]]] = []
         deadline = time.monotonic() + timeout
         quiet_until: float | None = None
         while time.monotonic() < deadline:
@@ -255,19 +208,9 @@ def read_avro_topic(
                 continue
             if msg.error() is None:
                 ctx = SerializationContext(topic, MessageField.VALUE)
-                out.append((msg.key(), deserialize(msg.value(), ctx)))
+                headers = dict(msg.headers() or ())
+                out.append((msg.key(), deserialize(msg.value(), ctx), headers))
                 quiet_until = None
         return out
     finally:
         consumer.close()
-
-
-def wait_for(cond: Callable[[], T], what: str, timeout: float = 20.0) -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import queue
 import threading
-import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
@@ -16,6 +14,8 @@ from crm.assignment.v1 import assignment_pb2_grpc
 from crm.common.v1 import common_pb2
 from crm_assignment.app import App, build_app
 from crm_assignment.settings import AssignmentSettings
+from crm_common.config_watch import delete_key, put_json
+from crm_devstack.apps import AppThread
 
 T = TypeVar("T")
 
@@ -41,55 +41,19 @@ class ManualClock:
             return self._now
 
 
-def wait_until(
-    cond: Callable[[], T], what: str, timeout: float = 15.0, interval: float = 0.02
-) -> T:
-    """Poll ``cond()`` until it returns something truthy; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
-class Service:
+class Service(AppThread[App]):
     """The assignment app served from a background thread with its own event loop, so
     tests use plain (blocking) gRPC stubs and threads."""
 
     def __init__(self, settings: AssignmentSettings, clock: Callable[[], datetime]) -> None:
         self.settings = settings
         self.clock = clock
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-        self.app: App = self.call(self._build())
-        self.call(self.app.start())
-        self.call(self.app.wait_ready(30))
-        self.channel = grpc.insecure_channel(self.app.target)
+        super().__init__(lambda: build_app(settings, clock=clock))
         self.stub = assignment_pb2_grpc.AssignmentServiceStub(self.channel)
 
-    async def _build(self) -> App:
-        return build_app(self.settings, clock=self.clock)
-
-    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
-        """Run a coroutine on the service's loop and wait for its result."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
     def new_stub(self) -> tuple[grpc.Channel, assignment_pb2_grpc.AssignmentServiceStub]:
-        channel = grpc.insecure_channel(self.app.target)
+        channel = self.new_channel()
         return channel, assignment_pb2_grpc.AssignmentServiceStub(channel)
-
-    def close(self) -> None:
-        self.channel.close()
-        try:
-            self.call(self.app.stop(grace=2))
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(10)
-            self.loop.close()
 
     # ----------------------------------------------------------------- shortcuts
 
@@ -152,21 +116,17 @@ def settings_for(database_url: str, etcd: str, prefix: str, **kw: Any) -> Assign
     return AssignmentSettings(**values)
 
 
-def rpc_error(fn: Callable[[], Any]) -> grpc.RpcError:
-    """Call ``fn`` and return the RpcError it raises (fail when it does not)."""
-    try:
-        fn()
-    except grpc.RpcError as exc:
-        return exc
-    raise AssertionError("expected an RpcError")
-
-
 class OfferReader:
     """Reads one agent's offer stream in a thread; offers land in a queue."""
 
-    def __init__(self, stub: assignment_pb2_grpc.AssignmentServiceStub, agent_id: int) -> None:
+    def __init__(
+        self,
+        stub: assignment_pb2_grpc.AssignmentServiceStub,
+        agent_id: int,
+        metadata: tuple[tuple[str, str], ...] = (),
+    ) -> None:
         self.agent_id = agent_id
-        self.call = stub.StreamOffers(pb.StreamOffersRequest(agent_id=agent_id))
+        self.call = stub.StreamOffers(pb.StreamOffersRequest(agent_id=agent_id), metadata=metadata)
         self.offers: queue.Queue[pb.Offer] = queue.Queue()
         self.error: grpc.RpcError | None = None
         self.ended = threading.Event()
@@ -201,3 +161,20 @@ class OfferReader:
     def close(self) -> None:
         self.call.cancel()
         self._thread.join(10)
+
+
+def put_config(svc: Service, key: str, value: object) -> None:
+    """Put a routing config value under the service's prefix; wait until it is applied or
+    rejected."""
+    settings = svc.settings
+    rev = svc.call(
+        put_json(settings.etcd_endpoints, settings.assignment_config_prefix + key, value)
+    )
+    svc.call(svc.app.watcher.wait_for_revision(rev, 10))
+
+
+def delete_config(svc: Service, key: str) -> None:
+    """Delete a routing config key; wait until the service has seen it."""
+    settings = svc.settings
+    rev = svc.call(delete_key(settings.etcd_endpoints, settings.assignment_config_prefix + key))
+    svc.call(svc.app.watcher.wait_for_revision(rev, 10))

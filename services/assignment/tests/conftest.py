@@ -63,3 +63,14 @@ def shared_service(stack: Stack) -> Iterator[Service]:
             svc.close()
     finally:
         drop_database(name)
+
+
+@pytest.fixture
+def strict(migrated_db: str, etcd_endpoint: str, config_prefix: str) -> Iterator[Service]:
+    """The service with ``require_line_config``: a line is open only while configured."""
+    svc = Service(
+        settings_for(migrated_db, etcd_endpoint, config_prefix, require_line_config=True),
+        ManualClock(),
+    )
+    yield svc
+    svc.close()

@@ -8,7 +8,7 @@ import threading
 from datetime import UTC, datetime, timedelta
 
 import grpc
-from assignment_testlib import SALE, OfferReader, Service, rpc_error
+from assignment_testlib import SALE, OfferReader, Service
 from crm.assignment.v1 import assignment_pb2 as pb
 from crm_assignment.api import validation
 from crm_assignment.config import RoutingConfig
@@ -19,6 +19,7 @@ from crm_assignment.store import AssignmentStore
 from crm_assignment.store.repository import ActionKind, TaskAction
 from crm_assignment.store.schema import TaskEventRow
 from crm_common.errors import FailedPrecondition, NotFound
+from crm_devstack.apps import rpc_error
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
@@ -37,7 +38,7 @@ def _offered(store: AssignmentStore, n: int, agent_id: int) -> list[Offer]:
             idempotency_key=f"ab-{agent_id}-{i}", phone=f"1390000{agent_id:02d}{i:02d}",
             business_line=SALE, source="app", city="beijing",
         )  # fmt: skip
-        store.create_clues([(validation.new_clue(req, prot), NOW, cfg)])
+        store.create_clues([(validation.new_clue(req, prot, RoutingConfig()), NOW, cfg)])
     offers = [store.offer_next(agent_id, NOW, RoutingConfig()) for _ in range(n)]
     assert all(o is not None for o in offers)
     return [o for o in offers if o is not None]

@@ -8,12 +8,13 @@ from typing import Any
 
 import grpc
 import pytest
-from assignment_testlib import SALE, ManualClock, OfferReader, Service, rpc_error
+from assignment_testlib import SALE, ManualClock, OfferReader, Service
 from crm.assignment.v1 import assignment_pb2 as pb
 from crm_assignment.api.auth import bearer_metadata
 from crm_assignment.api.convert import timestamp
 from crm_assignment.domain.token import InvalidToken, TokenSigner
 from crm_common.errors import error_reason
+from crm_devstack.apps import rpc_error
 
 SECRET = b"0123456789abcdef-test-secret"
 T0 = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
@@ -211,3 +212,24 @@ def test_tokens_survive_a_restart_with_a_configured_secret(
         assert got.agent.id == 5
     finally:
         second.close()
+
+
+async def test_a_replica_without_the_required_secret_refuses_to_start(
+    migrated_db: str, etcd_endpoint: str, config_prefix: str
+) -> None:
+    """Several replicas (the chart sets CRM_ASSIGNMENT_AUTH_TOKEN_SECRET_REQUIRED): a
+    random per-process secret would make tokens fail on the other replicas."""
+    from assignment_testlib import settings_for
+    from crm_assignment.app import build_app
+
+    settings = settings_for(
+        migrated_db, etcd_endpoint, config_prefix, auth_token_secret_required=True
+    )
+    app = build_app(settings)
+    with pytest.raises(RuntimeError, match="CRM_ASSIGNMENT_AUTH_TOKEN_SECRET is not set"):
+        await app.start()
+    await app.stop(0)
+    # with the secret it starts
+    app = build_app(settings.model_copy(update={"auth_token_secret": "s" * 32}))
+    await app.start()
+    await app.stop(0)

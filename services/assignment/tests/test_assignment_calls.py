@@ -10,7 +10,7 @@ from typing import Any
 import fastavro
 import grpc
 import pytest
-from assignment_testlib import SALE, ManualClock, OfferReader, Service, rpc_error
+from assignment_testlib import SALE, ManualClock, OfferReader, Service
 from crm.assignment.v1 import assignment_pb2 as pb
 from crm_assignment.api.convert import timestamp
 from crm_assignment.domain.bi_events import (
@@ -30,6 +30,7 @@ from crm_assignment.domain.model import (
 from crm_assignment.store.schema import BiOutboxRow, CallRecordRow
 from crm_bilog.schemas import AVSC_DIR, load_schema_file
 from crm_common.errors import error_reason, field_violations
+from crm_devstack.apps import rpc_error
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -53,7 +54,10 @@ def _in_progress(svc: Service, key: str, phone: str, agent_id: int) -> int:
     return task_id
 
 
-def _call(task_id: int, agent_id: int, call_id: str = "call-1", **kw: Any) -> pb.RecordCallRequest:
+def _call(
+    task_id: int, agent_id: int, call_id: str = "call-1", at: datetime | None = None, **kw: Any
+) -> pb.RecordCallRequest:
+    """A RecordCall request; the call started ``at`` (default: an hour ago, in real time)."""
     fields: dict[str, Any] = {
         "call_id": call_id,
         "task_id": task_id,
@@ -66,7 +70,8 @@ def _call(task_id: int, agent_id: int, call_id: str = "call-1", **kw: Any) -> pb
     fields.update(kw)
     req = pb.RecordCallRequest(**fields)
     if "started_at" not in kw:
-        req.started_at.CopyFrom(timestamp(datetime(2026, 1, 5, 9, 30, tzinfo=UTC)))
+        start = at or datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
+        req.started_at.CopyFrom(timestamp(start))
     return req
 
 
@@ -87,8 +92,11 @@ def svc(service: Service, clock: ManualClock) -> Service:
     return service
 
 
-def test_record_call_shows_in_the_detail_and_goes_to_the_outbox(svc: Service) -> None:
+def test_record_call_shows_in_the_detail_and_goes_to_the_outbox(
+    svc: Service, clock: ManualClock
+) -> None:
     task_id = _in_progress(svc, "rc-1", PHONE, 7)
+    clock.advance(300)
     started = svc.clock() - timedelta(minutes=3)
     r = svc.stub.RecordCall(_call(task_id, 7, started_at=timestamp(started)))
     assert not r.replayed
@@ -101,7 +109,7 @@ def test_record_call_shows_in_the_detail_and_goes_to_the_outbox(svc: Service) ->
     assert call.duration_seconds == 95
     assert call.started_at.ToDatetime(UTC) == started.replace(microsecond=started.microsecond)
     second = svc.stub.RecordCall(
-        _call(task_id, 7, "call-2", outcome=pb.CALL_OUTCOME_NO_ANSWER,
+        _call(task_id, 7, "call-2", svc.clock(), outcome=pb.CALL_OUTCOME_NO_ANSWER,
               call_type=pb.CALL_TYPE_CALLIN, provider=pb.TELEPHONY_PROVIDER_TR, note="")
     ).call  # fmt: skip
     detail = svc.task(task_id)
@@ -130,15 +138,17 @@ def test_record_call_shows_in_the_detail_and_goes_to_the_outbox(svc: Service) ->
 
 def test_record_call_is_idempotent_by_call_id(svc: Service) -> None:
     task_id = _in_progress(svc, "rc-2", PHONE, 8)
-    first = svc.stub.RecordCall(_call(task_id, 8, "same"))
-    again = svc.stub.RecordCall(_call(task_id, 8, "same"))
+    at = svc.clock()
+    first = svc.stub.RecordCall(_call(task_id, 8, "same", at))
+    again = svc.stub.RecordCall(_call(task_id, 8, "same", at))
     assert again.replayed
     assert again.call == first.call
     # a retry still answers after the task is completed
     svc.stub.CompleteTask(pb.CompleteTaskRequest(task_id=task_id, agent_id=8))
-    assert svc.stub.RecordCall(_call(task_id, 8, "same")).call == first.call
+    assert svc.stub.RecordCall(_call(task_id, 8, "same", at)).call == first.call
     # the same id for another call
-    err = rpc_error(lambda: svc.stub.RecordCall(_call(task_id, 8, "same", duration_seconds=5)))
+    other = _call(task_id, 8, "same", at, duration_seconds=5)
+    err = rpc_error(lambda: svc.stub.RecordCall(other))
     assert err.code() == grpc.StatusCode.ALREADY_EXISTS
     assert error_reason(err) == "CALL_ID_REUSED"
     assert len(svc.task(task_id).calls) == 1
@@ -164,6 +174,72 @@ def test_only_the_agent_holding_the_task_in_progress_records(svc: Service) -> No
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert svc.task(task_id).calls == []
     assert _outbox(svc, CALL_RECORD_SCHEMA) == []
+
+
+def test_a_call_starts_after_the_agent_got_the_task_and_not_in_the_future(
+    svc: Service, clock: ManualClock
+) -> None:
+    """The start of a call lies between the offer of the task to the recording agent and
+    now, give or take a minute of clock skew (the console's clock is not the service's):
+    INVALID_ARGUMENT on started_at otherwise, nothing recorded."""
+    offered = svc.clock()
+    task_id = _in_progress(svc, "rc-4", PHONE, 11)
+    clock.advance(600)  # ten minutes after the offer the agent records its calls
+    now = svc.clock()
+    for n, start in enumerate(
+        [
+            offered - timedelta(minutes=2),  # before the agent got the task
+            offered - timedelta(days=3),  # the console's "now - duration" of a long call
+            now + timedelta(minutes=2),  # in the future beyond the skew
+        ]
+    ):
+        bad = _call(task_id, 11, f"bad-{n}", start)
+        err = rpc_error(lambda: svc.stub.RecordCall(bad))  # noqa: B023 (called at once)
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, start
+        assert [f for f, _ in field_violations(err)] == ["started_at"]
+    assert svc.task(task_id).calls == []
+    assert _outbox(svc, CALL_RECORD_SCHEMA) == []
+    # within the skew on both sides, and anything in between, is a call
+    for n, start in enumerate(
+        [
+            offered - timedelta(seconds=30),
+            offered + timedelta(minutes=5),
+            now + timedelta(seconds=30),
+        ]
+    ):
+        svc.stub.RecordCall(_call(task_id, 11, f"ok-{n}", start))
+    assert len(svc.task(task_id).calls) == 3
+
+
+def test_the_start_bound_is_this_agents_offer_not_an_earlier_agents(
+    svc: Service, clock: ManualClock
+) -> None:
+    """A task lost by agent 12 (rejected) and then taken by 13: 13's calls start at 13's
+    offer, not at 12's."""
+    first_offer = svc.clock()
+    task_id = svc.clue("rc-5", "13900002222").task.id
+    svc.agent(12, line=SALE)
+    reader = OfferReader(svc.stub, 12)
+    try:
+        assert reader.next().task.id == task_id
+    finally:
+        reader.close()
+    svc.stub.RejectTask(pb.RejectTaskRequest(task_id=task_id, agent_id=12, reason="busy"))
+    svc.stub.SetPresence(pb.SetPresenceRequest(agent_id=12, presence=pb.PRESENCE_OFFLINE))
+    clock.advance(3600)
+    second_offer = svc.clock()
+    svc.agent(13, line=SALE)
+    reader = OfferReader(svc.stub, 13)
+    try:
+        assert reader.next().task.id == task_id
+    finally:
+        reader.close()
+    svc.stub.AcceptTask(pb.AcceptTaskRequest(task_id=task_id, agent_id=13))
+    clock.advance(60)
+    early = _call(task_id, 13, "before-13", first_offer + timedelta(minutes=5))
+    err = rpc_error(lambda: svc.stub.RecordCall(early))
+    assert [f for f, _ in field_violations(err)] == ["started_at"]
+    assert svc.stub.RecordCall(_call(task_id, 13, "after-13", second_offer)).call.agent_id == 13
 
 
 def test_record_call_validation_names_every_bad_field(svc: Service) -> None:
@@ -236,7 +312,7 @@ def test_bi_payloads_follow_their_schemas() -> None:
 
 def test_call_records_are_stored_without_any_phone(svc: Service) -> None:
     task_id = _in_progress(svc, "rc-9", PHONE, 30)
-    svc.stub.RecordCall(_call(task_id, 30, "np"))
+    svc.stub.RecordCall(_call(task_id, 30, "np", svc.clock()))
     with Session(svc.app.engine) as s:
         (row,) = s.scalars(select(CallRecordRow))
         values = [str(getattr(row, c.key)) for c in CallRecordRow.__table__.columns]

@@ -8,12 +8,13 @@ import grpc
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from assignment_testlib import FINANCE, SALE, ManualClock, Service, rpc_error
+from assignment_testlib import FINANCE, SALE, ManualClock, Service
 from crm.assignment.v1 import assignment_pb2 as pb
 from crm_assignment.store.migrate import downgrade, upgrade
 from crm_assignment.store.schema import Base
 from crm_common.config_watch import put_json
 from crm_common.errors import field_violations
+from crm_devstack.apps import rpc_error
 from sqlalchemy import create_engine, inspect
 
 

@@ -10,7 +10,7 @@ from collections import Counter, defaultdict
 from datetime import timedelta
 
 import grpc
-from assignment_testlib import ManualClock, Service, wait_until
+from assignment_testlib import ManualClock, Service
 from crm.assignment.v1 import assignment_pb2 as pb
 from crm_assignment.config import LineConfig, RoutingConfig
 from crm_assignment.domain.model import (
@@ -24,6 +24,7 @@ from crm_assignment.domain.phone import PhoneProtector
 from crm_assignment.store import AssignmentStore
 from crm_assignment.store.schema import TaskEventRow, TaskRow
 from crm_common.errors import FailedPrecondition
+from crm_devstack import wait_until
 from sqlalchemy import Engine, func, select
 
 

@@ -4,25 +4,14 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from assignment_testlib import ManualClock, OfferReader, Service
+from assignment_testlib import ManualClock, OfferReader, Service, put_config
 from crm.assignment.v1 import assignment_pb2 as pb
 from crm_assignment.domain.model import BusinessLine
-from crm_common.config_watch import put_json
-
-
-def _put(service: Service, key: str, value: object) -> None:
-    """Put a value under the service's config prefix and wait until it is applied or
-    rejected."""
-    settings = service.settings
-    rev = service.call(
-        put_json(settings.etcd_endpoints, settings.assignment_config_prefix + key, value)
-    )
-    service.call(service.app.watcher.wait_for_revision(rev, 10))
 
 
 def test_live_weights_and_accept_timeout(service: Service, clock: ManualClock) -> None:
     service.agent(1, capacity=3, brands=("BMW",))
-    _put(service, "SALE", {"weights": {"brand_match": 1000}, "accept_timeout_s": 12})
+    put_config(service, "SALE", {"weights": {"brand_match": 1000}, "accept_timeout_s": 12})
     routing = service.app.routing()
     assert routing.line(BusinessLine.SALE).weights.brand_match == 1000
     assert routing.version > 0
@@ -37,16 +26,16 @@ def test_live_weights_and_accept_timeout(service: Service, clock: ManualClock) -
         assert reader.next().task.id == high
 
         # invalid values are rejected; the last good config stays
-        _put(service, "SALE", {"accept_timeout_s": 0})
-        _put(service, "SALE", {"weights": {"brand_match": 1}, "surprise": True})
-        _put(service, "RETAIL", {})
+        put_config(service, "SALE", {"accept_timeout_s": 0})
+        put_config(service, "SALE", {"weights": {"brand_match": 1}, "surprise": True})
+        put_config(service, "RETAIL", {})
         assert {"SALE", "RETAIL"} <= set(service.app.watcher.rejected)
         sale = service.app.routing().line(BusinessLine.SALE)
         assert sale.accept_timeout_s == 12
         assert sale.weights.brand_match == 1000
 
         # a good value again: the next offer uses it without a restart
-        _put(service, "SALE", {"accept_timeout_s": 5})
+        put_config(service, "SALE", {"accept_timeout_s": 5})
         assert "SALE" not in service.app.watcher.rejected
         third = service.clue("lc-3", "13800138602").task.id
         offer = reader.next()
@@ -57,7 +46,9 @@ def test_live_weights_and_accept_timeout(service: Service, clock: ManualClock) -
 
 
 def test_live_source_priority(service: Service) -> None:
-    _put(service, "AFTER_SALE", {"source_priority": {"400-hotline": 8}, "default_priority": 2})
+    put_config(
+        service, "AFTER_SALE", {"source_priority": {"400-hotline": 8}, "default_priority": 2}
+    )
     hot = service.clue("sp-1", "13800138700", business_line=2, source="400-hotline")
     web = service.clue("sp-2", "13800138701", business_line=2, source="web")
     explicit = service.clue("sp-3", "13800138702", business_line=2, source="web", priority=6)

@@ -6,12 +6,14 @@ from datetime import timedelta
 
 import grpc
 import pytest
-from assignment_testlib import ManualClock, OfferReader, Service, rpc_error, wait_until
+from assignment_testlib import ManualClock, OfferReader, Service
 from crm.assignment.v1 import assignment_pb2 as pb
 from crm_assignment.api.convert import timestamp
 from crm_assignment.config import RoutingConfig
 from crm_assignment.store import AssignmentStore
 from crm_common.errors import FailedPrecondition, field_violations
+from crm_devstack import wait_until
+from crm_devstack.apps import rpc_error
 
 
 def _presence(service: Service, agent_id: int, presence: int) -> None:

@@ -7,6 +7,7 @@ import json
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
+import pydantic
 import pytest
 from crm_assignment.config import LineConfig, RoutingConfig, RoutingWeights, parse
 from crm_assignment.domain import dispatch, rules
@@ -14,6 +15,8 @@ from crm_assignment.domain.model import BusinessLine, Category, Status, Task, Ta
 from crm_assignment.domain.paging import BadPageToken, Cursor, filter_hash
 from crm_assignment.domain.phone import PhoneProtector, mask_phone, normalize_phone
 from crm_common.errors import FailedPrecondition
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 NOW = datetime(2025, 11, 23, 9, 0, tzinfo=UTC)
@@ -112,6 +115,124 @@ def test_rank_orders_by_score_then_due_then_id() -> None:
     heavy_brand = RoutingWeights(brand_match=1000)
     bmw = _task(id=5, priority=1, brands=("BMW",))
     assert dispatch.rank(map(C, [b, bmw]), 7, ["BMW"], NOW, heavy_brand)[0].id == 5
+
+
+def test_eligible_skills_and_reserved_revisits() -> None:
+    plain = C(_task(city="beijing", category=Category.NEW_CLUE))
+    anyone = dispatch.Seeker(7)
+    assert dispatch.eligible(plain, anyone, NOW, 300)
+    assert dispatch.eligible(plain, dispatch.Seeker(7, cities=("beijing", "x")), NOW, 300)
+    assert not dispatch.eligible(plain, dispatch.Seeker(7, cities=("shanghai",)), NOW, 300)
+    assert not dispatch.eligible(
+        plain, dispatch.Seeker(7, categories=(Category.REVISIT,)), NOW, 300
+    )
+    assert not dispatch.eligible(C(_task(due_at=NOW + timedelta(seconds=1))), anyone, NOW, 300)
+    revisit = C(_task(preferred_agent_id=8, due_at=NOW - timedelta(seconds=100)))
+    assert dispatch.eligible(revisit, dispatch.Seeker(8), NOW, 300)  # its own agent
+    assert not dispatch.eligible(revisit, anyone, NOW, 300)  # reserved 300 s after due
+    assert dispatch.eligible(revisit, anyone, NOW, 100)  # the window has passed
+
+
+def _sequential(
+    seekers: list[dispatch.Seeker],
+    candidates: list[dispatch.Candidate],
+    w: RoutingWeights,
+    window: int,
+    limit: int,
+) -> list[int | None]:
+    """The agents asking one after the other, each ranking its first ``limit`` tasks."""
+    gone: set[int] = set()
+    out: list[int | None] = []
+    for s in seekers:
+        mine = [c for c in candidates if c.id not in gone and dispatch.eligible(c, s, NOW, window)]
+        ranked = dispatch.rank(mine[:limit], s.agent_id, s.brands, NOW, w)
+        out.append(ranked[0].id if ranked else None)
+        if ranked:
+            gone.add(ranked[0].id)
+    return out
+
+
+def test_match_gives_each_agent_in_turn_its_best_task_left() -> None:
+    w = RoutingWeights()
+    top = C(_task(id=1, priority=9))
+    lost_by_7 = C(_task(id=2, priority=9, last_lost_agent_id=7))
+    shanghai = C(_task(id=3, priority=5, city="shanghai"))
+    low = C(_task(id=4, priority=1))
+    seekers = [
+        dispatch.Seeker(7),  # asked first: the best for it (2 carries its penalty)
+        dispatch.Seeker(8, cities=("beijing",)),  # 1 is gone: 2 is its best
+        dispatch.Seeker(9, cities=("shanghai",)),
+        dispatch.Seeker(10, cities=("beijing",)),
+        dispatch.Seeker(11, cities=("beijing",)),  # nothing left for it
+    ]
+    got = dispatch.match(seekers, [top, lost_by_7, shanghai, low], NOW, w, 300, limit=50)
+    assert [c.id if c else None for c in got] == [1, 2, 3, 4, None]
+    # ``taken``: already gone
+    got = dispatch.match(seekers[:1], [top, lost_by_7, low], NOW, w, 300, 50, taken=[1, 2])
+    assert [c.id if c else None for c in got] == [4]
+    # ``limit``: each agent ranks only its first ``limit`` tasks (in the store's order)
+    heavy = RoutingWeights(brand_match=1000)
+    bmw = C(_task(id=5, priority=1, brands=("BMW",)))
+    fan = [dispatch.Seeker(7, brands=("bmw",))]
+    assert dispatch.match(fan, [top, bmw], NOW, heavy, 300, limit=2)[0] == bmw
+    assert dispatch.match(fan, [top, bmw], NOW, heavy, 300, limit=1)[0] == top
+
+
+_BRANDS = st.lists(st.sampled_from(["BMW", "bmw", "Audi", "Tesla"]), max_size=2)
+
+
+@st.composite
+def _candidates(draw: st.DrawFn) -> list[dispatch.Candidate]:
+    n = draw(st.integers(0, 12))
+    out = []
+    for i in range(n):
+        out.append(
+            dispatch.Candidate(
+                id=i + 1,
+                priority=draw(st.integers(0, 9)),
+                star=draw(st.booleans()),
+                due_at=NOW - timedelta(seconds=draw(st.integers(-60, 900))),
+                brands=tuple(draw(_BRANDS)),
+                preferred_agent_id=draw(st.none() | st.integers(1, 4)),
+                last_lost_agent_id=draw(st.none() | st.integers(1, 4)),
+                category=draw(st.sampled_from(list(Category))),
+                city=draw(st.sampled_from(["beijing", "shanghai"])),
+            )
+        )
+    out.sort(key=lambda c: (-c.priority, -int(c.star), c.due_at, c.id))  # the store's order
+    return out
+
+
+_SEEKERS = st.lists(
+    st.builds(
+        dispatch.Seeker,
+        agent_id=st.integers(1, 4),
+        brands=st.lists(st.sampled_from(["bmw", "AUDI"]), max_size=2).map(tuple),
+        cities=st.sampled_from([(), ("beijing",), ("shanghai",)]),
+        categories=st.sampled_from([(), (Category.NEW_CLUE,), (Category.REVISIT,)]),
+    ),
+    max_size=5,
+)
+
+
+@given(
+    candidates=_candidates(),
+    seekers=_SEEKERS,
+    window=st.sampled_from([0, 300, 600]),
+    limit=st.integers(1, 6),
+    brand_match=st.sampled_from([0.0, 20.0, 1000.0]),
+)
+@settings(max_examples=300, deadline=None)
+def test_match_equals_agents_asking_one_after_the_other(
+    candidates: list[dispatch.Candidate],
+    seekers: list[dispatch.Seeker],
+    window: int,
+    limit: int,
+    brand_match: float,
+) -> None:
+    w = RoutingWeights(brand_match=brand_match)
+    got = dispatch.match(seekers, candidates, NOW, w, window, limit)
+    assert [c.id if c else None for c in got] == _sequential(seekers, candidates, w, window, limit)
 
 
 @pytest.mark.parametrize(
@@ -235,10 +356,22 @@ def test_line_config_parse() -> None:
     assert cfg.weights.star == 5
     assert cfg.weights.priority == 100
     assert parse("FINANCE", b"{}") == LineConfig()
-    with pytest.raises(ValueError, match="unknown config key"):
-        parse("RETAIL", b"{}")
-    with pytest.raises(ValueError, match="unknown config key"):
+    # a line is data: any upper snake case name with its code (the well-known ones need none)
+    assert parse("RETAIL", b'{"code": 4}').code == 4
+    assert parse("FINANCE", b'{"code": 3}').code == 3
+    for key, raw, where in [
+        ("RETAIL", b"{}", "code"),  # another line needs its code
+        ("RETAIL", b'{"code": 2}', "code"),  # reserved for AFTER_SALE
+        ("RETAIL", b'{"code": 0}', "code"),
+        ("FINANCE", b'{"code": 4}', "code"),  # FINANCE is 3
+    ]:
+        with pytest.raises(pydantic.ValidationError) as exc:
+            parse(key, raw)
+        assert exc.value.errors()[0]["loc"] == (where,)
+    with pytest.raises(ValueError, match="not a business line name"):
         parse("SALE/extra", b"{}")
+    with pytest.raises(ValueError, match="not a business line name"):
+        parse("leasing", b'{"code": 4}')
     bad_values = [
         b'{"accept_timeout_s": 0}',
         b'{"accept_timeout_s": 3601}',

@@ -16,11 +16,10 @@ from assignment_integration_lib import (
     RecommendationService,
     Registry,
     car,
-    free_port,
+    read_avro_records,
     read_avro_topic,
     scratch_database,
     slow_recommendation_standin,
-    wait_for,
 )
 from assignment_testlib import SALE, ManualClock, OfferReader, Service, settings_for
 from crm.assignment.v1 import assignment_pb2 as pb
@@ -42,6 +41,7 @@ from crm_assignment.domain.model import (
     TaskDetail,
 )
 from crm_assignment.store.schema import BiOutboxRow, TaskEventRow
+from crm_devstack import free_port, wait_until
 from crm_devstack.stack import Stack
 from sqlalchemy import create_engine, select
 from sqlalchemy.orm import Session
@@ -271,18 +271,29 @@ def _bi_rows(database_url: str) -> list[BiOutboxRow]:
         engine.dispose()
 
 
+def _rid(key: str, step: str) -> tuple[tuple[str, str]]:
+    """The metadata of a call with the request id ``req-<key>-<step>``."""
+    return (("x-request-id", f"req-{key}-{step}"),)
+
+
 def _work_a_task(svc: Service, key: str, agent_id: int, *, call: bool = False) -> int:
     """Clue -> offered -> accepted -> (a call recorded) -> completed: four task events,
-    one presence change (OFFLINE -> IDLE) and, with ``call``, one call record."""
-    task = svc.clue(key, PHONE).task
+    one presence change (OFFLINE -> IDLE) and, with ``call``, one call record; each call
+    with its own request id (``req-<key>-clue``, ``-stream``, ``-accept``, ``-complete``;
+    ``req-<key>`` for the call record)."""
+    clue = pb.CreateClueRequest(
+        idempotency_key=key, phone=PHONE, business_line=SALE, source="app", city="beijing"
+    )
+    task = svc.stub.CreateClue(clue, metadata=_rid(key, "clue")).task
     svc.agent(agent_id, line=SALE)
-    reader = OfferReader(svc.stub, agent_id)
+    reader = OfferReader(svc.stub, agent_id, metadata=_rid(key, "stream"))
     try:
         offer = reader.next()
     finally:
         reader.close()
     assert offer.task.id == task.id
-    svc.stub.AcceptTask(pb.AcceptTaskRequest(task_id=task.id, agent_id=agent_id))
+    accept = pb.AcceptTaskRequest(task_id=task.id, agent_id=agent_id)
+    svc.stub.AcceptTask(accept, metadata=_rid(key, "accept"))
     if call:
         record = pb.RecordCallRequest(
             call_id=f"{key}-call", task_id=task.id, agent_id=agent_id,
@@ -290,7 +301,8 @@ def _work_a_task(svc: Service, key: str, agent_id: int, *, call: bool = False) -
             started_at=timestamp(svc.clock()), duration_seconds=12,
         )  # fmt: skip
         svc.stub.RecordCall(record, metadata=(("x-request-id", f"req-{key}"),))
-    svc.stub.CompleteTask(pb.CompleteTaskRequest(task_id=task.id, agent_id=agent_id, note="sold"))
+    complete = pb.CompleteTaskRequest(task_id=task.id, agent_id=agent_id, note="sold")
+    svc.stub.CompleteTask(complete, metadata=_rid(key, "complete"))
     return task.id
 
 
@@ -310,11 +322,11 @@ def test_every_transition_reaches_kafka_through_bilog(
         # a poll interval longer than the test: only the commit hook wakes the relay
         svc = service_with(bilog_target=bilog.target, outbox_poll_s=60)
         task_id = _work_a_task(svc, "bi-1", 501, call=True)
-        rows = wait_for(
+        rows = wait_until(
             lambda: (r := _events(migrated_db)) and all(e.published_at for e in r) and r,
             "every task event published",
         )
-        others = wait_for(
+        others = wait_until(
             lambda: (o := _bi_rows(migrated_db)) and all(e.published_at for e in o) and o,
             "the call record and the presence change published",
         )
@@ -324,9 +336,17 @@ def test_every_transition_reaches_kafka_through_bilog(
         ]
         assert len(rows) == 4
         assert all(e.publish_error is None for e in rows)
-        records = read_avro_topic(
+        # each row records its request's id; each Kafka record carries it (issue #9)
+        steps = ["clue", "stream", "accept", "complete"]
+        assert [e.request_id for e in rows] == [f"req-bi-1-{step}" for step in steps]
+        assert all(e.traceparent is None for e in rows)  # tracing is off
+        with_headers = read_avro_records(
             stack.kafka_bootstrap, registry.url, bilog.transition_topic, expected=4
         )
+        assert [h["x-request-id"] for _, _, h in with_headers] == [
+            f"req-bi-1-{step}".encode() for step in steps
+        ]
+        records = [(k, v) for k, v, _ in with_headers]
         assert [(v["from_status"], v["to_status"], v["reason"]) for _, v in records] == _FLOW
         for key, value in records:
             assert key == f"1:{task_id}".encode()
@@ -336,9 +356,14 @@ def test_every_transition_reaches_kafka_through_bilog(
         assert [v["agent_id"] for _, v in records] == [None, 501, 501, 501]
         at = rows[0].at  # timestamp-millis, decoded as a datetime
         assert records[0][1]["at"] == at.replace(microsecond=at.microsecond // 1000 * 1000)
-        (call,) = read_avro_topic(
+        (call_record,) = read_avro_records(
             stack.kafka_bootstrap, registry.url, bilog.topic("crm.bi.FactCallRecord"), expected=1
         )
+        assert call_record[2] == {"x-request-id": b"req-bi-1"}
+        assert [o.request_id for o in others if o.schema_name.endswith("FactCallRecord")] == [
+            "req-bi-1"
+        ]
+        call = call_record[:2]
         assert call[0] == f"1:{task_id}".encode()
         assert call[1]["bundle_id"] == str(task_id)
         assert call[1]["contact_phone"] == "138****1111"
@@ -358,7 +383,7 @@ def test_every_transition_reaches_kafka_through_bilog(
         assert relay.rejected_total == 0
         registry_metrics = svc.app.metrics.registry
         assert registry_metrics.get_sample_value("crm_assignment_outbox_published_total") == 6
-        wait_for(
+        wait_until(
             lambda: registry_metrics.get_sample_value("crm_assignment_outbox_pending") == 0,
             "the lag gauge to drop to 0",
         )
@@ -377,13 +402,13 @@ def test_events_wait_while_bilog_is_down_and_none_is_lost(
     second = svc.clue("down-2", "13900002222").task.id
     relay = svc.app.outbox
     assert relay is not None
-    wait_for(lambda: relay.failures_total >= 2, "the relay to fail and retry")
+    wait_until(lambda: relay.failures_total >= 2, "the relay to fail and retry")
     rows = _events(migrated_db)
     assert len(rows) == 5
     assert not any(e.published_at for e in rows)  # nothing acknowledged, nothing marked
     bilog = BilogService(stack.kafka_bootstrap, registry.url, port=port)
     try:
-        wait_for(
+        wait_until(
             lambda: all(e.published_at for e in _events(migrated_db)),
             "every task event published once bilog is up",
         )
@@ -440,7 +465,7 @@ def test_a_rejected_event_is_set_aside_and_does_not_block_the_outbox(
         svc = service_with(bilog_target=f"127.0.0.1:{port}", outbox_poll_s=0.2)
         assert svc.clue("rej-1", PHONE).task.id == 1
         svc.clue("rej-2", "13900003333")
-        rows = wait_for(
+        rows = wait_until(
             lambda: (
                 (r := _events(migrated_db))
                 and all(e.published_at or e.publish_error for e in r)
@@ -455,7 +480,7 @@ def test_a_rejected_event_is_set_aside_and_does_not_block_the_outbox(
         metrics = svc.app.metrics.registry
         assert metrics.get_sample_value("crm_assignment_outbox_rejected_total") == 1
         svc.clue("rej-3", "13900004444")  # later events still flow
-        wait_for(lambda: all(e.published_at for e in _events(migrated_db) if e.task_id != 1), "3")
+        wait_until(lambda: all(e.published_at for e in _events(migrated_db) if e.task_id != 1), "3")
     finally:
         server.stop(0)
 
@@ -475,7 +500,7 @@ def test_outbox_tables_flow_independently_and_rejections_stay_in_their_table(
     try:
         svc = service_with(bilog_target=f"127.0.0.1:{port}", outbox_poll_s=0.2)
         _work_a_task(svc, "mix-1", 701, call=True)
-        wait_for(
+        wait_until(
             lambda: (
                 all(e.published_at for e in _events(migrated_db))
                 and all(o.published_at or o.publish_error for o in _bi_rows(migrated_db))
@@ -496,7 +521,7 @@ def test_outbox_tables_flow_independently_and_rejections_stay_in_their_table(
         # a later presence change is rejected again, the transitions keep flowing
         svc.stub.SetPresence(pb.SetPresenceRequest(agent_id=701, presence=pb.PRESENCE_BREAK))
         svc.clue("mix-2", "13900005555")
-        wait_for(lambda: relay.rejected_total == 2, "the second presence event set aside")
-        wait_for(lambda: all(e.published_at for e in _events(migrated_db)), "transitions out")
+        wait_until(lambda: relay.rejected_total == 2, "the second presence event set aside")
+        wait_until(lambda: all(e.published_at for e in _events(migrated_db)), "transitions out")
     finally:
         server.stop(0)

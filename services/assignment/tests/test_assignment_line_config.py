@@ -3,7 +3,9 @@ appears in etcd (live, no restart) and closes when it is removed or disabled."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Sequence
+from datetime import datetime
 
 import grpc
 import pytest
@@ -13,46 +15,28 @@ from assignment_testlib import (
     ManualClock,
     OfferReader,
     Service,
-    rpc_error,
+    delete_config,
+    put_config,
     settings_for,
 )
 from crm.assignment.v1 import assignment_pb2 as pb
 from crm_assignment.config import LineConfig, RoutingConfig
 from crm_assignment.domain.model import BusinessLine
-from crm_common.config_watch import delete_key, put_json
+from crm_assignment.store import AssignmentStore
+from crm_assignment.store.dispatching import DispatchResult
 from crm_common.errors import error_reason
-
-
-def _put(svc: Service, key: str, value: object) -> None:
-    settings = svc.settings
-    rev = svc.call(
-        put_json(settings.etcd_endpoints, settings.assignment_config_prefix + key, value)
-    )
-    svc.call(svc.app.watcher.wait_for_revision(rev, 10))
-
-
-def _delete(svc: Service, key: str) -> None:
-    settings = svc.settings
-    rev = svc.call(delete_key(settings.etcd_endpoints, settings.assignment_config_prefix + key))
-    svc.call(svc.app.watcher.wait_for_revision(rev, 10))
-
-
-@pytest.fixture
-def strict(migrated_db: str, etcd_endpoint: str, config_prefix: str) -> Iterator[Service]:
-    svc = Service(
-        settings_for(migrated_db, etcd_endpoint, config_prefix, require_line_config=True),
-        ManualClock(),
-    )
-    yield svc
-    svc.close()
+from crm_common.tracing import RequestOrigin
+from crm_devstack import wait_until
+from crm_devstack.apps import rpc_error
 
 
 def test_is_open_rules() -> None:
     lines = {"SALE": LineConfig(), "AFTER_SALE": LineConfig(enabled=False)}
     strict = RoutingConfig.from_values(lines, 3, require_line_config=True)
     lax = RoutingConfig.from_values(lines, 3)
-    assert [strict.is_open(b) for b in BusinessLine] == [True, False, False]
-    assert [lax.is_open(b) for b in BusinessLine] == [True, False, True]
+    well_known = BusinessLine.well_known_lines()
+    assert [strict.is_open(b) for b in well_known] == [True, False, False]
+    assert [lax.is_open(b) for b in well_known] == [True, False, True]
 
 
 def test_a_line_opens_when_its_config_appears(strict: Service) -> None:
@@ -63,7 +47,7 @@ def test_a_line_opens_when_its_config_appears(strict: Service) -> None:
         assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert error_reason(err) == "LINE_CLOSED"
         assert "FINANCE" in (err.details() or "")
-        _put(strict, "FINANCE", {"accept_timeout_s": 20})
+        put_config(strict, "FINANCE", {"accept_timeout_s": 20})
         task = strict.clue("fin-1", "13800001234", business_line=FINANCE).task
         offer = reader.next()  # the waiting agent gets it, no restart
         assert offer.task.id == task.id
@@ -73,9 +57,9 @@ def test_a_line_opens_when_its_config_appears(strict: Service) -> None:
 
 
 def test_a_disabled_or_removed_line_takes_no_clues_and_offers_nothing(strict: Service) -> None:
-    _put(strict, "SALE", {})
+    put_config(strict, "SALE", {})
     waiting = strict.clue("s-1", "13800005678").task.id
-    _put(strict, "SALE", {"enabled": False})
+    put_config(strict, "SALE", {"enabled": False})
     err = rpc_error(lambda: strict.clue("s-2", "13800005679"))
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
     strict.agent(41, line=SALE)
@@ -86,9 +70,9 @@ def test_a_disabled_or_removed_line_takes_no_clues_and_offers_nothing(strict: Se
         assert app.store.offer_next(41, strict.clock(), app.routing()) is None
         assert strict.stub.GetAgent(pb.GetAgentRequest(id=41)).agent.active_tasks == 0
         assert reader.offers.empty()
-        _put(strict, "SALE", {"enabled": True})
+        put_config(strict, "SALE", {"enabled": True})
         assert reader.next().task.id == waiting
-        _delete(strict, "SALE")
+        delete_config(strict, "SALE")
         err = rpc_error(lambda: strict.clue("s-3", "13800005680"))
         assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
     finally:
@@ -97,3 +81,65 @@ def test_a_disabled_or_removed_line_takes_no_clues_and_offers_nothing(strict: Se
 
 def test_without_the_setting_lines_use_defaults(service: Service) -> None:
     assert service.clue("d-1", "13800009999", business_line=FINANCE).task.id > 0
+
+
+class _GatedDispatch:
+    """The service's real store behind a gate: a dispatch batch that has read its routing
+    config (when the batch started) waits for the test before it runs, so a config change
+    lands while the batch is being written."""
+
+    def __init__(self, store: AssignmentStore) -> None:
+        self._store = store
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+
+    def dispatch_many(
+        self,
+        agent_ids: Sequence[int],
+        now: datetime,
+        routing: RoutingConfig,
+        origins: Sequence[RequestOrigin] | None = None,
+        /,
+    ) -> list[DispatchResult]:
+        self.entered.set()
+        self.gate.wait(30)
+        return self._store.dispatch_many(agent_ids, now, routing, origins)
+
+
+@pytest.mark.parametrize("when", ["while-dispatching", "while-waiting"])
+def test_re_enabling_a_line_wakes_its_offer_streams(
+    migrated_db: str, etcd_endpoint: str, config_prefix: str, when: str
+) -> None:
+    """The stream of an agent of a disabled line is woken when the line is enabled again,
+    whether it waits for work or is inside a dispatch batch that read the old config (it
+    must ask again, and at once: the batch's lane is gone by then). An idle stream does not
+    poll here (60 s): only the wake-up can deliver the offer in time."""
+    svc = Service(
+        settings_for(
+            migrated_db, etcd_endpoint, config_prefix, require_line_config=True, dispatch_poll_s=60
+        ),
+        ManualClock(),
+    )
+    reader: OfferReader | None = None
+    try:
+        put_config(svc, "SALE", {})
+        waiting = svc.clue("w-1", "13800007001").task.id
+        put_config(svc, "SALE", {"enabled": False})
+        svc.agent(51, line=SALE)
+        gated = _GatedDispatch(svc.app.store)
+        dispatcher = svc.app.servicer.dispatcher
+        dispatcher._store = gated  # the gate is the point of this test
+        if when == "while-waiting":
+            gated.gate.set()
+        reader = OfferReader(svc.stub, 51)
+        assert gated.entered.wait(15), "the stream's first dispatch batch"
+        if when == "while-waiting":
+            wait_until(lambda: svc.app.hub.waiting(BusinessLine.SALE) == 1, "the stream waits")
+            assert dispatcher.batches == 1  # it found nothing: the line is closed
+        put_config(svc, "SALE", {"enabled": True})  # applied: every stream woken
+        gated.gate.set()
+        assert reader.next(timeout=15).task.id == waiting
+    finally:
+        if reader is not None:
+            reader.close()
+        svc.close()

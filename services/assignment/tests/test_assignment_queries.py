@@ -8,19 +8,12 @@ from datetime import timedelta
 
 import grpc
 import pytest
-from assignment_testlib import (
-    AFTER_SALE,
-    FINANCE,
-    SALE,
-    ManualClock,
-    OfferReader,
-    Service,
-    rpc_error,
-)
+from assignment_testlib import AFTER_SALE, FINANCE, SALE, ManualClock, OfferReader, Service
 from crm.assignment.v1 import assignment_pb2 as pb
 from crm.common.v1 import common_pb2
 from crm_assignment.api.convert import timestamp
 from crm_common.errors import field_violations
+from crm_devstack.apps import rpc_error
 
 
 def _list(service: Service, **kw: object) -> pb.ListTasksResponse:

@@ -12,9 +12,9 @@ import threading
 from typing import Any
 
 import grpc
-from assignment_testlib import wait_until
 from crm.assignment.v1 import assignment_pb2 as pb
 from crm.assignment.v1 import assignment_pb2_grpc
+from crm_devstack import wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import create_engine, inspect
 

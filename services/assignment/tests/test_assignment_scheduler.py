@@ -16,7 +16,7 @@ from typing import Any
 
 import grpc
 import pytest
-from assignment_testlib import OfferReader, Service, settings_for, wait_until
+from assignment_testlib import OfferReader, Service, settings_for
 from crm.assignment.v1 import assignment_pb2 as pb
 from crm.scheduler.v1 import scheduler_pb2 as spb
 from crm_assignment.clients.scheduler_timeouts import (
@@ -28,6 +28,7 @@ from crm_assignment.clients.scheduler_timeouts import (
 )
 from crm_assignment.domain.model import utc_now
 from crm_common.config_watch import put_json
+from crm_devstack import wait_until
 from crm_devstack.stack import Stack, create_database, drop_database, free_port
 from crm_scheduler.store.migrate import upgrade as upgrade_scheduler
 from google.protobuf.timestamp_pb2 import Timestamp

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
-import threading
 import time
 import uuid
-from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from crm_bilog.app import App, build_app
 from crm_bilog.registry.server import RegistryServer
 from crm_bilog.settings import BilogSettings
 from crm_bilog.store import RegistryStore, make_engine
 from crm_common.aio import BlockingExecutor
+from crm_devstack.apps import AppThread, LoopThread
 
 T = TypeVar("T")
 
@@ -21,14 +20,12 @@ PHONE = "13812345678"
 MASKED = "138****5678"
 
 
-class RegistryThread:
+class RegistryThread(LoopThread):
     """The dev registry (real aiohttp server, real MariaDB) on its own loop and thread,
     so blocking clients (confluent's SchemaRegistryClient) can call it from tests."""
 
     def __init__(self, database_url: str) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
+        super().__init__()
         self.engine = make_engine(database_url, 4)
         self.executor = BlockingExecutor(4, name="test-registry-db")
         self.server = RegistryServer(RegistryStore(self.engine), self.executor, "127.0.0.1", 0)
@@ -38,15 +35,11 @@ class RegistryThread:
     def url(self) -> str:
         return self.server.url
 
-    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
     def close(self) -> None:
         self.call(self.server.stop())
         self.executor.shutdown()
         self.engine.dispose()
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(5)
+        super().close()
 
 
 def settings_for(bootstrap: str, registry_url: str, **overrides: Any) -> BilogSettings:
@@ -119,39 +112,8 @@ def read_topic(bootstrap: str, topic: str, expected: int, timeout: float = 30.0)
         consumer.close()
 
 
-def wait_for(cond: Callable[[], T], what: str, timeout: float = 30.0, interval: float = 0.05) -> T:
-    """Poll ``cond()`` until truthy; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
-class ServiceThread:
+class ServiceThread(AppThread[App]):
     """The bilog app served from a thread with its own event loop (for sync tests)."""
 
     def __init__(self, settings: BilogSettings) -> None:
-        from crm_bilog.app import App, build_app
-
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-
-        async def make() -> App:
-            return build_app(settings)
-
-        self.app: App = self.call(make())
-        self.call(self.app.start())
-        self.call(self.app.wait_ready(30))
-
-    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.call(self.app.stop())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(5)
+        super().__init__(lambda: build_app(settings))

@@ -119,6 +119,44 @@ async def test_log_batch_rejects_per_event_and_writes_masked_bad_rows(app: App, 
     assert kept["provider_type"] == "XX"
 
 
+async def test_each_record_carries_its_events_request_id_as_a_header(app: App, stub: Any) -> None:
+    """An event's own request id (an outbox relaying many requests' events), else the
+    call's, is the Kafka record's ``x-request-id`` header, and its bad row's request id;
+    a malformed one rejects the event (never INTERNAL)."""
+    bad = call_record(13)
+    bad["provider_type"] = "XX"
+    events = [
+        pb.Event(schema=FCR, payload_json=json.dumps(call_record(10)), request_id="req-a"),
+        event(call_record(11)),
+        pb.Event(schema=FCR, payload_json=json.dumps(call_record(12)), request_id="bad id!"),
+        pb.Event(schema=FCR, payload_json=json.dumps(bad), request_id="req-b"),
+    ]
+    resp = await stub.LogBatch(
+        pb.LogBatchRequest(events=events), timeout=10, metadata=(("x-request-id", "call-1"),)
+    )
+    assert [r.WhichOneof("outcome") for r in resp.results] == [
+        "accepted",
+        "accepted",
+        "rejected",
+        "rejected",
+    ]
+    assert [e.path for e in resp.results[2].rejected.errors] == ["request_id"]
+    topic = resp.results[0].accepted.topic
+    records = await asyncio.to_thread(read_topic, app.settings.kafka_bootstrap, topic, 2)
+    headers = {(m.partition(), m.offset()): m.headers() for m in records}
+    first, second = (resp.results[i].accepted for i in (0, 1))
+    assert headers[(first.partition, first.offset)] == [("x-request-id", b"req-a")]
+    assert headers[(second.partition, second.offset)] == [("x-request-id", b"call-1")]
+    rows = await asyncio.to_thread(
+        read_topic, app.settings.kafka_bootstrap, app.settings.failed_topic, 2
+    )
+    failed = app.catalog["crm.bi.FailedEvent"].parsed
+    seen = sorted(
+        (wire.decode(m.value(), failed)["request_id"], m.headers()[0][1].decode()) for m in rows
+    )
+    assert seen == [("call-1", "call-1"), ("req-b", "req-b")]
+
+
 async def test_log_batch_limits(stub: Any, app: App) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.LogBatch(pb.LogBatchRequest(events=[]), timeout=10)

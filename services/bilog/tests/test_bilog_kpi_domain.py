@@ -221,3 +221,14 @@ def test_failed_events_deduped_per_replay() -> None:
 
 def test_line_names() -> None:
     assert [line_name(n) for n in (1, 2, 3, 7)] == ["SALE", "AFTER_SALE", "FINANCE", "LINE_7"]
+    # lines are data: a line added by config (or any code a producer sends) is labelled
+    # by its code, and its events count like any other
+    assert [line_name(n) for n in (4, 0, -1, 2**31)] == [
+        "LINE_4",
+        "LINE_0",
+        "LINE_-1",
+        f"LINE_{2**31}",
+    ]
+    kpis = PartitionKpis()
+    out = fold(kpis, life(1, line=4) + life(2, line=-1))
+    assert counts(out, "handled") == {("LINE_4", "NEW_CLUE"): 1, ("LINE_-1", "NEW_CLUE"): 1}

@@ -26,8 +26,8 @@ async def test_replay_after_schema_fix(app: App, tmp_path: Path) -> None:
     async with grpc.aio.insecure_channel(app.target) as ch:
         stub = bilog_pb2_grpc.BilogServiceStub(ch)
         events = [
-            pb.Event(schema="crm.bi.FactCallRecord", payload_json=json.dumps(p))
-            for p in (new_provider, hopeless)
+            pb.Event(schema="crm.bi.FactCallRecord", payload_json=json.dumps(p), request_id=r)
+            for p, r in ((new_provider, "req-new"), (hopeless, "req-hopeless"))
         ]
         resp = await stub.LogBatch(pb.LogBatchRequest(events=events), timeout=10)
     assert resp.rejected_count == 2
@@ -46,14 +46,17 @@ async def test_replay_after_schema_fix(app: App, tmp_path: Path) -> None:
     (msg,) = await asyncio.to_thread(read_topic, app.settings.kafka_bootstrap, topic, 1)
     datum = wire.decode(msg.value(), fixed["crm.bi.FactCallRecord"].parsed)
     assert datum["provider_type"] == "XY"
+    assert msg.headers() == [("x-request-id", b"req-new")]  # the original request's
     assert datum["contact_phone"] == MASKED
     assert PHONE.encode() not in msg.value()
     rows = await asyncio.to_thread(
         read_topic, app.settings.kafka_bootstrap, app.settings.failed_topic, 3
     )
     parsed = app.catalog["crm.bi.FailedEvent"].parsed
-    replays = sorted(wire.decode(m.value(), parsed)["replays"] for m in rows)
-    assert replays == [0, 0, 1]
+    replays = sorted(
+        (wire.decode(m.value(), parsed)["replays"], m.headers()[0][1].decode()) for m in rows
+    )
+    assert replays == [(0, "req-hopeless"), (0, "req-new"), (1, "req-hopeless")]
     # offsets were committed: a second run finds only the re-written bad row
     again = await replay(app.settings, catalog=fixed)
     assert (again.read, again.replayed, again.still_failing) == (1, 0, 1)

@@ -18,12 +18,13 @@ from typing import Any
 
 import fastavro
 import grpc
-from bilog_testlib import MASKED, PHONE, call_record, wait_for
+from bilog_testlib import MASKED, PHONE, call_record
 from crm.bilog.v1 import bilog_pb2 as pb
 from crm.bilog.v1 import bilog_pb2_grpc
 from crm_bilog.app import App
 from crm_bilog.sink.runner import FILE_NAME, Sink, SinkConfig
 from crm_bilog.sink.storage import LocalStorage
+from crm_devstack import wait_until
 
 HOUR_MS = 3_600_000
 BASE_MS = 1_763_798_400_000  # 2025-11-22T08:00:00Z
@@ -119,10 +120,10 @@ async def test_round_trip_log_batch_to_files(app: App, tmp_path: Path) -> None:
     thread.start()
     try:
         await asyncio.to_thread(
-            wait_for, lambda: count_records(tmp_path, topic) >= 300, "300 records in files", 60
+            wait_until, lambda: count_records(tmp_path, topic) >= 300, "300 records in files", 60
         )
         await asyncio.to_thread(
-            wait_for,
+            wait_until,
             lambda: count_records(tmp_path, app.settings.failed_topic) >= 1,
             "the bad row in a file",
         )
@@ -151,6 +152,8 @@ def start_sink(app: App, root: Path, topic: str, crash_after: int = 0) -> subpro
         "CRM_BILOG_SINK_IDLE_FLUSH_S": "1",
         "CRM_BILOG_SINK_SESSION_TIMEOUT_MS": "3000",
         "CRM_BILOG_SINK_TEST_CRASH_AFTER_PUBLISHES": str(crash_after),
+        "CRM_BILOG_SINK_PORT": "0",  # health on a free port
+        "CRM_BILOG_SINK_METRICS_PORT": "-1",
         "CRM_BILOG_LOG_LEVEL": "WARNING",
     }
     log = (root.parent / "sink.log").open("ab")
@@ -190,7 +193,7 @@ async def test_kill_9_mid_batch_leaves_every_acked_event_exactly_once(
         # 2. killed with SIGKILL from outside while it is writing
         procs.append(start_sink(app, root, topic))
         await asyncio.to_thread(
-            wait_for,
+            wait_until,
             lambda: count_records(root, topic) >= published + 120,
             "more files after the restart",
             60,
@@ -200,7 +203,7 @@ async def test_kill_9_mid_batch_leaves_every_acked_event_exactly_once(
         # 3. runs to the end
         procs.append(start_sink(app, root, topic))
         await asyncio.to_thread(
-            wait_for, lambda: count_records(root, topic) >= 900, "all 900 records", 90
+            wait_until, lambda: count_records(root, topic) >= 900, "all 900 records", 90
         )
         procs[-1].send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(procs[-1].wait, 30) == 0

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
-import threading
-import time
-from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-import grpc
 import numpy as np
 import numpy.typing as npt
 from crm.recommendation.v1 import recommendation_pb2 as pb
 from crm.recommendation.v1 import recommendation_pb2_grpc
+from crm_devstack.apps import AppThread
 from crm_recommendation.app import App, build_app
 from crm_recommendation.domain.model import BodyType, Car, CarStatus
 from crm_recommendation.index.car_index import InteractionArrays
@@ -32,50 +28,14 @@ CALLED = pb.INTERACTION_KIND_CALLED
 VISITED = pb.INTERACTION_KIND_VISITED
 
 
-def wait_until(
-    cond: Callable[[], T], what: str, timeout: float = 15.0, interval: float = 0.02
-) -> T:
-    """Poll ``cond()`` until it returns something truthy; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
-class Service:
+class Service(AppThread[App]):
     """The recommendation app served from a background thread with its own event loop, so
     tests use plain (blocking) gRPC stubs."""
 
     def __init__(self, settings: RecommendationSettings) -> None:
         self.settings = settings
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-        self.app: App = self.call(self._build())
-        self.call(self.app.start())
-        self.call(self.app.wait_ready(30))
-        self.channel = grpc.insecure_channel(self.app.target)
+        super().__init__(lambda: build_app(settings))
         self.stub = recommendation_pb2_grpc.RecommendationServiceStub(self.channel)
-
-    async def _build(self) -> App:
-        return build_app(self.settings)
-
-    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
-        """Run a coroutine on the service's loop and wait for its result."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.channel.close()
-        try:
-            self.call(self.app.stop(grace=2))
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(10)
-            self.loop.close()
 
     # ----------------------------------------------------------------- shortcuts
 
@@ -110,15 +70,6 @@ def settings_for(database_url: str, etcd: str, prefix: str, **kw: Any) -> Recomm
     }
     values.update(kw)
     return RecommendationSettings(**values)
-
-
-def rpc_error(fn: Callable[[], Any]) -> grpc.RpcError:
-    """Call ``fn`` and return the RpcError it raises (fail when it does not)."""
-    try:
-        fn()
-    except grpc.RpcError as exc:
-        return exc
-    raise AssertionError("expected an RpcError")
 
 
 def car(

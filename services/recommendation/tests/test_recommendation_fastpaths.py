@@ -23,6 +23,7 @@ from crm_recommendation.domain.model import (
     CarStatus,
     Interaction,
     InteractionKind,
+    Recommendations,
     RecommendQuery,
 )
 from crm_recommendation.index.car_index import CarIndex
@@ -161,7 +162,8 @@ def test_pruned_scoring_answers_like_scoring_every_candidate(
     def counting(*args: object, **kwargs: object) -> object:
         nonlocal pruned_cands
         sig = original(*args, **kwargs)  # type: ignore[arg-type]
-        pruned_cands += len(args[2]) - len(sig.cands)  # type: ignore[arg-type]
+        if sig.at is not None:  # type: ignore[attr-defined]
+            pruned_cands += len(args[2]) - len(sig.at)  # type: ignore[arg-type, attr-defined]
         return sig
 
     monkeypatch.setattr(ranking, "_signals", counting)
@@ -198,7 +200,7 @@ def test_chunked_brand_walk_equals_the_whole_walk(index: CarIndex) -> None:
         score = np.round(rng.random(n) * (3 if trial % 2 else 1000)) / 1000
         count = int(rng.integers(1, 60))
         cap = int(rng.integers(1, 5))
-        got = ranking._select(index, cands, score, count, cap)
+        got = ranking._select(index.ids[cands], index.brand[cands], score, count, cap)
         assert got == _walk(index, cands, score, count, cap)
 
 
@@ -264,3 +266,37 @@ def test_variants_map_back_to_their_codes() -> None:
     for s in range(ix.n):
         v = int(ix.variant[s])
         assert (brand[v], series[v], body[v]) == (ix.brand[s], ix.series[s], ix.body[s])
+
+
+def test_response_encoder_equals_the_plain_messages(index: CarIndex, data: SyntheticData) -> None:
+    """The cached-bytes encoder gives the messages built field by field: for repeated
+    answers (cache hits), after its cache starts over, and for a car changed under the same
+    id (a new object: never the stale bytes)."""
+    encoder = convert.ResponseEncoder(max_cars=50)
+    results = [ranking.recommend(index, RankingConfig(), q) for q in _queries(data, 40, seed=8)]
+    for result in [*results, *results]:
+        got = encoder.recommend_response(result)
+        expected = pb.RecommendResponse(
+            recommendations=[convert.recommendation_pb(r) for r in result.items],
+            ignored_intent_car_ids=result.ignored_intent_car_ids,
+            data_sequence=result.data_sequence,
+        )
+        assert got == expected
+        similar = encoder.similar_cars_response(result)
+        assert list(similar.recommendations) == list(expected.recommendations)
+    rec = next(r for res in results for r in res.items)
+    changed = replace(rec, car=replace(rec.car, price_yuan=rec.car.price_yuan + 1, city="x" * 300))
+    for item in (rec, changed, rec):
+        one = Recommendations((item,), 1)
+        assert encoder.recommend_response(one).recommendations[0] == convert.recommendation_pb(item)
+    for value in [*range(0, 300), 16_383, 16_384, 2**21 - 1, 2**21, 2**35]:
+        varint = convert._varint(value)
+        assert _decode_varint(varint) == value
+
+
+def _decode_varint(data: bytes) -> int:
+    value = 0
+    for i, byte in enumerate(data):
+        value |= (byte & 0x7F) << (7 * i)
+        assert (byte & 0x80) == (0 if i == len(data) - 1 else 0x80)
+    return value

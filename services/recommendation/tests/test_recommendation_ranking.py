@@ -3,6 +3,7 @@ reasons backed by the data, determinism across replicas, incremental == bulk."""
 
 from __future__ import annotations
 
+import json
 import random
 from datetime import UTC, datetime, timedelta
 
@@ -282,18 +283,33 @@ def test_popularity_prefers_recent_interactions() -> None:
 
 
 def test_business_line_weights(index: CarIndex, data: SyntheticData) -> None:
-    cfg = RankingConfig(lines={"FINANCE": HybridWeights(content=0, cooccurrence=0, popularity=1)})
-    q = RecommendQuery(count=10, intent_car_ids=(data.cars[0].id,), city=data.cars[0].city)
-    finance = ranking.recommend(
-        index, cfg, RecommendQuery(**{**_fields(q), "business_line": BusinessLine.FINANCE})
+    only_popular = {"content": 0, "cooccurrence": 0, "popularity": 1}
+    cfg = parse(
+        "ranking",
+        json.dumps(
+            {
+                "lines": {
+                    "FINANCE": only_popular,
+                    "LEASING": {"code": 4, **only_popular},  # lines are data: a name + code
+                    "5": only_popular,  # or a code
+                }
+            }
+        ).encode(),
     )
+    q = RecommendQuery(count=10, intent_car_ids=(data.cars[0].id,), city=data.cars[0].city)
     popularity = ranking.recommend(
         index,
         RankingConfig(weights=HybridWeights(content=0, cooccurrence=0, popularity=1)),
         q,
     )
-    assert finance.items == popularity.items
-    assert ranking.recommend(index, cfg, q).items != finance.items
+    for line in (BusinessLine.FINANCE, BusinessLine(4), BusinessLine(5)):
+        by_line = ranking.recommend(
+            index, cfg, RecommendQuery(**{**_fields(q), "business_line": line})
+        )
+        assert by_line.items == popularity.items
+    assert ranking.recommend(index, cfg, q).items != popularity.items
+    other = RecommendQuery(**{**_fields(q), "business_line": BusinessLine(6)})
+    assert ranking.recommend(index, cfg, other).items == ranking.recommend(index, cfg, q).items
 
 
 def _fields(q: RecommendQuery) -> dict[str, object]:
@@ -318,7 +334,18 @@ def test_config_is_strict() -> None:
         parse("ranking", b'{"weights": {"content": 0, "cooccurrence": 0, "popularity": 0}}')
     with pytest.raises(ValidationError):
         parse("ranking", b'{"budget_tolerance": 1.5}')
-    with pytest.raises(ValidationError):
-        parse("ranking", b'{"lines": {"MARKETING": {}}}')
+    for lines in [
+        {"MARKETING": {}},  # a line that is not well known needs its code
+        {"MARKETING": {"code": 0}},
+        {"FINANCE": {"code": 4}},  # FINANCE is 3
+        {"4": {"code": 5}},
+        {"marketing": {"code": 4}},
+        {"0": {}},
+        {"LEASING": {"code": 4}, "4": {}},  # one line twice
+    ]:
+        with pytest.raises(ValidationError) as exc:
+            parse("ranking", json.dumps({"lines": lines}).encode())
+        assert exc.value.errors()[0]["loc"][0] == "lines", lines
+    assert parse("ranking", b'{"lines": {"SALE": {"code": 1}}}').lines_by_code.keys() == {1}
     with pytest.raises(ValueError, match="unknown config key"):
         parse("weights", b"{}")

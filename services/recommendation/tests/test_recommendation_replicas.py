@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 from crm.recommendation.v1 import recommendation_pb2 as pb
 from crm_common.config_watch import put_json
+from crm_devstack import wait_until
 from crm_recommendation.store.migrate import downgrade, upgrade
 from recommendation_testlib import (
     ASKED,
@@ -21,7 +22,6 @@ from recommendation_testlib import (
     car,
     fleet,
     settings_for,
-    wait_until,
 )
 from sqlalchemy import create_engine, inspect
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from crm_devstack import wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from recommendation_testlib import Service, car, wait_until
+from recommendation_testlib import Service, car
 
 
 def test_serving_and_round_trip(service: Service) -> None:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import shutil
@@ -14,7 +13,6 @@ import threading
 import time
 import urllib.request
 from collections import defaultdict
-from collections.abc import Callable, Coroutine
 from concurrent import futures
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -25,7 +23,8 @@ import grpc
 import redis
 from crm.scheduler.v1 import scheduler_pb2 as pb
 from crm.scheduler.v1 import scheduler_pb2_grpc
-from crm_devstack.stack import free_port, pid_alive, port_open
+from crm_devstack.apps import AppThread
+from crm_devstack.stack import free_port, pid_alive, port_open, wait_until
 from crm_scheduler.app import App, build_app
 from crm_scheduler.client import target_call
 from crm_scheduler.domain.model import JobSpec, Target, default_idempotency_key
@@ -39,20 +38,6 @@ T = TypeVar("T")
 
 TARGET_SERVICE = "crm.schedtest.v1.Target"
 TARGET_METHOD = f"/{TARGET_SERVICE}/Apply"
-
-
-def wait_until(
-    cond: Callable[[], T], what: str, timeout: float = 20.0, interval: float = 0.05
-) -> T:
-    """Poll ``cond()`` until it returns something truthy; fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 # --------------------------------------------------------------------------- Redis
@@ -140,6 +125,8 @@ class TargetServer:
     deadlines: dict[str, float] = field(default_factory=dict)
     requests: dict[str, bytes] = field(default_factory=dict)
     received_at: dict[str, float] = field(default_factory=dict)
+    metadata: dict[str, dict[str, str]] = field(default_factory=dict)
+    """The last call's metadata (text values) per key."""
     hanging: threading.Event = field(default_factory=threading.Event)
     lock: threading.Lock = field(default_factory=threading.Lock)
     server: Any = None
@@ -180,6 +167,9 @@ class TargetServer:
             self.received_at.setdefault(key, time.time())
             self.deadlines[key] = context.time_remaining() or 0.0
             self.requests[key] = request
+            self.metadata[key] = {
+                k: v for k, v in context.invocation_metadata() if isinstance(v, str)
+            }
             planned = self.script.get(key, [])
             code = planned.pop(0) if planned else "OK"
         if first and key in self.hang_first:
@@ -344,6 +334,23 @@ class Procs:
         return {**os.environ, **base, **self.extra_env, **extra}
 
     def start(self, command: str, wait: bool = True, **extra: str) -> SchedProc:
+        """Start ``pump`` or ``worker`` on free health/metrics ports; with ``wait``, until
+        SERVING. A free port can be taken by some outgoing connection before the process
+        binds it ("Address already in use", seen once in CI): then it starts again on
+        other ports (twice at most)."""
+        for attempt in range(3):
+            proc = self._start(command, wait, **extra)
+            if proc.popen.poll() is None:
+                return proc
+            if attempt < 2 and "Address already in use" in proc.log_tail():
+                self.started.remove(proc)
+                continue
+            break
+        if wait:
+            proc.serving()  # it exited: fails with its log
+        return proc
+
+    def _start(self, command: str, wait: bool, **extra: str) -> SchedProc:
         health, metrics = free_port(), free_port()
         prefix = "CRM_SCHEDULER_PUMP" if command == "pump" else "CRM_SCHEDULER_WORKER"
         env = self.env(
@@ -364,7 +371,12 @@ class Procs:
         proc = SchedProc(command, popen, health, metrics, log_path)
         self.started.append(proc)
         if wait:
-            wait_until(proc.serving, f"{command} SERVING", timeout=30, interval=0.1)
+            wait_until(
+                lambda: proc.popen.poll() is not None or proc.serving(),
+                f"{command} SERVING",
+                timeout=30,
+                interval=0.1,
+            )
         return proc
 
     def close(self) -> None:
@@ -375,35 +387,13 @@ class Procs:
 # --------------------------------------------------------------------------- API
 
 
-class ApiService:
+class ApiService(AppThread[App]):
     """The API app served from a background thread with its own event loop, so tests
     use plain (blocking) gRPC stubs."""
 
     def __init__(self, settings: SchedulerSettings) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-        self.app: App = self.call(self._build(settings))
-        self.call(self.app.start())
-        self.call(self.app.wait_ready(30))
-        self.channel = grpc.insecure_channel(self.app.target)
+        super().__init__(lambda: build_app(settings), stop_grace=1)
         self.stub = scheduler_pb2_grpc.SchedulerServiceStub(self.channel)
-
-    @staticmethod
-    async def _build(settings: SchedulerSettings) -> App:
-        return build_app(settings)
-
-    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.channel.close()
-        try:
-            self.call(self.app.stop(grace=1))
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(10)
-            self.loop.close()
 
     def schedule(self, **kw: Any) -> pb.ScheduleResponse:
         return self.stub.Schedule(pb.ScheduleRequest(**kw), timeout=10)

@@ -9,18 +9,10 @@ import json
 from collections.abc import Iterator
 
 import pytest
+from crm_devstack import wait_until
 from crm_scheduler.domain.model import JobRef, JobState
 from crm_scheduler.store import SchedulerStore
-from scheduler_testlib import (
-    Procs,
-    RedisServer,
-    TargetServer,
-    later,
-    now,
-    spec,
-    succeeded,
-    wait_until,
-)
+from scheduler_testlib import Procs, RedisServer, TargetServer, later, now, spec, succeeded
 
 
 @pytest.fixture(autouse=True)

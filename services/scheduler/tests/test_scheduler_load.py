@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 import grpc
 import pytest
 from crm.scheduler.v1 import scheduler_pb2 as pb
+from crm_devstack import wait_until
 from crm_scheduler.domain.model import JobRef, JobState
 from crm_scheduler.store import SchedulerStore
 from google.protobuf import timestamp_pb2
@@ -24,7 +25,6 @@ from scheduler_testlib import (
     now,
     spec,
     succeeded_named,
-    wait_until,
 )
 
 pytestmark = pytest.mark.slow

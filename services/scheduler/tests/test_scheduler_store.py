@@ -177,9 +177,11 @@ def test_runner_calls_with_metadata_retries_and_gives_up(
         runner.close()
     assert target.calls["run-ok"] == [1]
     assert target.requests["run-ok"] == b"\x01\x02"
-    # the attempt deadline travels with the call (at most 2.5 s left when it arrives; how
-    # much less depends on how busy the shared machine is, so no lower bound but > 0)
-    assert 0 < target.deadlines["run-ok"] <= 2.5
+    # the attempt deadline travels with the call: about 2.5 s left when it arrives (a call
+    # without one has none). How much less depends on how busy the shared machine is, so no
+    # lower bound but > 0; and gRPC computes each end's deadline from its own cached clock
+    # (seen 2.509 s at load 14), so the upper bound allows 0.1 s of slack.
+    assert 0 < target.deadlines["run-ok"] <= 2.6
     assert target.calls["run-retry"] == [1, 2, 3]
     assert target.calls["run-final"] == [1]
     assert target.calls["run-exhausted"] == [1, 2, 3]

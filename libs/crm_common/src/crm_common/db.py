@@ -10,10 +10,11 @@ cannot be reached surfaces as UNAVAILABLE.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -31,10 +32,14 @@ __all__ = [
     "LOCK_WAIT_TIMEOUT_S",
     "NAMING_CONVENTION",
     "TABLE_ARGS",
+    "RawSQL",
     "TransactionRunner",
     "UtcDateTime",
+    "from_json_time",
     "make_engine",
     "mysql_errno",
+    "placeholders",
+    "to_db_time",
 ]
 
 log = logging.getLogger("crm.store")
@@ -71,6 +76,20 @@ class UtcDateTime(TypeDecorator[datetime]):
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         return None if value is None else value.replace(tzinfo=UTC)
+
+
+def to_db_time(value: datetime) -> datetime:
+    """An aware datetime as the naive UTC one the database keeps (``UtcDateTime``'s bind
+    conversion, for :class:`RawSQL` parameters)."""
+    if value.tzinfo is None:
+        raise ValueError("naive datetime given to a UTC column")
+    return value.astimezone(UTC).replace(tzinfo=None)
+
+
+def from_json_time(value: str) -> datetime:
+    """A ``DATETIME`` as :meth:`RawSQL.json_rows` gives it (naive UTC text) as an aware
+    datetime."""
+    return datetime.fromisoformat(value).replace(tzinfo=UTC)
 
 
 R = TypeVar("R")
@@ -181,3 +200,91 @@ class TransactionRunner:
         """``SELECT 1`` (readiness)."""
         with self.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
+
+
+def placeholders(rows: int, columns: int) -> str:
+    """``(%s, ...), (%s, ...)``: the VALUES list of a multi-row INSERT (or an IN list
+    with ``columns=1`` and ``rows`` values, without the outer parentheses)."""
+    row = "(" + ", ".join(["%s"] * columns) + ")"
+    return ", ".join([row] * rows)
+
+
+class RawSQL:
+    """Plain DB-API statements in the transaction of a Core ``Connection`` (the one
+    ``TransactionRunner.run_core`` gives): for hot paths where SQLAlchemy's work per
+    statement (building, cache lookups, compiled parameter and result processing) costs
+    more than the statement itself.
+
+    SQL is written for the driver (PyMySQL ``%s`` placeholders) and parameters and rows
+    are plain driver values: naive UTC datetimes (:func:`to_db_time`), enum names, JSON
+    text. Driver errors are raised as SQLAlchemy's (``sqlalchemy.exc.OperationalError``
+    carrying the MySQL errno, ``IntegrityError``, ...) and a connection the server dropped
+    is invalidated, exactly as for Core statements: ``TransactionRunner`` retries and maps
+    them the same way. The engine's ``before_cursor_execute`` / ``after_cursor_execute``
+    listeners see every statement as they do Core's (their ``context`` is None).
+    """
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._dbapi = conn.connection.dbapi_connection
+        self._cursor: Any = self._dbapi.cursor() if self._dbapi is not None else None
+        self._error: type[Exception] = conn.dialect.loaded_dbapi.Error
+
+    def rows(self, sql: str, params: Sequence[Any] = ()) -> Sequence[tuple[Any, ...]]:
+        """Run a statement returning rows; all its rows, as tuples."""
+        self._execute(sql, params)
+        return self._cursor.fetchall()  # type: ignore[no-any-return]
+
+    def json_rows(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        """Run a statement whose rows are one JSON value each (``SELECT JSON_ARRAY(a, b,
+        ...)``, ``RETURNING JSON_ARRAY(...)``); the values, decoded.
+
+        One column instead of many: PyMySQL (pure Python) then parses one column
+        descriptor and one value per row instead of one of each per column, several times
+        cheaper for wide rows. In JSON, datetimes are text (:func:`from_json_time`), and a
+        JSON column must be selected as ``JSON_QUERY(col, '$')`` to stay JSON.
+        """
+        return [json.loads(r[0]) for r in self.rows(sql, params)]
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """Run a statement; the number of rows it changed."""
+        return self._execute(sql, params)
+
+    def _execute(self, sql: str, params: Sequence[Any]) -> int:
+        conn = self._conn
+        for before in conn.dispatch.before_cursor_execute:
+            sql, params = before(conn, self._cursor, sql, params, None, False)
+        try:
+            count = int(self._cursor.execute(self._render(sql, params)))
+        except self._error as exc:
+            raise self._translated(exc, sql, params) from exc
+        conn.dispatch.after_cursor_execute(conn, self._cursor, sql, params, None, False)
+        return count
+
+    def _render(self, sql: str, params: Sequence[Any]) -> str:
+        """``sql`` with its ``%s`` replaced by the parameters as SQL literals: what the
+        driver's ``cursor.execute(sql, params)`` sends, with the common types (int,
+        None, naive datetime) written here instead of through its escaping functions;
+        strings and every other type still go through the driver's ``escape``."""
+        escape = self._dbapi.escape  # type: ignore[union-attr]
+        literals: list[str] = []
+        for value in params:
+            kind = type(value)
+            if kind is int:
+                literals.append(str(value))
+            elif value is None:
+                literals.append("NULL")
+            elif kind is datetime and value.tzinfo is None:
+                literals.append(f"'{value.isoformat(' ')}'")
+            else:
+                literals.append(escape(value))
+        return sql % tuple(literals)
+
+    def _translated(self, exc: Exception, sql: str, params: Sequence[Any]) -> Exception:
+        dialect = self._conn.dialect
+        dropped = dialect.is_disconnect(exc, self._dbapi, self._cursor)  # type: ignore[arg-type]
+        if dropped:
+            self._conn.invalidate(exc)
+        return DBAPIError.instance(
+            sql, params, exc, self._error, connection_invalidated=dropped, dialect=dialect
+        )

@@ -65,8 +65,10 @@ else:
 
 __all__ = [
     "REQUEST_ID_KEY",
+    "REQUEST_ID_RULE",
     "ServerInterceptor",
     "insecure_channel",
+    "is_valid_request_id",
     "new_request_id",
     "request_id_client_interceptors",
 ]
@@ -79,6 +81,15 @@ _QUIET_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 _T = TypeVar("_T")
 
 _log = logging.getLogger("crm_common.rpc")
+
+
+REQUEST_ID_RULE = "1..128 characters of A-Z a-z 0-9 . _ : -"
+"""What a request id is made of (said in errors about one)."""
+
+
+def is_valid_request_id(text: str) -> bool:
+    """Whether ``text`` is a request id this platform accepts (``REQUEST_ID_RULE``)."""
+    return _VALID_REQUEST_ID.fullmatch(text) is not None
 
 
 def new_request_id() -> str:
@@ -109,6 +120,9 @@ class ServerInterceptor(_ServerInterceptorBase):
     def __init__(self, metrics: RpcMetrics | None = None, logger: logging.Logger | None = None):
         self._metrics = metrics
         self._log = logger or _log
+        self._wrapped: dict[str, tuple[_Handler, _Handler]] = {}
+        """method -> (its handler, the wrapped one): the wrapping is per method, not per
+        call (the request id is read from each call's metadata)."""
 
     async def intercept_service(  # type: ignore[override]  # returns None for unknown methods
         self,
@@ -119,14 +133,20 @@ class ServerInterceptor(_ServerInterceptorBase):
         if handler is None:
             return None
         method = handler_call_details.method
-        request_id = _incoming_request_id(handler_call_details.invocation_metadata)
-        wrapped = self._wrap(handler, method, request_id)
         if tracing.enabled():  # off: this one check is all tracing costs
             metadata = handler_call_details.invocation_metadata
+            request_id = _incoming_request_id(metadata)
+            wrapped = self._wrap(handler, method, request_id)
             return tracing.trace_server_handler(wrapped, method, request_id, metadata)
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler, method, None)
+        self._wrapped[method] = (handler, wrapped)
         return wrapped
 
-    def _wrap(self, handler: _Handler, method: str, request_id: str) -> _Handler:
+    def _wrap(self, handler: _Handler, method: str, request_id: str | None) -> _Handler:
+        """``handler`` observed; ``request_id`` None: taken from each call's metadata."""
         behavior: Any
         if handler.request_streaming and handler.response_streaming:
             behavior, make = handler.stream_stream, grpc.stream_stream_rpc_method_handler
@@ -137,6 +157,11 @@ class ServerInterceptor(_ServerInterceptorBase):
         else:
             behavior, make = handler.unary_unary, grpc.unary_unary_rpc_method_handler
 
+        def call_id(context: _Context) -> str:
+            if request_id is not None:
+                return request_id
+            return _incoming_request_id(context.invocation_metadata())
+
         wrapped: Callable[[Any, _Context], Awaitable[Any]]
         if inspect.isasyncgenfunction(behavior) and handler.response_streaming:
 
@@ -146,13 +171,13 @@ class ServerInterceptor(_ServerInterceptorBase):
                         async for response in responses:
                             await context.write(response)
 
-                await self._observe(method, request_id, context, run)
+                await self._observe(method, call_id(context), context, run)
 
         elif inspect.iscoroutinefunction(behavior):
 
             async def wrapped(request: Any, context: _Context) -> Any:
                 return await self._observe(
-                    method, request_id, context, lambda: behavior(request, context)
+                    method, call_id(context), context, lambda: behavior(request, context)
                 )
 
         else:

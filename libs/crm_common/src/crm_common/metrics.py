@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -48,6 +49,15 @@ def split_method(full_method: str) -> tuple[str, str]:
     return service, method
 
 
+@dataclass(slots=True)
+class _MethodChildren:
+    """The labelled children of one method's metrics."""
+
+    in_flight: Gauge
+    handling_seconds: Histogram
+    handled: dict[grpc.StatusCode, Counter] = field(default_factory=dict)
+
+
 class RpcMetrics:
     """Per-call counter, latency histogram and in-flight gauge, labelled by ``service``
     (the CRM service, e.g. ``assignment``), ``grpc_service`` and ``grpc_method``."""
@@ -81,17 +91,36 @@ class RpcMetrics:
             registry=self.registry,
         )
         self._http: tuple[WSGIServer, threading.Thread] | None = None
+        self._by_method: dict[str, _MethodChildren] = {}
 
     def call_started(self, full_method: str) -> None:
         """Counts a call as in flight."""
-        self.in_flight.labels(self.service, *split_method(full_method)).inc()
+        self._children(full_method).in_flight.inc()
 
     def call_finished(self, full_method: str, code: grpc.StatusCode, seconds: float) -> None:
         """Records a finished call (ends its in-flight count)."""
-        grpc_service, grpc_method = split_method(full_method)
-        self.in_flight.labels(self.service, grpc_service, grpc_method).dec()
-        self.handled.labels(self.service, grpc_service, grpc_method, code.name).inc()
-        self.handling_seconds.labels(self.service, grpc_service, grpc_method).observe(seconds)
+        children = self._children(full_method)
+        children.in_flight.dec()
+        handled = children.handled.get(code)
+        if handled is None:
+            handled = children.handled[code] = self.handled.labels(
+                self.service, *split_method(full_method), code.name
+            )
+        handled.inc()
+        children.handling_seconds.observe(seconds)
+
+    def _children(self, full_method: str) -> _MethodChildren:
+        """The labelled metrics of one method, looked up once (``labels()`` validates,
+        locks and builds its key on every call: a cost on every RPC)."""
+        children = self._by_method.get(full_method)
+        if children is None:
+            labels = (self.service, *split_method(full_method))
+            children = _MethodChildren(
+                in_flight=self.in_flight.labels(*labels),
+                handling_seconds=self.handling_seconds.labels(*labels),
+            )
+            self._by_method[full_method] = children
+        return children
 
     def render(self) -> bytes:
         """The registry in the Prometheus text format."""

@@ -101,7 +101,9 @@ class GrpcServer:
 
     ``start()`` binds ``settings.host:port`` (``.port`` is the bound one), serves health
     (every name and ``""`` NOT_SERVING until all ``readiness_checks`` pass, rechecked
-    every ``settings.readiness_interval_s``), reflection and ``/metrics``
+    every ``settings.readiness_interval_s``; :data:`LIVENESS_SERVICE` is SERVING unless
+    one of ``liveness_checks``, run in the same rounds, fails: give those only to a
+    process whose own loop can hang, never for a dependency), reflection and ``/metrics``
     (``.metrics_port``), and installs tracing when ``settings.tracing_exporter`` asks.
     ``stop()`` drains gracefully, then runs ``on_stop`` hooks.
     The :class:`~crm_common.interceptors.ServerInterceptor` is always installed first,
@@ -115,6 +117,7 @@ class GrpcServer:
         servicers: Iterable[tuple[AddServicer, object]] | Registrar = (),
         *,
         readiness_checks: Mapping[str, ReadinessCheck] | None = None,
+        liveness_checks: Mapping[str, ReadinessCheck] | None = None,
         interceptors: Sequence[aio.ServerInterceptor[Any, Any]] = (),
         metrics: RpcMetrics | None = None,
         options: Sequence[tuple[str, Any]] = (),
@@ -129,6 +132,8 @@ class GrpcServer:
         self.metrics_port: int | None = None
         self._servicers = servicers if callable(servicers) else tuple(servicers)
         self._checks = dict(readiness_checks or {})
+        self._liveness_checks = dict(liveness_checks or {})
+        self._alive = True
         self._interceptors = tuple(interceptors)
         self._options = tuple({**dict(DEFAULT_SERVER_OPTIONS), **dict(options)}.items())
         self._server: aio.Server | None = None
@@ -260,14 +265,31 @@ class GrpcServer:
         while True:
             failures = await self.check_readiness()
             await self._set_ready(not failures, failures)
+            if self._liveness_checks:
+                await self._set_alive(await self._failing(self._liveness_checks))
             await asyncio.sleep(self.settings.readiness_interval_s)
 
     async def check_readiness(self) -> dict[str, str]:
         """Runs every readiness check once (concurrently, each with
         ``settings.readiness_timeout_s``); returns ``{name: error}`` of the failing ones."""
-        names = list(self._checks)
-        results = await asyncio.gather(*(self._run_check(self._checks[n]) for n in names))
+        return await self._failing(self._checks)
+
+    async def _failing(self, checks: Mapping[str, ReadinessCheck]) -> dict[str, str]:
+        names = list(checks)
+        results = await asyncio.gather(*(self._run_check(checks[n]) for n in names))
         return {name: error for name, error in zip(names, results, strict=True) if error}
+
+    async def _set_alive(self, failures: Mapping[str, str]) -> None:
+        assert self._health is not None
+        alive = not failures
+        await self._health.set(LIVENESS_SERVICE, _SERVING if alive else _NOT_SERVING)
+        if alive != self._alive:
+            self._alive = alive
+            if alive:
+                _log.info("alive again: %s SERVING", LIVENESS_SERVICE)
+            else:
+                summary = "; ".join(f"{n}: {e}" for n, e in sorted(failures.items()))
+                _log.error("not alive: %s NOT_SERVING (%s)", LIVENESS_SERVICE, summary)
 
     async def _run_check(self, check: ReadinessCheck) -> str | None:
         timeout = self.settings.readiness_timeout_s

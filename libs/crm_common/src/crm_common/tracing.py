@@ -21,6 +21,17 @@ OpenTelemetry conventions say. Every call made through
 current span (the server span of the call being handled), that injects ``traceparent``
 and ends when the call's status is known (status ERROR for any code but OK).
 
+Work carried over to later (a scheduler job calling back at its due time) keeps the trace
+with :func:`carried_traceparent` (what to store with it, taken when it is handed over) and
+:func:`start_carried_client_span` / :func:`end_carried_client_span` around the later call,
+which any thread can make (the scheduler's worker makes plain sync gRPC calls).
+
+Work written down for a relay to send later (a transactional outbox) records
+:func:`request_origin` with it (the request id, and the ``traceparent`` when tracing is
+on: off, it only reads the request-id contextvar); the relay sends a batch of such work
+inside :func:`linked_span`, a span of its own (the batch is nobody's request) with an
+OpenTelemetry Link to each recorded trace context.
+
 Tests (or a process embedding its own SDK setup) call :func:`install` with a provider
 of their own (e.g. with the SDK's ``InMemorySpanExporter``) and :func:`uninstall`.
 """
@@ -28,19 +39,21 @@ of their own (e.g. with the SDK's ``InMemorySpanExporter``) and :func:`uninstall
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import sys
-from collections.abc import Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import grpc
 from grpc import aio
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import SpanKind, Status, StatusCode, Tracer
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from crm_common.logs import request_id_var
 from crm_common.metrics import split_method
 
 if TYPE_CHECKING:
@@ -53,10 +66,16 @@ if TYPE_CHECKING:
 
 __all__ = [
     "REQUEST_ID_ATTRIBUTE",
+    "RequestOrigin",
+    "carried_traceparent",
     "configure_tracing",
     "enabled",
+    "end_carried_client_span",
     "install",
+    "linked_span",
+    "request_origin",
     "shutdown_tracing",
+    "start_carried_client_span",
     "trace_client_call",
     "trace_server_handler",
     "uninstall",
@@ -285,3 +304,123 @@ async def _end_client_span(span: trace.Span, call: Any) -> None:
     if code is not grpc.StatusCode.OK:
         span.set_status(Status(StatusCode.ERROR, code.name))
     span.end()
+
+
+# -- carried over to a later call -----------------------------------------------------------
+
+
+def carried_traceparent(metadata: Iterable[tuple[str, Any]] | None) -> str | None:
+    """The W3C ``traceparent`` a later call continuing the call being handled should carry
+    (to store with a job, say): the current span's when tracing is on (the SERVER span of
+    the call), else the caller's ``traceparent`` from ``metadata`` (checked and
+    normalised by the W3C propagator; so a trace goes on through a process that does not
+    trace itself), else None (no trace)."""
+    current = trace.get_current_span().get_span_context()
+    carrier: dict[str, str] = {}
+    if current.is_valid:
+        _PROPAGATOR.inject(carrier)
+    else:
+        _PROPAGATOR.inject(carrier, context=_parent(metadata))
+    return carrier.get("traceparent")
+
+
+def start_carried_client_span(
+    method: str,
+    traceparent: str | None,
+    request_id: str | None,
+    attributes: dict[str, str | int] | None = None,
+) -> tuple[trace.Span, str] | None:
+    """A CLIENT span for a call to ``method`` made on behalf of earlier work whose
+    carried ``traceparent`` (None or empty: a new trace) is its parent, and the
+    ``traceparent`` to send on the call (the span's own); None when tracing is off.
+    Not made current: end it with :func:`end_carried_client_span` from any thread."""
+    tracer = _state.tracer
+    if tracer is None:
+        return None
+    parent = _PROPAGATOR.extract({"traceparent": traceparent}) if traceparent else Context()
+    span_attributes: dict[str, str | int] = {**_rpc_attributes(method), **(attributes or {})}
+    if request_id:
+        span_attributes[REQUEST_ID_ATTRIBUTE] = request_id
+    span = tracer.start_span(
+        method.lstrip("/"), context=parent, kind=SpanKind.CLIENT, attributes=span_attributes
+    )
+    carrier: dict[str, str] = {}
+    _PROPAGATOR.inject(carrier, context=trace.set_span_in_context(span))
+    return span, carrier.get("traceparent", "")
+
+
+def end_carried_client_span(span: trace.Span, code: str) -> None:
+    """Ends a span of :func:`start_carried_client_span` with the call's status code name
+    (``OK``, ``UNAVAILABLE``, ...): status ERROR for any code but OK."""
+    status = grpc.StatusCode.__members__.get(code, grpc.StatusCode.UNKNOWN)
+    span.set_attribute("rpc.grpc.status_code", status.value[0])
+    if status is not grpc.StatusCode.OK:
+        span.set_status(Status(StatusCode.ERROR, code))
+    span.end()
+
+
+# -- recorded for a relay (outbox) ----------------------------------------------------------
+
+
+class RequestOrigin(NamedTuple):
+    """The call some work is done for, as recorded with it for later: its ``x-request-id``
+    and the W3C ``traceparent`` of its span (None: no request id / not traced)."""
+
+    request_id: str | None = None
+    traceparent: str | None = None
+
+
+_NO_ORIGIN = RequestOrigin()
+
+
+def request_origin() -> RequestOrigin:
+    """The current call's :class:`RequestOrigin`: its request id (``request_id_var``) and,
+    when tracing is on, the current span's ``traceparent`` (:func:`carried_traceparent`).
+    Tracing off, it only reads the request-id contextvar (the outbox writes are hot
+    paths)."""
+    request_id = request_id_var.get()
+    if _state.tracer is None:
+        return _NO_ORIGIN if request_id is None else RequestOrigin(request_id)
+    return RequestOrigin(request_id, carried_traceparent(None))
+
+
+def _links(traceparents: Iterable[str | None]) -> list[Link]:
+    seen: set[tuple[int, int]] = set()
+    links: list[Link] = []
+    for traceparent in traceparents:
+        if not traceparent:
+            continue
+        ctx = trace.get_current_span(_PROPAGATOR.extract({"traceparent": traceparent}))
+        linked = ctx.get_span_context()
+        key = (linked.trace_id, linked.span_id)
+        if linked.is_valid and key not in seen:
+            seen.add(key)
+            links.append(Link(linked))
+    return links
+
+
+@contextlib.contextmanager
+def linked_span(
+    name: str,
+    traceparents: Iterable[str | None],
+    *,
+    kind: SpanKind = SpanKind.PRODUCER,
+    attributes: dict[str, str | int] | None = None,
+) -> Iterator[trace.Span | None]:
+    """A span (a new trace: work relayed for many requests is none of them) with a Link to
+    each distinct valid ``traceparent`` (None, empty and malformed ones are skipped),
+    current while the block runs, so the calls made in it are its children; status ERROR
+    when the block raises. Yields None and does nothing when tracing is off. (The SDK
+    keeps at most ``OTEL_SPAN_LINK_COUNT_LIMIT`` links, 128 by default.)"""
+    tracer = _state.tracer
+    if tracer is None:
+        yield None
+        return
+    with tracer.start_as_current_span(
+        name,
+        context=Context(),
+        kind=kind,
+        attributes=attributes,
+        links=_links(traceparents),
+    ) as span:
+        yield span

@@ -2,12 +2,18 @@
 
     python -m crm_web serve --assignment 127.0.0.1:50051 --config-admin 127.0.0.1:50055 \\
         [--recommendation HOST:PORT] [--route SERVICE=HOST:PORT ...] \\
-        [--host 127.0.0.1] [--port 8080] [--static web/dist]
+        [--author-header X-Auth-Request-User] [--host 127.0.0.1] [--port 8080] \
+        [--static web/dist]
 
 Serves the built console (``make web`` builds ``web/dist``) and forwards the console's
 grpc-web calls to the services' real gRPC endpoints. Prints one line
 ``crm-web: console at http://HOST:PORT/`` once it listens (``--port 0`` picks a free
 port). Stops on SIGTERM/SIGINT (open offer streams are closed after a short grace).
+
+Only the console's RPCs are forwarded (``crm_web.gateway.POLICIES``). ``--author-header``
+(or ``CRM_WEB_AUTHOR_HEADER``): the header an authenticating proxy in front of the gateway
+sets to the signed-in user; ConfigAdmin's author of a change is taken from it (the
+browser's ``x-crm-author`` is dropped) and a ConfigAdmin call without it is refused.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 import sys
@@ -25,14 +32,11 @@ from pathlib import Path
 import uvicorn
 from crm_common.logs import configure_logging
 
-from crm_web.gateway import describe, grpc_web_app
+from crm_web.gateway import ASSIGNMENT, CONFIG_ADMIN, RECOMMENDATION, describe, grpc_web_app
 from crm_web.static import StaticFiles
 
 log = logging.getLogger("crm.web")
 
-ASSIGNMENT = "crm.assignment.v1.AssignmentService"
-CONFIG_ADMIN = "crm.config.v1.ConfigAdminService"
-RECOMMENDATION = "crm.recommendation.v1.RecommendationService"
 DEFAULT_STATIC = Path(__file__).resolve().parents[4] / "web" / "dist"
 
 
@@ -49,6 +53,13 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         metavar="SERVICE=HOST:PORT",
         help="forward another fully qualified service (repeatable)",
+    )
+    serve.add_argument(
+        "--author-header",
+        default=os.environ.get("CRM_WEB_AUTHOR_HEADER") or None,
+        metavar="HEADER",
+        help="trusted header naming the config author, set by the authenticating proxy"
+        " (env CRM_WEB_AUTHOR_HEADER); the browser's x-crm-author is then dropped",
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=int, default=8080, help="HTTP port; 0 picks a free one")
@@ -104,7 +115,7 @@ async def serve(args: argparse.Namespace) -> None:
     if not (args.static / "index.html").is_file():
         log.warning("no built console at %s (run `make web`); only grpc-web is served", args.static)
     try:
-        app, forwarder = grpc_web_app(routes, StaticFiles(args.static))
+        app, forwarder = grpc_web_app(routes, StaticFiles(args.static), args.author_header)
     except KeyError as exc:
         raise SystemExit(f"unknown service {exc} (not in proto/)") from exc
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
@@ -122,6 +133,11 @@ async def serve(args: argparse.Namespace) -> None:
     server = GracefulServer(config)
     for line in describe(routes):
         log.info("forwarding %s", line)
+    if CONFIG_ADMIN in routes and not args.author_header:
+        log.warning(
+            "config review is unauthenticated and its author is what the browser says:"
+            " in production put it behind an authenticating proxy (--author-header)"
+        )
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"crm-web: console at http://{host}:{port}/", flush=True)
     try:

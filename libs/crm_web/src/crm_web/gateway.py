@@ -1,12 +1,25 @@
-"""The dev grpc-web gateway: sonora's ASGI grpc-web server, forwarding every call to the
-real gRPC endpoint of the service it belongs to.
+"""The dev grpc-web gateway: sonora's ASGI grpc-web server, forwarding the console's calls
+(an allow-list, ``POLICIES``) to the real gRPC endpoint of the service they belong to.
 
 A browser cannot speak gRPC (HTTP/2 trailers), so the console speaks grpc-web; this
 gateway turns each grpc-web request into a plain gRPC call on a ``grpc.aio`` channel to
-the service and the answer back. Messages are forwarded as bytes (never decoded), so the
-gateway needs no change when a service grows an RPC: it only has to know which service
-lives where (``routes``) and each method's shape (unary or server streaming), which it
-reads from the descriptors generated from ``proto/`` (``crm_proto``).
+the service and the answer back. Messages are forwarded as bytes (never decoded): the
+gateway only has to know which service lives where (``routes``), each method's shape
+(unary or server streaming), which it reads from the descriptors generated from
+``proto/`` (``crm_proto``), and which methods browsers may call (a new console RPC must
+be added to its service's policy).
+
+Which calls cross it (``POLICIES``): the assignment service trusts a call without an
+``authorization`` header as a service-to-service call, so the gateway must never forward
+such a call from a browser. Only the agent-facing RPCs the console uses are forwarded
+(``AGENT_RPCS``: everything else, CreateClue, UpsertAgent, CancelTask, ..., answers
+PERMISSION_DENIED at the gateway), and each of them needs ``authorization`` (a SignIn
+token; UNAUTHENTICATED without it), SignIn excepted. The service then scopes every call to
+the token's agent. ConfigAdmin's review RPCs are forwarded as they are: config review must
+sit behind an authenticating proxy, which names the author of a change in a trusted header
+(``author_header``, ``--author-header``); the browser's own ``x-crm-author`` is then
+dropped. A service routed without a policy (``--route``) is forwarded whole: a development
+aid, never for a service that trusts header-less calls.
 
 What crosses the gateway besides the message: the deadline (``grpc-timeout``), the
 caller's ``authorization``, ``x-request-id``, ``x-crm-author`` (ConfigAdmin's author of
@@ -35,7 +48,7 @@ import logging
 import pkgutil
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 from urllib.parse import quote
 
 import grpc
@@ -62,6 +75,60 @@ set it (and drop the browser's)."""
 
 STATUS_BY_CODE = {code.value[0]: code for code in grpc.StatusCode}
 
+ASSIGNMENT = "crm.assignment.v1.AssignmentService"
+CONFIG_ADMIN = "crm.config.v1.ConfigAdminService"
+RECOMMENDATION = "crm.recommendation.v1.RecommendationService"
+AUTHOR_HEADER = "x-crm-author"
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Which methods of a service the gateway forwards, and which of those it forwards
+    without an ``authorization`` header."""
+
+    methods: frozenset[str]
+    anonymous: frozenset[str]
+    why: str  # said in the PERMISSION_DENIED of a method not forwarded
+
+
+AGENT_RPCS = frozenset(
+    {
+        "SignIn",
+        "GetAgent",
+        "SetPresence",
+        "StreamOffers",
+        "AcceptTask",
+        "RejectTask",
+        "ListTasks",
+        "GetTask",
+        "RecordCall",
+        "CompleteTask",
+        "FailTask",
+    }
+)
+"""The assignment RPCs the agent console calls (web/src/console.ts, main.ts); the service
+scopes each of them to the agent of the call's token."""
+
+CONFIG_REVIEW_RPCS = frozenset({"List", "Get", "History", "Rollout", "Set", "Rollback"})
+
+POLICIES: dict[str, Policy] = {
+    ASSIGNMENT: Policy(
+        methods=AGENT_RPCS,
+        anonymous=frozenset({"SignIn"}),
+        why="only the agent console's RPCs are served to browsers",
+    ),
+    CONFIG_ADMIN: Policy(
+        methods=CONFIG_REVIEW_RPCS,
+        anonymous=CONFIG_REVIEW_RPCS,  # behind the authenticating proxy (author_header)
+        why="only config review's RPCs are served to browsers",
+    ),
+    RECOMMENDATION: Policy(  # it checks no caller; the console reads GetTask's cars
+        methods=frozenset(),
+        anonymous=frozenset(),
+        why="the console gets recommendations through GetTask",
+    ),
+}
+
 
 def load_descriptors() -> None:
     """Import every generated ``crm.*_pb2`` module so the default pool knows every service."""
@@ -78,14 +145,35 @@ def find_service(name: str) -> ServiceDescriptor:
     return descriptor_pool.Default().FindServiceByName(name)
 
 
-def forwarded_metadata(metadata: Iterable[tuple[str, str | bytes]]) -> list[tuple[str, str]]:
-    """The request headers the service gets: only the allow-listed ones."""
+def forwarded_metadata(
+    metadata: Iterable[tuple[str, str | bytes]], author_header: str | None = None
+) -> list[tuple[str, str]]:
+    """The request headers the service gets: only the allow-listed ones. With
+    ``author_header`` (set by the authenticating proxy in front of the gateway), the
+    author of a config change is that header's value and the browser's ``x-crm-author``
+    is dropped."""
+    trusted = author_header.lower() if author_header else None
     out: list[tuple[str, str]] = []
     for key, value in metadata:
         k = key.lower()
-        if k in FORWARDED_HEADERS and isinstance(value, str):
+        if not isinstance(value, str):
+            continue
+        if trusted is not None:
+            if k == AUTHOR_HEADER:
+                continue
+            if k == trusted:
+                out.append((AUTHOR_HEADER, value))
+                continue
+        if k in FORWARDED_HEADERS:
             out.append((k, value))
     return out
+
+
+def _header(context: Any, name: str) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key.lower() == name and isinstance(value, str) and value.strip():
+            return value
+    return None
 
 
 def _trailer_pairs(metadata: Any) -> list[tuple[str, str]]:
@@ -103,13 +191,16 @@ class Route:
     target: str
     channel: grpc.aio.Channel
     streaming: dict[str, bool]  # method name -> server streaming
+    policy: Policy | None  # None: every method forwarded (``--route`` without a policy)
 
 
 class Forwarder(grpc.GenericRpcHandler):  # type: ignore[type-arg]
-    """Method handlers that pass each call's bytes on to the owning service's channel."""
+    """Method handlers that pass each call's bytes on to the owning service's channel,
+    for the methods its policy forwards (see the module doc)."""
 
-    def __init__(self, routes: Mapping[str, str]) -> None:
+    def __init__(self, routes: Mapping[str, str], author_header: str | None = None) -> None:
         self.open_streams = 0  # upstream server streams in flight (offer streams)
+        self.author_header = author_header.lower() if author_header else None
         self.routes: dict[str, Route] = {}
         for service, target in routes.items():
             desc = find_service(service)
@@ -121,6 +212,7 @@ class Forwarder(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                 target=target,
                 channel=grpc.aio.insecure_channel(target),
                 streaming={m.name: m.server_streaming for m in desc.methods},
+                policy=POLICIES.get(service),
             )
 
     async def close(self) -> None:
@@ -135,22 +227,47 @@ class Forwarder(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         route = self.routes.get(service)
         if route is None or method not in route.streaming:
             return None
+        policy = route.policy
+        if policy is not None and method not in policy.methods:
+            refused = f"{service}/{method} is not served by the web gateway: {policy.why}"
+            if route.streaming[method]:
+                return grpc.unary_stream_rpc_method_handler(
+                    _refuse_stream(refused), _identity, _identity
+                )
+            return grpc.unary_unary_rpc_method_handler(_refuse(refused), _identity, _identity)
         if route.streaming[method]:
             return grpc.unary_stream_rpc_method_handler(
                 self._stream(route, path), _identity, _identity
             )
         return grpc.unary_unary_rpc_method_handler(self._unary(route, path), _identity, _identity)
 
-    @staticmethod
-    def _unary(route: Route, path: str) -> Callable[[bytes, Any], Awaitable[bytes]]:
+    def _admit(self, route: Route, path: str, context: Any) -> list[tuple[str, str]]:
+        """The metadata to forward, or the call refused (UNAUTHENTICATED) when its policy
+        wants an ``authorization`` header (or the proxy's author header) it lacks."""
+        method = path.rpartition("/")[2]
+        policy = route.policy
+        anonymous = policy is None or method in policy.anonymous
+        if not anonymous and _header(context, "authorization") is None:
+            _abort(
+                context,
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"{method} needs 'authorization: Bearer <token>' (sign in first)",
+            )
+        trusted = self.author_header
+        if route.service == CONFIG_ADMIN and trusted and _header(context, trusted) is None:
+            _abort(
+                context,
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"no {trusted} header: config review must come through the authenticating proxy",
+            )
+        return forwarded_metadata(context.invocation_metadata(), self.author_header)
+
+    def _unary(self, route: Route, path: str) -> Callable[[bytes, Any], Awaitable[bytes]]:
         call_rpc = route.channel.unary_unary(path, None, None)
 
         async def handle(request: bytes, context: Any) -> bytes:
-            call = call_rpc(
-                request,
-                metadata=forwarded_metadata(context.invocation_metadata()),
-                timeout=context.time_remaining(),
-            )
+            metadata = self._admit(route, path, context)
+            call = call_rpc(request, metadata=metadata, timeout=context.time_remaining())
             try:
                 response = cast(bytes, await call)
             except grpc.aio.AioRpcError as exc:
@@ -164,11 +281,8 @@ class Forwarder(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         call_rpc = route.channel.unary_stream(path, None, None)
 
         async def handle(request: bytes, context: Any) -> AsyncIterator[bytes]:
-            call = call_rpc(
-                request,
-                metadata=forwarded_metadata(context.invocation_metadata()),
-                timeout=context.time_remaining(),
-            )
+            metadata = self._admit(route, path, context)
+            call = call_rpc(request, metadata=metadata, timeout=context.time_remaining())
             self.open_streams += 1
             try:
                 async for message in call:
@@ -185,6 +299,29 @@ class Forwarder(grpc.GenericRpcHandler):  # type: ignore[type-arg]
 
 def _identity(data: bytes) -> bytes:
     return data
+
+
+def _abort(context: Any, code: grpc.StatusCode, details: str) -> NoReturn:
+    """End the handler with ``code`` (the gateway's own refusal, nothing forwarded)."""
+    context.set_code(code)
+    context.set_details(details)
+    raise grpc.RpcError(code.name)
+
+
+def _refuse(details: str) -> Callable[[bytes, Any], Awaitable[bytes]]:
+    async def handle(request: bytes, context: Any) -> bytes:
+        _abort(context, grpc.StatusCode.PERMISSION_DENIED, details)
+
+    return handle
+
+
+def _refuse_stream(details: str) -> Callable[[bytes, Any], AsyncIterator[bytes]]:
+    async def handle(request: bytes, context: Any) -> AsyncIterator[bytes]:
+        for _ in ():  # an async generator that yields nothing: refused before any message
+            yield b""
+        _abort(context, grpc.StatusCode.PERMISSION_DENIED, details)
+
+    return handle
 
 
 def _fail(context: Any, exc: grpc.aio.AioRpcError) -> Any:
@@ -298,16 +435,21 @@ async def _wait_disconnect(receive: Receive) -> None:
 
 
 def grpc_web_app(
-    routes: Mapping[str, str], fallback: ASGIApp | None
+    routes: Mapping[str, str], fallback: ASGIApp | None, author_header: str | None = None
 ) -> tuple[ForwardingGrpcWeb, Forwarder]:
-    """The ASGI app: grpc-web calls of the routed services forwarded, anything else to
-    ``fallback`` (the static files). CORS is off: the console is served from the same
-    origin."""
-    forwarder = Forwarder(routes)
+    """The ASGI app: grpc-web calls of the routed services forwarded (as their policy
+    allows), anything else to ``fallback`` (the static files). CORS is off: the console is
+    served from the same origin. ``author_header``: see :func:`forwarded_metadata`."""
+    forwarder = Forwarder(routes, author_header)
     app = ForwardingGrpcWeb(fallback, enable_cors=False)
     app.add_generic_rpc_handlers([forwarder])
     return app, forwarder
 
 
 def describe(routes: Mapping[str, str]) -> Sequence[str]:
-    return [f"{svc} -> {target}" for svc, target in sorted(routes.items())]
+    out = []
+    for svc, target in sorted(routes.items()):
+        policy = POLICIES.get(svc)
+        only = ", ".join(sorted(policy.methods)) if policy else "EVERY method (no policy)"
+        out.append(f"{svc} -> {target} ({only})")
+    return out

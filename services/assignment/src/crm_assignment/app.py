@@ -51,7 +51,6 @@ from crm_assignment.clients.scheduler_timeouts import SchedulerOfferTimeouts
 from crm_assignment.clients.timeouts import LocalRecycleLoop, OfferTimeouts
 from crm_assignment.config import LineConfig, RoutingConfig
 from crm_assignment.domain.model import (
-    BusinessLine,
     Clock,
     Offer,
     OutboxBacklog,
@@ -114,6 +113,12 @@ class App(ServiceApp):
     ``bilog_target`` is empty)."""
 
     async def start(self) -> None:
+        if not self.settings.auth_token_secret and self.settings.auth_token_secret_required:
+            raise RuntimeError(
+                "CRM_ASSIGNMENT_AUTH_TOKEN_SECRET is not set but required "
+                "(CRM_ASSIGNMENT_AUTH_TOKEN_SECRET_REQUIRED): with several replicas a "
+                "console token signed by one would fail on the others"
+            )
         if not self.settings.auth_token_secret:
             log.warning(
                 "CRM_ASSIGNMENT_AUTH_TOKEN_SECRET is not set: console tokens are signed with "
@@ -171,14 +176,20 @@ def build_app(
     streams.set_function(lambda: float(len(hub)))
 
     def on_apply(snapshot: ConfigSnapshot[LineConfig]) -> None:
+        current = routing()
         log.info(
             "routing config applied",
             extra={
                 "config_revision": snapshot.revision,
                 "lines": sorted(snapshot.values),
-                "open_lines": [line.name for line in BusinessLine if routing().is_open(line)],
+                "open_lines": [current.name(b) for b in current.all_lines() if current.is_open(b)],
             },
         )
+        if current.conflicts:
+            log.warning(
+                "routing config: keys ignored, their code belongs to a name sorting first",
+                extra={"config_revision": snapshot.revision, "keys": list(current.conflicts)},
+            )
         hub.wake_all()
 
     watcher: ConfigWatcher[LineConfig] = ConfigWatcher(
@@ -201,7 +212,7 @@ def build_app(
                 hub.wake_agent(t.last_lost_agent_id)  # capacity freed
 
     def on_offer(offer: Offer) -> None:
-        offers_total.labels(offer.task.business_line.name).inc()
+        offers_total.labels(routing().name(offer.task.business_line)).inc()
 
     server_ref: list[GrpcServer] = []
 
@@ -269,6 +280,7 @@ def build_app(
     async def close_resources() -> None:
         await servicer.clues.aclose()
         await servicer.actions.aclose()
+        await servicer.dispatcher.aclose()
         await timeouts.stop()
         if outbox is not None:
             await outbox.stop()

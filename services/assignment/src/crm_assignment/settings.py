@@ -153,7 +153,9 @@ class AssignmentSettings(ServiceSettings):
         "<config_prefix>/assignment/<LINE> exists in etcd (and does not say "
         '"enabled": false): CreateClue for a closed line answers FAILED_PRECONDITION '
         "and its agents get no offers; putting the key opens the line live. When false, "
-        'a line without a key uses the defaults (only "enabled": false closes it).',
+        "a well-known line (SALE, AFTER_SALE, FINANCE) without a key uses the defaults "
+        '(only "enabled": false closes it). Any other line exists only while its key '
+        "(with its code) does, in either mode.",
     )
     auth_token_secret: str = Field(
         default="",
@@ -161,6 +163,12 @@ class AssignmentSettings(ServiceSettings):
         "characters; empty: a random secret per process (logged as a warning: tokens do "
         "not survive a restart and are not accepted by other replicas).",
         repr=False,
+    )
+    auth_token_secret_required: bool = Field(
+        default=False,
+        description="Refuse to start without auth_token_secret: set where more than one "
+        "replica runs (the Helm chart sets it when replicaCount > 1 or autoscaling is on), "
+        "since a token signed by one replica's random secret fails on the others.",
     )
     auth_token_ttl_s: int = Field(
         default=43200,

@@ -4,7 +4,8 @@
 - ``migrate``: upgrade the dev registry's database schema and exit.
 - ``registry``: the dev schema registry (Confluent REST subset) until SIGTERM/SIGINT
   (``--migrate`` first upgrades its database).
-- ``sink``: the file sink (consumer group) until SIGTERM/SIGINT.
+- ``sink``: the file sink (consumer group; gRPC health, Prometheus metrics) until
+  SIGTERM/SIGINT.
 - ``replay``: re-submit bad rows of the failed-events topic after a fix.
 - ``kpi``: the realtime KPI consumer (Prometheus metrics per business line, gRPC health)
   until SIGTERM/SIGINT.
@@ -17,10 +18,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import signal
 import sys
-import threading
 from collections.abc import Sequence
 
 from crm_common.cli import Command, ServiceCli
@@ -70,38 +69,10 @@ async def run_kpi(settings: BilogSettings) -> None:
     await build_kpi_app(settings).run_until_signal()
 
 
-def sink_topics(settings: BilogSettings) -> list[str]:
-    """The configured topics, or every schema topic (bad rows included)."""
-    if settings.sink_topics.strip():
-        raw = settings.sink_topics.strip()
-        return [raw] if raw.startswith("^") else [t.strip() for t in raw.split(",") if t.strip()]
-    from crm_bilog.domain.pii import PiiPolicy
-    from crm_bilog.schemas import SchemaCatalog, topic_name
-
-    catalog = SchemaCatalog.load(PiiPolicy(settings.pii_hash_key_bytes))
-    return [topic_name(s.name, settings.topic_prefix) for s in catalog]
-
-
 def run_sink(settings: BilogSettings) -> None:
-    from crm_bilog.sink.runner import Sink, SinkConfig
-    from crm_bilog.sink.storage import LocalStorage
+    from crm_bilog.sink.process import run_sink as run
 
-    crash = int(os.environ.get("CRM_BILOG_SINK_TEST_CRASH_AFTER_PUBLISHES", "0") or 0)
-    config = SinkConfig(
-        bootstrap=settings.kafka_bootstrap,
-        group_id=settings.sink_group_id,
-        topics=sink_topics(settings),
-        registry_url=settings.schema_registry_url,
-        flush_records=settings.sink_flush_records,
-        rotate_interval_s=settings.sink_rotate_interval_s,
-        idle_flush_s=settings.sink_idle_flush_s,
-        session_timeout_ms=settings.sink_session_timeout_ms,
-        crash_after_publishes=crash,
-    )
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    Sink(config, LocalStorage(settings.sink_dir)).run(stop)
+    run(settings)
 
 
 def _replay_arguments(parser: argparse.ArgumentParser) -> None:

@@ -28,15 +28,19 @@ __all__ = ["BiEvent", "BilogClient", "Receipt", "Rejection", "Result"]
 
 @dataclass(frozen=True, slots=True)
 class BiEvent:
-    """An event to log: the schema's full name and the payload."""
+    """An event to log: the schema's full name and the payload; ``request_id``: the
+    request the event was made for, when that is not the call's own (an outbox relaying
+    the events of many requests), see the proto's ``Event.request_id``."""
 
     schema: str
     payload: Mapping[str, Any]
+    request_id: str | None = None
 
     def to_proto(self) -> pb.Event:
         return pb.Event(
             schema=self.schema,
             payload_json=json.dumps(self.payload, separators=(",", ":"), ensure_ascii=False),
+            request_id=self.request_id or "",
         )
 
 

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
+import struct
 from collections.abc import Sequence
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
-__all__ = ["committed_offsets", "manual_commit_consumer"]
+__all__ = ["broker_answers", "committed_offsets", "manual_commit_consumer"]
 
 
 def manual_commit_consumer(
@@ -50,3 +52,40 @@ def committed_offsets(
             if tp.offset >= 0:
                 found[(tp.topic, tp.partition)] = tp.offset
     return found
+
+
+def broker_answers(bootstrap: str, timeout: float, client_id: str = "crm-health") -> None:
+    """Returns when one of the ``bootstrap`` brokers answers a Kafka ApiVersions request
+    on a fresh connection within ``timeout``, raises otherwise.
+
+    A health check of its own, not the consumer's handle: a metadata request on a live
+    librdkafka handle can stay pending past its timeout while the broker hangs (a
+    paused broker still accepts TCP connections, then answers nothing)."""
+    correlation = 0x43524D  # "CRM"
+    name = client_id.encode()
+    body = struct.pack(">hhih", 18, 0, correlation, len(name)) + name
+    request = struct.pack(">i", len(body)) + body
+    errors: list[str] = []
+    for address in (a.strip() for a in bootstrap.split(",") if a.strip()):
+        host, _, port = address.rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as s:
+                s.settimeout(timeout)
+                s.sendall(request)
+                head = _read_exactly(s, 8)
+                if struct.unpack(">ii", head)[1] == correlation:
+                    return
+                errors.append(f"{address}: unexpected answer")
+        except (OSError, ValueError) as exc:
+            errors.append(f"{address}: {type(exc).__name__}: {exc}")
+    raise ConnectionError("no broker answered: " + "; ".join(errors))
+
+
+def _read_exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("connection closed")
+        data += chunk
+    return data

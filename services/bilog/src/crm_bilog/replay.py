@@ -132,7 +132,8 @@ async def replay(
                 report.unrecoverable += 1
                 continue
             event = IncomingEvent(row["schema"], row["payload_json"])
-            prepared = intake.prepare(event, protect=False)
+            # the replayed record keeps the request id of the event's original request
+            prepared = intake.prepare(event, protect=False, request_id=row.get("request_id"))
             if isinstance(prepared, OutgoingMessage):
                 report.replayed += 1
                 report.by_schema[event.schema] = report.by_schema.get(event.schema, 0) + 1

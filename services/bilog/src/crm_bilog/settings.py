@@ -129,6 +129,23 @@ class BilogSettings(ServiceSettings):
         "about half of it on Tansu).",
     )
 
+    sink_port: int = Field(
+        default=50057, ge=0, le=65535, description="gRPC health port of the sink."
+    )
+    sink_metrics_port: int = Field(
+        default=9157,
+        ge=-1,
+        le=65535,
+        description="Prometheus /metrics port of the sink; -1 disables it.",
+    )
+    sink_stall_s: float = Field(
+        default=180.0,
+        gt=0,
+        description="The sink's consume loop must come round at least this often: past "
+        "it, health (readiness) and ``liveness`` turn NOT_SERVING, so a hung sink is "
+        "restarted. Keep it above a blocking offset commit (socket.timeout.ms, 60 s).",
+    )
+
     # -- realtime KPIs (python -m crm_bilog kpi) --------------------------------------------
     kpi_port: int = Field(
         default=50056, ge=0, le=65535, description="gRPC health port of the KPI consumer."

@@ -9,19 +9,41 @@ An absent key means the defaults. The watcher rejects an invalid value (other ke
 
     {"weights": {"content": 0.6, "cooccurrence": 0.3, "popularity": 0.1},
      "budget_tolerance": 0.1, "max_per_brand": 3,
-     "lines": {"FINANCE": {"content": 0.3, "cooccurrence": 0.2, "popularity": 0.5}}}
+     "lines": {"FINANCE": {"content": 0.3, "cooccurrence": 0.2, "popularity": 0.5},
+               "LEASING": {"code": 4, "content": 0.2, "cooccurrence": 0.2, "popularity": 0.6},
+               "5": {"content": 1, "cooccurrence": 0, "popularity": 0}}}
+
+``lines`` is keyed by business line (lines are data, see ``crm_common.lines``): a well-known
+name (SALE, AFTER_SALE, FINANCE), a code (``"5"``) or any other line name with its
+``code`` (the same name and code as in the assignment config).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Annotated, Literal
+from collections.abc import Mapping
+from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from crm_common.lines import LINE_NAME, MAX_LINE_CODE, WELL_KNOWN_LINES
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    field_validator,
+    model_validator,
+)
 
-from crm_recommendation.domain.model import BusinessLine
-
-__all__ = ["CONFIG_KEY", "ContentWeights", "HybridWeights", "RankingConfig", "parse"]
+__all__ = [
+    "CONFIG_KEY",
+    "ContentWeights",
+    "HybridWeights",
+    "LineWeights",
+    "RankingConfig",
+    "line_code",
+    "parse",
+]
 
 CONFIG_KEY = "ranking"
 """The key (relative to ``<config_prefix>/recommendation/``) of the ranking config."""
@@ -36,7 +58,7 @@ def _finite(x: float) -> float:
 Weight = Annotated[float, Field(ge=0, le=1000), AfterValidator(_finite)]
 Width = Annotated[float, Field(gt=0, le=1000), AfterValidator(_finite)]
 Fraction = Annotated[float, Field(ge=0, le=1), AfterValidator(_finite)]
-LineName = Literal["SALE", "AFTER_SALE", "FINANCE"]
+LineKey = Annotated[str, Field(min_length=1, max_length=32)]
 
 
 class HybridWeights(BaseModel):
@@ -61,6 +83,32 @@ class HybridWeights(BaseModel):
     def normalized(self) -> tuple[float, float, float]:
         total = self.content + self.cooccurrence + self.popularity
         return self.content / total, self.cooccurrence / total, self.popularity / total
+
+
+class LineWeights(HybridWeights):
+    """Signal weights of one business line; ``code`` names a line that is not well known
+    and not keyed by its code."""
+
+    code: int | None = Field(default=None, ge=1, le=MAX_LINE_CODE)
+
+
+def line_code(key: str, weights: LineWeights) -> int:
+    """The code the ``lines`` entry ``key`` is for; ValueError when it cannot say."""
+    if key.isdigit():
+        code = int(key)
+        if not 1 <= code <= MAX_LINE_CODE:
+            raise ValueError(f"{key}: a line code is 1..{MAX_LINE_CODE}")
+    elif key in WELL_KNOWN_LINES:
+        code = WELL_KNOWN_LINES[key]
+    elif LINE_NAME.fullmatch(key) is None:
+        raise ValueError(f"{key}: expected a line code (e.g. 4) or a line name in upper snake case")
+    elif weights.code is None:
+        raise ValueError(f"{key}: a line other than SALE, AFTER_SALE, FINANCE needs its code")
+    else:
+        code = weights.code
+    if weights.code is not None and weights.code != code:
+        raise ValueError(f"{key}: is code {code}, not {weights.code}")
+    return code
 
 
 class ContentWeights(BaseModel):
@@ -98,8 +146,9 @@ class RankingConfig(BaseModel):
 
     weights: HybridWeights = Field(default_factory=HybridWeights)
     """Default signal weights."""
-    lines: dict[LineName, HybridWeights] = Field(default_factory=dict)
-    """Signal weights of a business line that asks with ``business_line`` set."""
+    lines: dict[LineKey, LineWeights] = Field(default_factory=dict, max_length=1000)
+    """Signal weights of a business line that asks with ``business_line`` set, keyed by
+    line (see the module doc); a line without an entry uses ``weights``."""
     content: ContentWeights = Field(default_factory=ContentWeights)
     budget_tolerance: Fraction = 0.1
     """Cars up to this fraction outside the budget may be recommended (hard filter)."""
@@ -118,10 +167,30 @@ class RankingConfig(BaseModel):
     popular_threshold: Fraction = 0.5
     """A car gets the "popular" reason when its popularity signal is at least this."""
 
-    def hybrid(self, line: BusinessLine | None) -> tuple[float, float, float]:
-        """Normalized (content, co-occurrence, popularity) weights for ``line``."""
-        if line is not None and line.name in self.lines:
-            return self.lines[line.name].normalized()  # type: ignore[index,unused-ignore]
+    _by_code: dict[int, LineWeights] = PrivateAttr(default_factory=dict)
+
+    @field_validator("lines")
+    @classmethod
+    def _one_entry_per_line(cls, lines: dict[str, LineWeights]) -> dict[str, LineWeights]:
+        seen: dict[int, str] = {}
+        for key, weights in lines.items():
+            code = line_code(key, weights)
+            if code in seen:
+                raise ValueError(f"{key} and {seen[code]} are both line {code}")
+            seen[code] = key
+        return lines
+
+    def model_post_init(self, context: object, /) -> None:
+        self._by_code.update({line_code(k, w): w for k, w in self.lines.items()})
+
+    @property
+    def lines_by_code(self) -> Mapping[int, LineWeights]:
+        return self._by_code
+
+    def hybrid(self, line: int | None) -> tuple[float, float, float]:
+        """Normalized (content, co-occurrence, popularity) weights for ``line`` (a code)."""
+        if line is not None and line in self._by_code:
+            return self._by_code[line].normalized()
         return self.weights.normalized()
 
 

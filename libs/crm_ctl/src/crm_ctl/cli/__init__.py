@@ -1,7 +1,8 @@
 """``crmctl``: the platform from a terminal, for ops and developers.
 
     crmctl tasks list --line SALE --status UNASSIGNED      # assignment service
-    crmctl tasks get 42 | agents get 7 | agents presence 7 IDLE | queue stats
+    crmctl tasks get 42 | agents list --line SALE --presence IDLE | agents get 7
+    crmctl agents presence 7 IDLE | queue stats
     crmctl jobs list --state DEAD | jobs get ID | jobs cancel ID | jobs rerun ID
     crmctl config list | get assignment FINANCE | set assignment SALE --set weights.star=80
     crmctl config history assignment SALE | rollback assignment SALE 41 | rollout ...
@@ -9,8 +10,8 @@
     crmctl bi replay --dry-run                              # failed BI events
     crmctl serve-config-admin                               # the ConfigAdmin gRPC server
 
-Every command prints a readable table, or JSON with ``-o json``. Targets come from flags
-or ``CRM_CTL_*`` environment variables. A failure prints one line (``error: CODE:
+Every command prints a readable table, or JSON with ``-o json`` (or ``--json``). Targets
+come from flags or ``CRM_CTL_*`` environment variables. A failure prints one line (``error: CODE:
 message``, then each field at fault) and exits with a code per kind of failure (below).
 """
 
@@ -74,6 +75,14 @@ def _parser(defaults: CtlSettings) -> argparse.ArgumentParser:
         choices=["table", "json"],
         default=argparse.SUPPRESS,
         help="output format (default table)",
+    )
+    common.add_argument(
+        "--json",
+        dest="output",
+        action="store_const",
+        const="json",
+        default=argparse.SUPPRESS,
+        help="same as -o json",
     )
     parser = argparse.ArgumentParser(
         prog="crmctl",

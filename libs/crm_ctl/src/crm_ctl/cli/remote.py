@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
@@ -13,12 +14,15 @@ from crm.assignment.v1 import assignment_pb2_grpc
 from crm.common.v1 import common_pb2
 from crm.scheduler.v1 import scheduler_pb2 as spb
 from crm.scheduler.v1 import scheduler_pb2_grpc
+from crm_common.errors import CrmError, InvalidArgument
+from crm_common.lines import LINE_NAME, WELL_KNOWN_LINES
 
 from crm_ctl.cli.output import Out, fmt_time, proto_dict
 
 __all__ = ["add_remote_commands", "enum_arg", "enum_name"]
 
 T = TypeVar("T")
+_WELL_KNOWN_NAMES = {c: n for n, c in WELL_KNOWN_LINES.items()}
 
 
 def enum_arg(enum: Any, prefix: str) -> Callable[[str], int]:
@@ -47,15 +51,40 @@ def enum_name(enum: Any, prefix: str, value: int) -> str:
         return str(value)
 
 
-LINE = enum_arg(common_pb2.BusinessLine, "BUSINESS_LINE_")
+def LINE(text: str) -> str:
+    """A business line as typed: a code (``4``) or a name (``sale``, ``LEASING``); names
+    other than the well-known ones are resolved against the live config (``Ctx.line``)."""
+    s = text.strip()
+    if s.isdigit() and int(s) >= 1:
+        return s
+    name = s.upper().replace("-", "_").removeprefix("BUSINESS_LINE_")
+    if LINE_NAME.fullmatch(name) is None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a business line: a code >= 1 or a name such as "
+            f"{', '.join(WELL_KNOWN_LINES)} (case-insensitive)"
+        )
+    return name
+
+
+LINE.__name__ = "business_line"
 CATEGORY = enum_arg(apb.Category, "CATEGORY_")
 STATUS = enum_arg(apb.Status, "STATUS_")
 PRESENCE = enum_arg(apb.Presence, "PRESENCE_")
 JOB_STATE = enum_arg(spb.JobState, "JOB_STATE_")
 
 
-def _line(v: int) -> str:
-    return enum_name(common_pb2.BusinessLine, "BUSINESS_LINE_", v)
+def _configured_lines(args: argparse.Namespace) -> dict[str, int]:
+    """Name -> code of the business lines in the live config (etcd)."""
+    from crm_ctl.config.admin import ConfigAdmin
+
+    async def go() -> dict[str, int]:
+        admin = ConfigAdmin.connect(args.etcd, args.config_prefix)
+        try:
+            return await asyncio.wait_for(admin.business_lines(), args.timeout)
+        finally:
+            await admin.close()
+
+    return asyncio.run(go())
 
 
 def _cat(v: int) -> str:
@@ -91,6 +120,8 @@ class Ctx:
         self.args = args
         self.out = out
         self._channels: list[grpc.Channel] = []
+        self._lines: dict[str, int] | None = None
+        self._lines_error = ""
 
     def channel(self, target: str) -> grpc.Channel:
         ch = grpc.insecure_channel(target)
@@ -102,6 +133,42 @@ class Ctx:
 
     def scheduler(self) -> scheduler_pb2_grpc.SchedulerServiceStub:
         return scheduler_pb2_grpc.SchedulerServiceStub(self.channel(self.args.scheduler))
+
+    def lines(self) -> dict[str, int]:
+        """Business line name -> code: the well-known lines and, read once when first
+        needed, those of the live config (lines are data; without etcd: the well-known)."""
+        if self._lines is None:
+            self._lines = dict(WELL_KNOWN_LINES)
+            try:
+                self._lines.update(_configured_lines(self.args))
+            except (CrmError, OSError, TimeoutError) as exc:
+                self._lines_error = str(exc) or type(exc).__name__
+        return self._lines
+
+    def line(self, ref: str | None) -> int:
+        """The code of a ``--line`` argument (0: none given); INVALID_ARGUMENT if unknown."""
+        if not ref:
+            return 0
+        if ref.isdigit():
+            return int(ref)
+        lines = WELL_KNOWN_LINES if ref in WELL_KNOWN_LINES else self.lines()
+        if ref not in lines:
+            why = f" (live config unreadable: {self._lines_error})" if self._lines_error else ""
+            raise InvalidArgument.single(
+                "--line",
+                f"unknown business line {ref}: expected a code or one of "
+                f"{', '.join(sorted(lines, key=lines.__getitem__))}{why}",
+            )
+        return lines[ref]
+
+    def line_name(self, code: int) -> str:
+        """A line for display: its name (well-known or configured), else its code."""
+        if code in _WELL_KNOWN_NAMES:
+            return _WELL_KNOWN_NAMES[code]
+        if code <= 0:
+            return str(code) if code else ""
+        names = {c: n for n, c in sorted(self.lines().items(), reverse=True)}
+        return names.get(code, str(code))
 
     def call(self, method: Callable[..., T], request: Any) -> T:
         return method(request, timeout=self.args.timeout)
@@ -126,7 +193,7 @@ def _next_page(ctx: Ctx, token: str) -> None:
 def tasks_list(ctx: Ctx) -> int:
     a = ctx.args
     req = apb.ListTasksRequest(
-        business_line=cast(Any, a.line or 0),
+        business_line=cast(Any, ctx.line(a.line)),
         category=cast(Any, a.category or 0),
         statuses=a.status or [],
         agent_id=a.agent or 0,
@@ -142,7 +209,7 @@ def tasks_list(ctx: Ctx) -> int:
         [
             (
                 t.id,
-                _line(t.business_line),
+                ctx.line_name(t.business_line),
                 _cat(t.category),
                 _status(t.status),
                 t.agent_id or None,
@@ -168,7 +235,7 @@ def tasks_get(ctx: Ctx) -> int:
     ctx.out.fields(
         [
             ("Task", t.id),
-            ("Line", _line(t.business_line)),
+            ("Line", ctx.line_name(t.business_line)),
             ("Category", _cat(t.category)),
             ("Status", _status(t.status)),
             ("Agent", t.agent_id or None),
@@ -232,7 +299,7 @@ def _agent_fields(ctx: Ctx, a: apb.Agent) -> None:
         [
             ("Agent", a.id),
             ("Name", a.name),
-            ("Line", _line(a.business_line)),
+            ("Line", ctx.line_name(a.business_line)),
             ("Presence", _presence(a.presence)),
             ("Tasks", f"{a.active_tasks}/{a.capacity}"),
             ("Cities", ", ".join(a.cities) or "all"),
@@ -240,6 +307,35 @@ def _agent_fields(ctx: Ctx, a: apb.Agent) -> None:
             ("Brands", ", ".join(a.brands)),
         ]
     )
+
+
+def agents_list(ctx: Ctx) -> int:
+    a = ctx.args
+    req = apb.ListAgentsRequest(
+        business_line=cast(Any, ctx.line(a.line)), presences=a.presence or [], page=_page(a)
+    )
+    resp = ctx.call(ctx.assignment().ListAgents, req)
+    if ctx.out.json:
+        ctx.out.doc(proto_dict(resp))
+        return 0
+    ctx.out.table(
+        ["id", "name", "line", "presence", "tasks", "cities", "categories", "brands"],
+        [
+            (
+                ag.id,
+                ag.name,
+                ctx.line_name(ag.business_line),
+                _presence(ag.presence),
+                f"{ag.active_tasks}/{ag.capacity}",
+                ",".join(ag.cities) or "all",
+                ",".join(_cat(c) for c in ag.categories) or "all",
+                ",".join(ag.brands) or None,
+            )
+            for ag in resp.agents
+        ],
+    )
+    _next_page(ctx, resp.page.next_page_token)
+    return 0
 
 
 def agents_get(ctx: Ctx) -> int:
@@ -266,7 +362,7 @@ def agents_presence(ctx: Ctx) -> int:
 
 
 def queue_stats(ctx: Ctx) -> int:
-    req = apb.QueueStatsRequest(business_line=cast(Any, ctx.args.line or 0))
+    req = apb.QueueStatsRequest(business_line=cast(Any, ctx.line(ctx.args.line)))
     resp = ctx.call(ctx.assignment().QueueStats, req)
     if ctx.out.json:
         ctx.out.doc(proto_dict(resp))
@@ -275,7 +371,7 @@ def queue_stats(ctx: Ctx) -> int:
         ["line", "category", "waiting", "offered", "in progress", "scheduled", "oldest wait"],
         [
             (
-                _line(q.business_line),
+                ctx.line_name(q.business_line),
                 _cat(q.category),
                 q.waiting,
                 q.offered,
@@ -289,7 +385,7 @@ def queue_stats(ctx: Ctx) -> int:
     ctx.out.line()
     ctx.out.table(
         ["line", "presence", "agents"],
-        [(_line(p.business_line), _presence(p.presence), p.agents) for p in resp.agents],
+        [(ctx.line_name(p.business_line), _presence(p.presence), p.agents) for p in resp.agents],
     )
     return 0
 
@@ -388,7 +484,11 @@ def add_remote_commands(
         dest="sub", required=True, metavar="{list,get}"
     )
     p = tasks.add_parser("list", parents=[common], help="list tasks (newest first)")
-    p.add_argument("--line", type=LINE, help="business line: SALE, AFTER_SALE, FINANCE")
+    p.add_argument(
+        "--line",
+        type=LINE,
+        help="business line: SALE, AFTER_SALE, FINANCE, a configured one, a code",
+    )
     p.add_argument("--category", type=CATEGORY, help="NEW_CLUE, REVISIT, FAILED_ORDER")
     p.add_argument("--status", type=STATUS, action="append", help="repeatable, e.g. UNASSIGNED")
     p.add_argument("--agent", type=positive, help="only tasks of this agent")
@@ -400,8 +500,19 @@ def add_remote_commands(
     p.set_defaults(func=tasks_get)
 
     agents = sub.add_parser("agents", help="agents of the assignment service").add_subparsers(
-        dest="sub", required=True, metavar="{get,presence}"
+        dest="sub", required=True, metavar="{list,get,presence}"
     )
+    p = agents.add_parser("list", parents=[common], help="list agents (by id)")
+    p.add_argument(
+        "--line",
+        type=LINE,
+        help="business line: SALE, AFTER_SALE, FINANCE, a configured one, a code",
+    )
+    p.add_argument(
+        "--presence", type=PRESENCE, action="append", help="repeatable: OFFLINE, IDLE, BUSY, BREAK"
+    )
+    _paging(p)
+    p.set_defaults(func=agents_list)
     p = agents.add_parser("get", parents=[common], help="one agent")
     p.add_argument("id", type=positive)
     p.set_defaults(func=agents_get)

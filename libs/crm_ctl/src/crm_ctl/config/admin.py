@@ -45,6 +45,7 @@ from crm_common.errors import (
     PreconditionViolation,
     Unavailable,
 )
+from crm_common.lines import WELL_KNOWN_LINES
 from crm_operator import schemas
 from crm_operator.etcd import ConfigStore, HistoryEntry, RevisionConflict
 
@@ -224,11 +225,9 @@ class ConfigAdmin:
             )
         if not KEY_PATTERN.match(key):
             problems.append(("key", "must match ^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"))
-        elif service in schemas.REGISTRY and key not in schemas.REGISTRY[service].keys:
+        elif service in schemas.REGISTRY and not schemas.key_known(service, key):
             try:
                 schemas.parser(service)(key, b"{}")
-            except pydantic.ValidationError:
-                pass  # the key is fine, the empty value is not: irrelevant here
             except ValueError as exc:
                 problems.append(("key", str(exc)))
         if problems:
@@ -358,7 +357,7 @@ class ConfigAdmin:
         module, _, name = schemas.REGISTRY[service].model.partition(":")
         model: type[pydantic.BaseModel] = getattr(importlib.import_module(module), name)
         try:
-            return model().model_dump(mode="json")
+            return model().model_dump(mode="json", exclude_none=True)
         except pydantic.ValidationError:
             return None
 
@@ -428,7 +427,7 @@ class ConfigAdmin:
                     KeySummary(
                         service=svc,
                         key=key,
-                        known=key in declared,
+                        known=schemas.key_known(svc, key),
                         present=key in present,
                         revision=revision,
                         author=v.author if v else None,
@@ -438,6 +437,24 @@ class ConfigAdmin:
                     )
                 )
         return out
+
+    async def business_lines(self) -> dict[str, int]:
+        """Name -> code of every business line: the well-known ones and those configured
+        under ``<prefix>/assignment/`` (lines are data; a value the service would refuse
+        is left out)."""
+        lines = dict(WELL_KNOWN_LINES)
+        base = f"{self.store.config_prefix}/assignment/"
+        parse = schemas.parser("assignment")
+        for k, raw, _ in await self._etcd(self.store.list_prefix(base)):
+            name = k[len(base) :]
+            if name.startswith("_") or "/" in name:
+                continue
+            try:
+                code = getattr(parse(name, raw), "code", None)
+            except ValueError:
+                continue
+            lines[name] = int(code) if code is not None else WELL_KNOWN_LINES[name]
+        return lines
 
     # ----------------------------------------------------------------- writes
 

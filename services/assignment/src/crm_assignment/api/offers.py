@@ -22,7 +22,17 @@ Who is woken:
 - every stream: a routing config change, shutdown, a replacing stream (the old one).
 
 A stream clears its own wake-up flag *before* it asks the store (:meth:`OfferStream.arm`),
-so a wake-up that arrives while the store call runs is not lost.
+so a wake-up that arrives while the store call runs (or while its request waits for the
+next dispatch batch, whose routing config and time are read when it starts) is not lost:
+the stream asks again at once instead of waiting. Everything here runs on the event loop,
+so arming, waking and the check before waiting never interleave. A line wake-up goes to a
+waiting stream or is kept for the next stream that would wait (``_pending``); a stream
+that cannot use it passes it on (at most once around the line, and not when the line was
+empty), and so does a stream that ended before using it (:meth:`OfferHub.close`). A stream
+whose candidates were all held by another transaction (``NoOffer.CONTENDED``: nobody may
+wake it when that transaction ends) looks again after ``CONTENDED_RETRY_S``. The
+``dispatch_poll_s`` poll stays as the backstop (changes through other replicas, a revisit
+reserved for its agent becoming free for others).
 """
 
 from __future__ import annotations
@@ -33,12 +43,16 @@ import logging
 
 from crm_assignment.domain.model import BusinessLine
 
-__all__ = ["OfferHub", "OfferStream"]
+__all__ = ["CONTENDED_RETRY_S", "OfferHub", "OfferStream"]
 
 log = logging.getLogger("crm.assignment.offers")
 
 HANDOVER_TIMEOUT_S = 5.0
 """How long a new stream waits for the stream it replaces to end."""
+
+CONTENDED_RETRY_S = 0.1
+"""How soon a stream whose candidates were all held by other transactions looks again
+(capped by ``dispatch_poll_s``)."""
 
 
 class OfferStream:
@@ -97,8 +111,12 @@ class OfferHub:
     def closing(self) -> bool:
         return self._closing
 
+    def waiting(self, line: BusinessLine) -> int:
+        """How many streams of the line wait for a line wake-up (tests, diagnostics)."""
+        return len(self._waiting.get(line, {}))
+
     def _line_size(self, line: BusinessLine) -> int:
-        return sum(1 for s in self._streams.values() if s.line is line)
+        return sum(1 for s in self._streams.values() if s.line == line)
 
     # ------------------------------------------------------------------ streams
 
@@ -117,13 +135,18 @@ class OfferHub:
         return stream
 
     def close(self, stream: OfferStream) -> None:
-        """Unregister (when still registered) and mark the stream ended."""
+        """Unregister (when still registered) and mark the stream ended. A line wake-up
+        it was handed and did not use (it ended instead: replaced, an error, the client
+        gone) goes to another stream of the line, as if the task had just come in."""
         if self._streams.get(stream.agent_id) is stream:
             del self._streams[stream.agent_id]
         waiting = self._waiting.get(stream.line, {})
         if waiting.get(stream.agent_id) is stream:
             del waiting[stream.agent_id]
         stream.mark_done()
+        if stream.baton > 0 and not self._closing:
+            stream.baton = 0
+            self.task_waiting(stream.line)
 
     async def wait(self, stream: OfferStream, timeout: float, line_wakes: bool = True) -> bool:
         """Wait until the stream is woken (True) or ``timeout`` passes (False). Without
@@ -177,7 +200,7 @@ class OfferHub:
         stream = self._streams.get(agent_id)
         if stream is None:
             return
-        if line is not None and line is not stream.line:
+        if line is not None and line != stream.line:
             waiting = self._waiting.get(stream.line, {})
             if waiting.get(agent_id) is stream:
                 del waiting[agent_id]

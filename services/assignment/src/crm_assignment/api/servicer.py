@@ -29,16 +29,19 @@ from crm_common.errors import (
     Validator,
 )
 from crm_common.logs import request_id_var
+from crm_common.tracing import request_origin
 
 from crm_assignment.api import convert, validation
 from crm_assignment.api.action_batcher import ActionBatcher
 from crm_assignment.api.auth import AgentAuth
 from crm_assignment.api.clue_batcher import ClueBatcher
-from crm_assignment.api.offers import OfferHub
+from crm_assignment.api.dispatch_batcher import DispatchBatcher
+from crm_assignment.api.offers import CONTENDED_RETRY_S, OfferHub
 from crm_assignment.clients.recommendation import NotConfigured, TaskRecommender
 from crm_assignment.clients.timeouts import OfferTimeouts
 from crm_assignment.config import RoutingConfig
 from crm_assignment.domain import rules
+from crm_assignment.domain.agent_query import AgentCursor
 from crm_assignment.domain.model import (
     WAITING_STATUSES,
     BusinessLine,
@@ -89,6 +92,9 @@ class AssignmentServicer(assignment_pb2_grpc.AssignmentServiceServicer):
         self._store = store
         self.clues = ClueBatcher(store, executor, clue_batch_max)
         self.actions = ActionBatcher(store, executor, clue_batch_max)
+        self.dispatcher = DispatchBatcher(
+            store, executor, clock, routing, clue_batch_max, on_unclaimed=self._offer_unclaimed
+        )
         self._run = executor.run
         self._clock = clock
         self._routing = routing
@@ -109,9 +115,10 @@ class AssignmentServicer(assignment_pb2_grpc.AssignmentServiceServicer):
         self, request: pb.CreateClueRequest, context: Context
     ) -> pb.CreateClueResponse:
         self._auth.require_service(context, "CreateClue")
-        clue = validation.new_clue(request, self._protector)
         routing = self._routing()
-        _check_line_open(routing.is_open(clue.business_line), clue.business_line)
+        # the request's origin goes with the clue: its batch runs in a context of its own
+        clue = validation.new_clue(request, self._protector, routing, request_origin())
+        _check_line_open(routing, clue.business_line)
         cfg = routing.line(clue.business_line)
         now = self._clock()
         result = await self.clues.submit(clue, now, cfg)  # group commit with concurrent calls
@@ -146,7 +153,7 @@ class AssignmentServicer(assignment_pb2_grpc.AssignmentServiceServicer):
         self, request: pb.ListTasksRequest, context: Context
     ) -> pb.ListTasksResponse:
         caller = self._auth.caller(context)
-        q = validation.list_query(request)
+        q = validation.list_query(request, self._routing())
         if caller is not None:  # an agent lists only its own tasks
             if q.filter.agent_id not in (None, caller):
                 raise PermissionDenied(
@@ -165,9 +172,10 @@ class AssignmentServicer(assignment_pb2_grpc.AssignmentServiceServicer):
     async def QueueStats(
         self, request: pb.QueueStatsRequest, context: Context
     ) -> pb.QueueStatsResponse:
+        routing = self._routing()
         with Validator() as v:
-            line = validation.optional_line(v, request.business_line, "business_line")
-        stats = await self._run(self._store.queue_stats, line, self._clock())
+            line = validation.optional_line(v, request.business_line, "business_line", routing)
+        stats = await self._run(self._store.queue_stats, line, self._clock(), routing.all_lines())
         return convert.queue_stats_pb(stats)
 
     # ------------------------------------------------------------------ agents
@@ -176,7 +184,7 @@ class AssignmentServicer(assignment_pb2_grpc.AssignmentServiceServicer):
         self, request: pb.UpsertAgentRequest, context: Context
     ) -> pb.UpsertAgentResponse:
         self._auth.require_service(context, "UpsertAgent")
-        spec = validation.agent_spec(request)
+        spec = validation.agent_spec(request, self._routing())
         agent, created = await self._run(self._store.upsert_agent, spec, self._clock())
         self._hub.wake_agent(agent.id, agent.business_line)
         return pb.UpsertAgentResponse(agent=convert.agent_pb(agent), created=created)
@@ -187,6 +195,18 @@ class AssignmentServicer(assignment_pb2_grpc.AssignmentServiceServicer):
         self._auth.require_self(context, request.id)
         agent = await self._run(self._store.get_agent, request.id)
         return pb.GetAgentResponse(agent=convert.agent_pb(agent))
+
+    async def ListAgents(
+        self, request: pb.ListAgentsRequest, context: Context
+    ) -> pb.ListAgentsResponse:
+        q = validation.agent_list_query(request, self._routing())
+        self._auth.require_service(context, "ListAgents")
+        after = q.after.id if q.after is not None else None
+        agents, more = await self._run(self._store.list_agents, q.filter, q.page_size, after)
+        response = pb.ListAgentsResponse(agents=[convert.agent_pb(a) for a in agents])
+        if more and agents:
+            response.page.next_page_token = AgentCursor(agents[-1].id).encode(q.filters_hash)
+        return response
 
     async def SetPresence(
         self, request: pb.SetPresenceRequest, context: Context
@@ -239,12 +259,13 @@ class AssignmentServicer(assignment_pb2_grpc.AssignmentServiceServicer):
                 if stream.closing:
                     raise Unavailable("the server is shutting down", reason="SHUTTING_DOWN")
                 stream.arm()
-                offer = await self._run(
-                    self._store.dispatch, agent_id, self._clock(), self._routing()
-                )
+                offer = await self.dispatcher.submit(agent_id)  # with the streams asking now
                 if isinstance(offer, NoOffer):
                     self._hub.found_nothing(stream, line_empty=offer is NoOffer.LINE_EMPTY)
-                    await self._hub.wait(stream, self._poll_s)
+                    poll = self._poll_s
+                    if offer is NoOffer.CONTENDED:  # its holder may not wake anyone
+                        poll = min(poll, CONTENDED_RETRY_S)
+                    await self._hub.wait(stream, poll)
                     continue
                 stream.baton = 0
                 log.info(
@@ -265,6 +286,17 @@ class AssignmentServicer(assignment_pb2_grpc.AssignmentServiceServicer):
             self._hub.close(stream)
             log.info("offer stream closed", extra={"agent_id": agent_id})
 
+    def _offer_unclaimed(self, offer: Offer) -> None:
+        """An offer whose stream ended while its dispatch batch ran: it stays the agent's
+        (pushed again when the agent reconnects) and expires like any other."""
+        log.info(
+            "task offered to a stream that ended meanwhile",
+            extra={"task_id": offer.task.id, "agent_id": offer.task.agent_id},
+        )
+        self._timeouts.offer_made(offer.task.id, offer.offer_event_id, offer.deadline)
+        if self._on_offer is not None:
+            self._on_offer(offer)
+
     # ------------------------------------------------------------------ task actions
 
     async def AcceptTask(
@@ -275,7 +307,14 @@ class AssignmentServicer(assignment_pb2_grpc.AssignmentServiceServicer):
             validation.positive_id(v, request.agent_id, "agent_id")
         self._auth.require_self(context, request.agent_id)
         task = await self.actions.submit(  # group commit with concurrent task actions
-            TaskAction(ActionKind.ACCEPT, request.task_id, request.agent_id, "", self._clock())
+            TaskAction(
+                ActionKind.ACCEPT,
+                request.task_id,
+                request.agent_id,
+                "",
+                self._clock(),
+                origin=request_origin(),
+            )
         )
         return pb.AcceptTaskResponse(task=convert.task_pb(task))
 
@@ -311,7 +350,12 @@ class AssignmentServicer(assignment_pb2_grpc.AssignmentServiceServicer):
         revisit: Task | None = None
         if revisit_at is None:  # group commit with concurrent task actions
             action = TaskAction(
-                ActionKind.COMPLETE, request.task_id, request.agent_id, request.note, now
+                ActionKind.COMPLETE,
+                request.task_id,
+                request.agent_id,
+                request.note,
+                now,
+                origin=request_origin(),
             )
             task = await self.actions.submit(action)
         else:
@@ -338,7 +382,12 @@ class AssignmentServicer(assignment_pb2_grpc.AssignmentServiceServicer):
         self._auth.require_self(context, request.agent_id)
         task = await self.actions.submit(
             TaskAction(
-                ActionKind.FAIL, request.task_id, request.agent_id, request.reason, self._clock()
+                ActionKind.FAIL,
+                request.task_id,
+                request.agent_id,
+                request.reason,
+                self._clock(),
+                origin=request_origin(),
             )
         )
         self._hub.wake_agent(request.agent_id)  # capacity freed
@@ -440,16 +489,15 @@ class AssignmentServicer(assignment_pb2_grpc.AssignmentServiceServicer):
         )
 
 
-def _check_line_open(is_open: bool, line: BusinessLine) -> None:
-    if not is_open:
+def _check_line_open(routing: RoutingConfig, line: BusinessLine) -> None:
+    if not routing.is_open(line):
+        name = routing.name(line)
         message = (
-            f"business line {line.name} is closed: it has no enabled routing config "
-            f"(<config_prefix>/assignment/{line.name})"
+            f"business line {name} is closed: it has no enabled routing config "
+            f"(<config_prefix>/assignment/{name}, code {int(line)})"
         )
         raise FailedPrecondition(
             message,
-            violations=[
-                PreconditionViolation("LINE_CLOSED", f"business_line/{line.name}", message)
-            ],
+            violations=[PreconditionViolation("LINE_CLOSED", f"business_line/{name}", message)],
             reason="LINE_CLOSED",
         )

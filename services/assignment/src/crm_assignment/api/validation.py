@@ -11,13 +11,15 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from crm.assignment.v1 import assignment_pb2 as pb
 from crm_common.errors import InvalidArgument, Validator
+from crm_common.tracing import RequestOrigin
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from crm_assignment.api.convert import from_timestamp
+from crm_assignment.domain.agent_query import AgentCursor, AgentFilter
 from crm_assignment.domain.model import (
     AgentSpec,
     BusinessLine,
@@ -39,10 +41,13 @@ from crm_assignment.domain.paging import (
     filter_hash,
 )
 from crm_assignment.domain.phone import PhoneProtector, normalize_phone
-from crm_assignment.domain.rules import call_request_hash, clue_request_hash
+from crm_assignment.domain.rules import CALL_CLOCK_SKEW, call_request_hash, clue_request_hash
 
 __all__ = [
+    "AgentListQuery",
+    "Lines",
     "ListQuery",
+    "agent_list_query",
     "agent_spec",
     "list_query",
     "new_call",
@@ -62,7 +67,7 @@ MAX_BRAND_CHARS = 32
 MAX_AGENT_LIST = 50
 MAX_STATUSES = 16
 MAX_REVISIT_AHEAD = timedelta(days=366)
-MAX_CALL_AHEAD = timedelta(minutes=5)
+MAX_CALL_AHEAD = CALL_CLOCK_SKEW  # clocks differ; a call does not start later
 MAX_CALL_AGE = timedelta(days=366)
 MAX_CALL_SECONDS = 86400
 # Timestamps accepted in requests: 1970-01-01 .. 9999-12-31 (DATETIME range, no negatives).
@@ -98,13 +103,24 @@ def _city(v: Validator, value: str, field: str) -> bool:
     )
 
 
-def _line(v: Validator, value: int, field: str, required: bool) -> BusinessLine | None:
+class Lines(Protocol):
+    """The configured business lines (``crm_assignment.config.RoutingConfig``)."""
+
+    def known(self, code: int) -> bool: ...
+
+    def describe_lines(self) -> str: ...
+
+
+def _line(
+    v: Validator, value: int, field: str, required: bool, lines: Lines
+) -> BusinessLine | None:
+    """A line is data: valid iff its code is a configured (or well-known) line."""
     if value == 0:
         if required:
-            v.add(field, "must be set")
+            v.add(field, f"must be set: one of {lines.describe_lines()}")
         return None
-    if value not in BusinessLine._value2member_map_:
-        v.add(field, "is not a known business line")
+    if value < 0 or not lines.known(value):
+        v.add(field, f"is not a configured business line: expected {lines.describe_lines()}")
         return None
     return BusinessLine(value)
 
@@ -146,8 +162,8 @@ def positive_id(v: Validator, value: int, field: str) -> int:
     return value
 
 
-def optional_line(v: Validator, value: int, field: str) -> BusinessLine | None:
-    return _line(v, value, field, required=False)
+def optional_line(v: Validator, value: int, field: str, lines: Lines) -> BusinessLine | None:
+    return _line(v, value, field, required=False, lines=lines)
 
 
 def presence(v: Validator, value: int, field: str) -> Presence | None:
@@ -203,7 +219,10 @@ def _call_start(v: Validator, req: pb.RecordCallRequest, now: datetime) -> datet
     at = _timestamp(v, req.started_at, "started_at")
     if at is None:
         return None
-    if not v.require(at <= now + MAX_CALL_AHEAD, "started_at", "must not be in the future"):
+    ahead = int(MAX_CALL_AHEAD.total_seconds())
+    if not v.require(
+        at <= now + MAX_CALL_AHEAD, "started_at", f"must not be in the future (>{ahead} s)"
+    ):
         return None
     if not v.require(at >= now - MAX_CALL_AGE, "started_at", "must be at most a year ago"):
         return None
@@ -259,14 +278,20 @@ def new_call(req: pb.RecordCallRequest, now: datetime) -> NewCall:
     )
 
 
-def new_clue(req: pb.CreateClueRequest, protector: PhoneProtector) -> NewClue:
-    """Validate and normalize a CreateClue request; the phone leaves here protected."""
+def new_clue(
+    req: pb.CreateClueRequest,
+    protector: PhoneProtector,
+    lines: Lines,
+    origin: RequestOrigin | None = None,
+) -> NewClue:
+    """Validate and normalize a CreateClue request; the phone leaves here protected.
+    ``origin``: the call's request id and trace context (recorded with its BI events)."""
     v = Validator()
     key = req.idempotency_key
     _key(v, key, "idempotency_key")
     digits = normalize_phone(req.phone) if len(req.phone) <= 64 else None
     v.require(digits is not None, "phone", "must be 7..15 digits with an optional leading '+'")
-    line = _line(v, req.business_line, "business_line", required=True)
+    line = _line(v, req.business_line, "business_line", required=True, lines=lines)
     _text(v, req.source, "source", 1, 64)
     _city(v, req.city, "city")
     if len(req.intent_car_ids) > MAX_CAR_IDS:
@@ -311,6 +336,7 @@ def new_clue(req: pb.CreateClueRequest, protector: PhoneProtector) -> NewClue:
         budget_max_yuan=req.budget_max_yuan,
         priority=req.priority,
         request_hash=request_hash,
+        origin=origin,
     )
 
 
@@ -324,9 +350,9 @@ class ListQuery:
     filters_hash: str
 
 
-def list_query(req: pb.ListTasksRequest) -> ListQuery:
+def list_query(req: pb.ListTasksRequest, lines: Lines) -> ListQuery:
     v = Validator()
-    line = _line(v, req.business_line, "business_line", required=False)
+    line = _line(v, req.business_line, "business_line", required=False, lines=lines)
     category: Category | None = None
     if req.category != 0:
         category = _category(v, req.category, "category")
@@ -370,7 +396,7 @@ def list_query(req: pb.ListTasksRequest) -> ListQuery:
     return ListQuery(f, page_size or DEFAULT_PAGE_SIZE, after, fh)
 
 
-def agent_spec(req: pb.UpsertAgentRequest) -> AgentSpec:
+def agent_spec(req: pb.UpsertAgentRequest, lines: Lines) -> AgentSpec:
     v = Validator()
     if not v.require(req.HasField("agent"), "agent", "must be set"):
         v.check()
@@ -378,7 +404,7 @@ def agent_spec(req: pb.UpsertAgentRequest) -> AgentSpec:
     va = v.at("agent")
     positive_id(va, a.id, "id")
     _text(va, a.name, "name", 1, 100)
-    line = _line(va, a.business_line, "business_line", required=True)
+    line = _line(va, a.business_line, "business_line", required=True, lines=lines)
     cities: list[str] = []
     if len(a.cities) > MAX_AGENT_LIST:
         va.add("cities", f"must have at most {MAX_AGENT_LIST} items")
@@ -407,3 +433,40 @@ def agent_spec(req: pb.UpsertAgentRequest) -> AgentSpec:
         brands=brands,
         capacity=a.capacity,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class AgentListQuery:
+    """A validated ListAgents request."""
+
+    filter: AgentFilter
+    page_size: int
+    after: AgentCursor | None
+    filters_hash: str
+
+
+def agent_list_query(req: pb.ListAgentsRequest, lines: Lines) -> AgentListQuery:
+    """ListAgents request -> filters and page, or InvalidArgument with field paths
+    (``business_line``, ``presences[1]``, ``page.page_size``, ``page.page_token``)."""
+    v = Validator()
+    line = _line(v, req.business_line, "business_line", required=False, lines=lines)
+    presences: list[Presence] = []
+    if len(req.presences) > len(Presence):
+        v.add("presences", f"must have at most {len(Presence)} items")
+    else:
+        for i, value in enumerate(req.presences):
+            p = presence(v, value, f"presences[{i}]")
+            if p is not None and p not in presences:
+                presences.append(p)
+    page_size = req.page.page_size
+    v.require(0 <= page_size <= MAX_PAGE_SIZE, "page.page_size", f"must be 0..{MAX_PAGE_SIZE}")
+    v.check()
+    f = AgentFilter(business_line=line, presences=tuple(sorted(presences)))
+    fh = f.hash()
+    after: AgentCursor | None = None
+    if req.page.page_token:
+        try:
+            after = AgentCursor.decode(req.page.page_token, fh)
+        except BadPageToken as exc:
+            raise InvalidArgument.single("page.page_token", str(exc)) from exc
+    return AgentListQuery(f, page_size or DEFAULT_PAGE_SIZE, after, fh)

@@ -25,6 +25,14 @@ Kafka acknowledged it), then sets ``published_at`` on the accepted rows. So:
   task_event SET publish_error = NULL WHERE published_at IS NULL``, the same for
   ``bi_outbox``) sends it again.
 
+Each row records the request id and W3C ``traceparent`` of the request that made it
+(``request_id``/``traceparent`` columns, filled where the rows are written). The relay
+sends each event's request id with it (``Event.request_id``: bilog puts it on the Kafka
+record as its ``x-request-id`` header), and, tracing on, sends each batch inside a
+PRODUCER span of its own (``crm_common.tracing.linked_span``: the batch is nobody's
+request) linked to the trace of every request of the batch; the LogBatch call and bilog's
+server span are its children.
+
 Consumers dedupe on ``(task_id, at, from_status, to_status)``: the TaskTransition schema
 has no event id field (the Kafka key is ``business_line:task_id``, so one task's events
 stay in order on one partition).
@@ -48,12 +56,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 from crm_bilog.client import BiEvent, BilogClient, Result
 from crm_common.aio import BlockingExecutor
 from crm_common.interceptors import insecure_channel
+from crm_common.tracing import linked_span
 from sqlalchemy import Engine, event
 
 from crm_assignment.domain.model import Clock, OutboxBacklog, OutboxEvent
@@ -132,24 +141,36 @@ def watch_transitions(engine: Engine, notify: Callable[[], None]) -> Callable[[]
     return remove
 
 
+class _Pending(NamedTuple):
+    """An outbox row to send: its id, its event, the traceparent of its request."""
+
+    row_id: int
+    event: BiEvent
+    traceparent: str | None
+
+
 @dataclass(frozen=True, slots=True)
 class _Source:
     """One outbox table: read pending rows as events, mark them (all synchronous)."""
 
     table: str
-    fetch: Callable[[int], list[tuple[int, BiEvent]]]
+    fetch: Callable[[int], list[_Pending]]
     mark_published: Callable[[Sequence[int], datetime], int]
     mark_rejected: Callable[[dict[int, str]], None]
 
 
 def _sources(store: AssignmentStore) -> tuple[_Source, ...]:
-    def transitions(limit: int) -> list[tuple[int, BiEvent]]:
+    def transitions(limit: int) -> list[_Pending]:
         return [
-            (e.id, BiEvent(SCHEMA, transition_payload(e))) for e in store.unpublished_events(limit)
+            _Pending(e.id, BiEvent(SCHEMA, transition_payload(e), e.request_id), e.traceparent)
+            for e in store.unpublished_events(limit)
         ]
 
-    def others(limit: int) -> list[tuple[int, BiEvent]]:
-        return [(e.id, BiEvent(e.schema, e.payload)) for e in store.unpublished_bi_events(limit)]
+    def others(limit: int) -> list[_Pending]:
+        return [
+            _Pending(e.id, BiEvent(e.schema, e.payload, e.request_id), e.traceparent)
+            for e in store.unpublished_bi_events(limit)
+        ]
 
     return (
         _Source("task_event", transitions, store.mark_published, store.mark_rejected),
@@ -257,14 +278,23 @@ class OutboxRelay:
                     break
         return done
 
-    async def _publish(self, source: _Source, events: list[tuple[int, BiEvent]]) -> int:
+    async def _publish(self, source: _Source, events: list[_Pending]) -> int:
+        """Sends one batch (inside its linked span when tracing is on, see module doc)."""
+        with linked_span(
+            f"outbox publish {source.table}",
+            (p.traceparent for p in events),
+            attributes={"crm.outbox.table": source.table, "crm.outbox.events": len(events)},
+        ):
+            return await self._send(source, events)
+
+    async def _send(self, source: _Source, events: list[_Pending]) -> int:
         assert self._client is not None, "start() first"
-        results = await self._client.log_batch([e for _, e in events], timeout=self._timeout_s)
+        results = await self._client.log_batch([p.event for p in events], timeout=self._timeout_s)
         if len(results) != len(events):
             raise RuntimeError(f"bilog answered {len(results)} results for {len(events)} events")
         accepted: list[int] = []
         rejected: dict[int, tuple[str, str]] = {}
-        for (row_id, ev), result in zip(
+        for (row_id, ev, _), result in zip(
             events, sorted(results, key=lambda r: r.index), strict=True
         ):
             if result.accepted:

@@ -1,9 +1,11 @@
 """Dispatch scoring: which waiting task suits an agent best (pure).
 
-The store reads the candidates (tasks of the agent's line and skills, due now, already
-ordered by priority, star and due time and cut at ``candidate_limit``); this module scores
-them with the line's routing weights and ranks them; the store then reserves the best one
-it can lock.
+The store reads the candidates (waiting tasks of a line, due now, already ordered by
+priority, star and due time and cut at ``candidate_limit`` plus what the batch needs); this
+module says which of them an agent may take (:func:`eligible`: skills, revisits reserved
+for another agent), scores them with the line's routing weights, ranks them and matches a
+batch of agents asking at once to distinct tasks (:func:`match`); the store then reserves
+the matched tasks it can lock.
 
 score = priority * w.priority
       + star * w.star
@@ -20,9 +22,18 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
 
-from crm_assignment.domain.model import Task
+from crm_assignment.domain.model import Category, Task
 
-__all__ = ["Candidate", "Weights", "rank", "revisit_reserved_until", "score"]
+__all__ = [
+    "Candidate",
+    "Seeker",
+    "Weights",
+    "eligible",
+    "match",
+    "rank",
+    "revisit_reserved_until",
+    "score",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,13 +47,29 @@ class Candidate:
     brands: tuple[str, ...] = ()
     preferred_agent_id: int | None = None
     last_lost_agent_id: int | None = None
+    category: Category | None = None
+    """None: not known (every agent's categories match)."""
+    city: str | None = None
+    """None: not known (every agent's cities match)."""
 
     @classmethod
     def of(cls, t: Task) -> Candidate:
         return cls(
             t.id, t.priority, t.star, t.due_at, t.brands, t.preferred_agent_id,
-            t.last_lost_agent_id,
+            t.last_lost_agent_id, t.category, t.city,
         )  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class Seeker:
+    """An available agent asking for a task: what eligibility and scoring need of it."""
+
+    agent_id: int
+    brands: tuple[str, ...] = ()
+    cities: tuple[str, ...] = ()
+    """The cities it serves; empty: every city."""
+    categories: tuple[Category, ...] = ()
+    """The task categories it handles; empty: every category."""
 
 
 class Weights(Protocol):
@@ -94,6 +121,76 @@ def rank(
     scored = [(score(t, agent_id, agent_brands, now, w), t) for t in candidates]
     scored.sort(key=lambda st: (-st[0], st[1].due_at, st[1].id))
     return [t for _, t in scored]
+
+
+def eligible(task: Candidate, seeker: Seeker, now: datetime, revisit_window_s: int) -> bool:
+    """May the agent take the task: due, one of its categories and cities, and not a
+    revisit still reserved for another agent (``revisit_window_s`` after it fell due)."""
+    if task.due_at > now:
+        return False
+    if seeker.categories and task.category is not None and task.category not in seeker.categories:
+        return False
+    if seeker.cities and task.city is not None and task.city not in seeker.cities:
+        return False
+    preferred = task.preferred_agent_id
+    return (
+        preferred is None
+        or preferred == seeker.agent_id
+        or task.due_at <= now - timedelta(seconds=revisit_window_s)
+    )
+
+
+def match(
+    seekers: Sequence[Seeker],
+    candidates: Sequence[Candidate],
+    now: datetime,
+    w: Weights,
+    revisit_window_s: int,
+    limit: int,
+    taken: Iterable[int] = (),
+) -> list[Candidate | None]:
+    """Agents asking at once, in the order given (longest waiting first), each take the
+    best-ranked of the first ``limit`` candidates (in the order given: the store's
+    priority, star, due time order) it may take that no agent before it took (nor any id
+    in ``taken``): the same as the agents asking one after the other. Returns one task
+    per seeker, None when nothing is left for it."""
+    gone = set(taken)
+    # The agent-independent part of every score (``score``'s first three terms, added in
+    # the same order, so the sums are the same floats), once for the whole batch.
+    base = {
+        c.id: w.priority * c.priority
+        + w.star * (1 if c.star else 0)
+        + w.wait_per_minute * max(0.0, (now - c.due_at).total_seconds() / 60.0)
+        for c in candidates
+    }
+    folded = {c.id: {b.casefold() for b in c.brands} for c in candidates if c.brands}
+    out: list[Candidate | None] = []
+    for seeker in seekers:
+        known = {b.casefold() for b in seeker.brands}
+        agent_id = seeker.agent_id
+        best: Candidate | None = None
+        best_key: tuple[float, datetime, int] | None = None
+        seen = 0
+        for c in candidates:
+            if c.id in gone or not eligible(c, seeker, now, revisit_window_s):
+                continue
+            points = base[c.id]
+            if known and c.brands:
+                points += w.brand_match * len(folded[c.id] & known)
+            if c.preferred_agent_id == agent_id:
+                points += w.same_agent
+            if c.last_lost_agent_id == agent_id:
+                points += w.recently_lost
+            key = (-points, c.due_at, c.id)  # ``rank``'s order: ties to the due first
+            if best_key is None or key < best_key:
+                best, best_key = c, key
+            seen += 1
+            if seen >= limit:
+                break
+        out.append(best)
+        if best is not None:
+            gone.add(best.id)
+    return out
 
 
 def revisit_reserved_until(due_at: datetime, window_s: int) -> datetime:

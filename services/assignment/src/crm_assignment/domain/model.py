@@ -1,5 +1,6 @@
 """Domain values of the assignment service: enums and immutable records (no I/O).
 
+A business line is data (``crm_common.lines.BusinessLine``: a code >= 1, named by config).
 Enum values equal the proto numbers (``crm.assignment.v1`` / ``crm.common.v1``), so the api
 layer converts with ``Status(pb_value)`` and ``int(status)``; the database stores the names.
 Every datetime in the domain is timezone-aware UTC.
@@ -11,7 +12,12 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from crm_common.lines import BusinessLine
+
+if TYPE_CHECKING:
+    from crm_common.tracing import RequestOrigin
 
 __all__ = [
     "ACTIVE_STATUSES",
@@ -57,14 +63,6 @@ Clock = Callable[[], datetime]
 def utc_now() -> datetime:
     """The real clock."""
     return datetime.now(UTC)
-
-
-class BusinessLine(enum.IntEnum):
-    """A call center department (``crm.common.v1.BusinessLine``)."""
-
-    SALE = 1
-    AFTER_SALE = 2
-    FINANCE = 3
 
 
 class Category(enum.IntEnum):
@@ -184,6 +182,9 @@ class NewClue:
     """0 means: take it from the line config (source_priority, else default_priority)."""
     request_hash: str
     """Hash of the normalized request (with the phone hash): tells a retry from key reuse."""
+    origin: RequestOrigin | None = None
+    """Request id and trace context of the request, recorded with its BI events (the batch
+    that writes it runs for no request in particular); None: the writer's context."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,15 +289,22 @@ class OutboxEvent:
     to_status: Status
     agent_id: int | None
     at: datetime
+    request_id: str | None = None
+    """x-request-id of the request that made the transition (None: not known)."""
+    traceparent: str | None = None
+    """W3C traceparent of that request (None: not traced)."""
 
 
 @dataclass(frozen=True, slots=True)
 class BiOutboxEvent:
-    """A bi_outbox row not yet published: a ready payload of the schema ``schema``."""
+    """A bi_outbox row not yet published: a ready payload of the schema ``schema``, and
+    the request id and traceparent of the request that made it (None: not known)."""
 
     id: int
     schema: str
     payload: dict[str, Any]
+    request_id: str | None = None
+    traceparent: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

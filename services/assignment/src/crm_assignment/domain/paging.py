@@ -16,6 +16,8 @@ import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+from crm_common.paging import BadPageToken
+
 from crm_assignment.domain.model import TaskFilter
 
 __all__ = ["DEFAULT_PAGE_SIZE", "MAX_PAGE_SIZE", "BadPageToken", "Cursor", "filter_hash"]
@@ -23,10 +25,6 @@ __all__ = ["DEFAULT_PAGE_SIZE", "MAX_PAGE_SIZE", "BadPageToken", "Cursor", "filt
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 _MAX_TOKEN_CHARS = 512
-
-
-class BadPageToken(ValueError):
-    """The page token is malformed or belongs to other filters."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,7 @@ import json
 from collections.abc import Mapping
 from datetime import datetime, timedelta
 
-from crm_common.errors import FailedPrecondition, PreconditionViolation
+from crm_common.errors import FailedPrecondition, InvalidArgument, PreconditionViolation
 
 from crm_assignment.domain.model import EventKind, Status, Task, TaskDetail
 
@@ -95,6 +95,23 @@ def check_call_recorder(task: Task, agent_id: int) -> None:
         raise FailedPrecondition(
             f"task {task.id} is handled by another agent, not {agent_id}",
             reason="NOT_TASK_AGENT",
+        )
+
+
+CALL_CLOCK_SKEW = timedelta(minutes=1)
+"""How far a call's start may lie before the agent got the task (or after now): the
+caller's clock (an agent's browser, a telephony system) is not the service's."""
+
+
+def check_call_start(started_at: datetime, held_since: datetime | None) -> None:
+    """A call on a task starts once the recording agent got the task (its latest offer
+    of the task, ``held_since``), give or take :data:`CALL_CLOCK_SKEW`: INVALID_ARGUMENT
+    on ``started_at`` otherwise (the agent holds the task: ``held_since`` is known)."""
+    if held_since is not None and started_at < held_since - CALL_CLOCK_SKEW:
+        raise InvalidArgument.single(
+            "started_at",
+            f"must not be before the task was assigned to the agent "
+            f"({held_since.isoformat(timespec='seconds')})",
         )
 
 

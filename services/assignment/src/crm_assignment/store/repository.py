@@ -3,7 +3,9 @@
 Synchronous (SQLAlchemy 2 + PyMySQL): callers run these methods through a
 ``BlockingExecutor`` sized like the connection pool, never on the event loop. Methods take
 and return domain records (``crm_assignment.domain.model``); ORM rows never leave here.
-Every status change writes its ``task_event`` row in the same transaction.
+Every status change writes its ``task_event`` row in the same transaction. Outbox rows
+(``task_event``, ``bi_outbox``) record the request id and trace context of the request
+that made them (:func:`_origin`).
 
 Locking, in one order (customer -> task, agent -> task) so that nothing deadlocks:
 
@@ -23,10 +25,18 @@ import enum
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, cast
 
-from crm_common.db import ER_DUP_ENTRY, TransactionRunner, mysql_errno
+from crm_common.db import (
+    ER_DUP_ENTRY,
+    RawSQL,
+    TransactionRunner,
+    from_json_time,
+    mysql_errno,
+    placeholders,
+    to_db_time,
+)
 from crm_common.errors import (
     AlreadyExists,
     CrmError,
@@ -34,6 +44,7 @@ from crm_common.errors import (
     NotFound,
     Unavailable,
 )
+from crm_common.tracing import RequestOrigin, request_origin
 from sqlalchemy import (
     Connection,
     Engine,
@@ -52,7 +63,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from crm_assignment.config import LineConfig, RoutingConfig
-from crm_assignment.domain import bi_events, dispatch, rules
+from crm_assignment.domain import bi_events, rules
+from crm_assignment.domain.agent_query import AgentFilter
 from crm_assignment.domain.clue_batch import (
     BatchItem,
     BatchPlan,
@@ -91,6 +103,14 @@ from crm_assignment.domain.model import (
     TaskFilter,
 )
 from crm_assignment.domain.paging import Cursor
+from crm_assignment.store.dispatching import DispatchResult, dispatch_batch
+from crm_assignment.store.rows import (
+    TASK_JSON,
+    NoOffer,
+    db_json,
+    task_from_json,
+    task_of,
+)
 from crm_assignment.store.schema import (
     AgentRow,
     BiOutboxRow,
@@ -99,13 +119,22 @@ from crm_assignment.store.schema import (
     CustomerRow,
     TaskEventRow,
     TaskRow,
+    line_to_db,
 )
 
-__all__ = ["ActionKind", "AssignmentStore", "ExpireOutcome", "NoOffer", "TaskAction"]
+__all__ = [
+    "ActionKind",
+    "AssignmentStore",
+    "DispatchResult",
+    "ExpireOutcome",
+    "NoOffer",
+    "TaskAction",
+]
 
 log = logging.getLogger("crm.assignment.store")
 
 _OPEN = tuple(OPEN_STATUSES)
+_OPEN_SQL = ", ".join(f"'{s.name}'" for s in sorted(OPEN_STATUSES))
 _WAITING = tuple(WAITING_STATUSES)
 _ACTIVE = tuple(ACTIVE_STATUSES)
 _DISPATCH_ROUNDS = 3
@@ -117,27 +146,8 @@ _agent_t = cast(Table, AgentRow.__table__)
 _clue_t = cast(Table, ClueRow.__table__)
 _event_t = cast(Table, TaskEventRow.__table__)
 
-_upsert_customers = mysql_insert(_customer_t)
-_upsert_customers = _upsert_customers.on_duplicate_key_update(
-    phone_hash=_upsert_customers.inserted.phone_hash  # no-op: only the row lock is wanted
-)
-_insert_tasks = insert(_task_t).returning(_task_t.c.id, sort_by_parameter_order=True)
-_insert_clues = insert(_clue_t).returning(_clue_t.c.id, sort_by_parameter_order=True)
 _insert_events = insert(_event_t)
 _bi_t = cast(Table, BiOutboxRow.__table__)
-
-
-class NoOffer(enum.Enum):
-    """Why a dispatch offered nothing (the offer streams pass a wake-up on or not)."""
-
-    UNAVAILABLE = "unavailable"
-    """The agent is not IDLE, is full, or its line is closed: another agent may take it."""
-    NOTHING_MATCHING = "nothing_matching"
-    """Tasks wait in the line, none this agent may take (skills, reserved revisits)."""
-    CONTENDED = "contended"
-    """Every candidate was taken by concurrent dispatchers meanwhile."""
-    LINE_EMPTY = "line_empty"
-    """No task waits in the agent's line at all: nobody else will find one either."""
 
 
 class ActionKind(enum.Enum):
@@ -165,6 +175,9 @@ class TaskAction:
     text: str
     """The note (complete) or reason (fail); empty for accept."""
     now: datetime
+    origin: RequestOrigin | None = None
+    """The request's id and trace context for its audit row (the batch runs for no
+    request in particular); None: the writer's context."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,28 +197,7 @@ ClueRequest = tuple[NewClue, datetime, LineConfig]
 # --------------------------------------------------------------------------- row -> domain
 
 
-def _task(r: TaskRow | Row[Any]) -> Task:
-    return Task(
-        id=r.id,
-        business_line=r.business_line,
-        category=r.category,
-        status=r.status,
-        customer_id=r.customer_id,
-        city=r.city,
-        priority=r.priority,
-        star=bool(r.star),
-        agent_id=r.agent_id,
-        preferred_agent_id=r.preferred_agent_id,
-        last_lost_agent_id=r.last_lost_agent_id,
-        parent_task_id=r.parent_task_id,
-        brands=tuple(r.brands or ()),
-        created_at=r.created_at,
-        due_at=r.due_at,
-        offer_deadline=r.offer_deadline,
-        recycle_count=r.recycle_count,
-        clue_count=r.clue_count,
-        updated_at=r.updated_at,
-    )
+_task = task_of
 
 
 def _clue(r: ClueRow | Row[Any]) -> Clue:
@@ -220,6 +212,29 @@ def _clue(r: ClueRow | Row[Any]) -> Clue:
         budget_max_yuan=r.budget_max_yuan,
         merged=bool(r.merged),
         created_at=r.created_at,
+    )
+
+
+_CLUE_JSON = (
+    "JSON_ARRAY(id, task_id, source, city, JSON_QUERY(intent_car_ids, '$'), "
+    "JSON_QUERY(brands, '$'), budget_min_yuan, budget_max_yuan, merged, created_at, "
+    "request_hash, idempotency_key)"
+)
+
+
+def _clue_from_json(r: list[Any]) -> Clue:
+    """A ``_CLUE_JSON`` row as a domain Clue."""
+    return Clue(
+        id=r[0],
+        task_id=r[1],
+        source=r[2],
+        city=r[3],
+        intent_car_ids=tuple(r[4] or ()),
+        brands=tuple(r[5] or ()),
+        budget_min_yuan=r[6],
+        budget_max_yuan=r[7],
+        merged=bool(r[8]),
+        created_at=from_json_time(r[9]),
     )
 
 
@@ -271,6 +286,14 @@ def _agent(r: AgentRow, active: int) -> Agent:
     )
 
 
+def _origin(origin: RequestOrigin | None = None) -> dict[str, str | None]:
+    """The ``request_id`` and ``traceparent`` columns of an outbox row: ``origin`` (a
+    batched request's, taken when it was made) or else the current request's (store
+    methods run in the caller's context; tracing off, only a contextvar is read)."""
+    request_id, traceparent = origin if origin is not None else request_origin()
+    return {"request_id": request_id, "traceparent": traceparent}
+
+
 def _record(
     s: Session,
     task: TaskRow,
@@ -279,6 +302,7 @@ def _record(
     now: datetime,
     agent_id: int | None = None,
     reason: str = "",
+    origin: RequestOrigin | None = None,
 ) -> TaskEventRow:
     """Append the audit row of a transition (same transaction as the change)."""
     event = TaskEventRow(
@@ -289,6 +313,7 @@ def _record(
         agent_id=agent_id,
         reason=reason[:500],
         at=now,
+        **_origin(origin),
     )
     s.add(event)
     return event
@@ -363,46 +388,44 @@ class AssignmentStore:
         return out
 
     def _create_clues(self, c: Connection, items: list[BatchItem]) -> list[ClueResult | CrmError]:
-        # 1. Customers: upsert, then lock, in phone hash order (the upsert already locks
-        #    the rows, in that order): batches of replicas never deadlock on each other.
+        # Plain driver statements (RawSQL): CreateClue's hot path.
+        raw = RawSQL(c)
+        # 1. Customers: upsert (which locks the rows, new or not) in phone hash order:
+        #    batches of replicas never deadlock on each other.
         phones = {i.clue.phone.hash_hex: i for i in reversed(items)}  # first item wins
         hashes = sorted(phones)
-        c.execute(
-            _upsert_customers,
-            [
-                {
-                    "phone_hash": h,
-                    "phone_encrypted": phones[h].clue.phone.encrypted,
-                    "phone_masked": phones[h].clue.phone.masked,
-                    "star": False,
-                    "created_at": phones[h].now,
-                    "updated_at": phones[h].now,
-                }
-                for h in hashes
-            ],
-        )
-        cust = _customer_t.c
-        customers = {
-            r.phone_hash: Customer(id=r.id, masked_phone=r.phone_masked, star=bool(r.star))
-            for r in c.execute(
-                select(cust.id, cust.phone_hash, cust.phone_masked, cust.star)
-                .where(cust.phone_hash.in_(hashes))
-                .order_by(cust.phone_hash)
-                .with_for_update()
+        values: list[Any] = []
+        for h in hashes:
+            first = phones[h]
+            at = to_db_time(first.now)
+            values += (h, first.clue.phone.encrypted, first.clue.phone.masked, False, at, at)
+        customers = {  # RETURNING gives inserted and existing rows alike, locked
+            r[1]: Customer(id=r[0], masked_phone=r[2], star=bool(r[3]))
+            for r in raw.json_rows(
+                "INSERT INTO customer (phone_hash, phone_encrypted, phone_masked, star, "
+                f"created_at, updated_at) VALUES {placeholders(len(hashes), 6)} "
+                "ON DUPLICATE KEY UPDATE phone_hash = VALUES(phone_hash) "  # no-op: the lock
+                "RETURNING JSON_ARRAY(id, phone_hash, phone_masked, star)",
+                values,
             )
         }
         # 2. Keys already used (after the customer locks: a concurrent retry of the same
-        #    request, same phone, has committed by now).
+        #    request, same phone, has committed by now). Their rows are read only when
+        #    there are any (retries are rare).
         keys = list({i.clue.idempotency_key for i in items})
-        stored = {
-            r.idempotency_key: StoredClue(_clue(r), r.request_hash)
-            for r in c.execute(select(_clue_t).where(_clue_t.c.idempotency_key.in_(keys)))
-        }
+        stored: dict[str, StoredClue] = {}
         tasks: dict[int, Task] = {}
-        if stored:
-            ids = sorted({s.clue.task_id for s in stored.values()})
+        in_keys = f"idempotency_key IN ({placeholders(len(keys), 1)})"
+        if raw.rows(f"SELECT id FROM clue WHERE {in_keys}", keys):
+            for r in raw.json_rows(f"SELECT {_CLUE_JSON} FROM clue WHERE {in_keys}", keys):
+                stored[r[11]] = StoredClue(_clue_from_json(r), r[10])
+            ids = sorted({x.clue.task_id for x in stored.values()})
             tasks = {
-                r.id: _task(r) for r in c.execute(select(_task_t).where(_task_t.c.id.in_(ids)))
+                r[0]: task_from_json(r)
+                for r in raw.json_rows(
+                    f"SELECT {TASK_JSON} FROM task WHERE id IN ({placeholders(len(ids), 1)})",
+                    ids,
+                )
             }
         # 3. Open tasks the new clues may merge into (locked), newest first per customer
         #    and line.
@@ -416,54 +439,46 @@ class AssignmentStore:
                 windows[line] = min(cutoff, windows.get(line, cutoff))
                 merging.add(customers[i.clue.phone.hash_hex].id)
         if merging:
-            t = _task_t.c
-            for r in c.execute(
-                select(_task_t)
-                .where(
-                    t.customer_id.in_(sorted(merging)),
-                    t.status.in_(_OPEN),
-                    or_(
-                        *(
-                            and_(t.business_line == line, t.created_at >= cutoff)
-                            for line, cutoff in sorted(windows.items())
-                        )
-                    ),
-                )
-                .order_by(t.customer_id, t.business_line, t.created_at.desc(), t.id.desc())
-                .with_for_update()
+            ids = sorted(merging)
+            params: list[Any] = [*ids]
+            for line, cutoff in sorted(windows.items()):
+                params += (line_to_db(line), to_db_time(cutoff))
+            windows_sql = " OR ".join(["(business_line = %s AND created_at >= %s)"] * len(windows))
+            for r in raw.json_rows(
+                f"SELECT {TASK_JSON} FROM task "
+                f"WHERE customer_id IN ({placeholders(len(ids), 1)}) "
+                f"AND status IN ({_OPEN_SQL}) AND ({windows_sql}) "
+                "ORDER BY customer_id, business_line, created_at DESC, id DESC FOR UPDATE",
+                params,
             ):
-                targets.setdefault((r.customer_id, r.business_line), _task(r))
+                task = task_from_json(r)
+                targets.setdefault((task.customer_id, task.business_line), task)
         # 4. Plan in request order, then write: tasks, merged tasks, clues, audit.
         plan = plan_batch(items, customers, stored, tasks, targets)
-        return self._write_plan(c, plan)
+        return self._write_plan(raw, plan)
 
     @staticmethod
-    def _write_plan(c: Connection, plan: BatchPlan) -> list[ClueResult | CrmError]:
+    def _write_plan(raw: RawSQL, plan: BatchPlan) -> list[ClueResult | CrmError]:
         task_ids: list[int] = []
         if plan.new_tasks:
-            task_ids = list(
-                c.execute(
-                    _insert_tasks,
-                    [
-                        {
-                            "business_line": t.business_line,
-                            "category": t.category,
-                            "status": t.status,
-                            "customer_id": t.customer_id,
-                            "city": t.city,
-                            "priority": t.priority,
-                            "star": t.star,
-                            # agent ids, parent task, offer deadline: NULL (not sent)
-                            "brands": list(t.brands),
-                            "created_at": t.created_at,
-                            "due_at": t.due_at,
-                            "recycle_count": t.recycle_count,
-                            "clue_count": t.clue_count,
-                            "updated_at": t.updated_at,
-                        }
-                        for t in plan.new_tasks
-                    ],
-                ).scalars()
+            values: list[Any] = []
+            for t in plan.new_tasks:
+                values += (
+                    line_to_db(t.business_line), t.category.name, t.status.name, t.customer_id,
+                    t.city, t.priority, t.star, db_json(list(t.brands)),
+                    to_db_time(t.created_at), to_db_time(t.due_at), t.recycle_count,
+                    t.clue_count, to_db_time(t.updated_at),
+                )  # fmt: skip
+            # RETURNING rows of one multi-row INSERT: auto-increment ids rise in row order
+            # (what SQLAlchemy's insertmanyvalues relies on for MariaDB as well).
+            task_ids = sorted(
+                r[0]
+                for r in raw.rows(
+                    "INSERT INTO task (business_line, category, status, customer_id, city, "
+                    "priority, star, brands, created_at, due_at, recycle_count, clue_count, "
+                    f"updated_at) VALUES {placeholders(len(plan.new_tasks), 13)} RETURNING id",
+                    values,
+                )
             )
             if len(task_ids) != len(plan.new_tasks):  # pragma: no cover - driver contract
                 raise RuntimeError("INSERT ... RETURNING gave a wrong number of task ids")
@@ -472,59 +487,51 @@ class AssignmentStore:
             return i if i > 0 else task_ids[-i - 1]
 
         for t in plan.merged_tasks:
-            c.execute(
-                update(_task_t)
-                .where(_task_t.c.id == t.id)
-                .values(
-                    clue_count=t.clue_count,
-                    brands=list(t.brands),
-                    priority=t.priority,
-                    due_at=t.due_at,
-                    updated_at=t.updated_at,
-                )
-            )
+            raw.execute(
+                "UPDATE task SET clue_count = %s, brands = %s, priority = %s, due_at = %s, "
+                "updated_at = %s WHERE id = %s",
+                (
+                    t.clue_count, db_json(list(t.brands)), t.priority, to_db_time(t.due_at),
+                    to_db_time(t.updated_at), t.id,
+                ),
+            )  # fmt: skip
         clue_ids: list[int] = []
         if plan.clues:
-            clue_ids = list(
-                c.execute(
-                    _insert_clues,
-                    [
-                        {
-                            "idempotency_key": d.new.idempotency_key,
-                            "request_hash": d.new.request_hash,
-                            "task_id": real_task(d.clue.task_id),
-                            "customer_id": d.customer_id,
-                            "merged": d.clue.merged,
-                            "business_line": d.business_line,
-                            "source": d.new.source,
-                            "city": d.new.city,
-                            "intent_car_ids": list(d.new.intent_car_ids),
-                            "brands": list(d.new.brands),
-                            "budget_min_yuan": d.new.budget_min_yuan,
-                            "budget_max_yuan": d.new.budget_max_yuan,
-                            "priority": d.new.priority,
-                            "created_at": d.clue.created_at,
-                        }
-                        for d in plan.clues
-                    ],
-                ).scalars()
+            values = []
+            for d in plan.clues:
+                values += (
+                    d.new.idempotency_key, d.new.request_hash, real_task(d.clue.task_id),
+                    d.customer_id, d.clue.merged, line_to_db(d.business_line), d.new.source,
+                    d.new.city, db_json(list(d.new.intent_car_ids)), db_json(list(d.new.brands)),
+                    d.new.budget_min_yuan, d.new.budget_max_yuan, d.new.priority,
+                    to_db_time(d.clue.created_at),
+                )  # fmt: skip
+            clue_ids = sorted(
+                r[0]
+                for r in raw.rows(
+                    "INSERT INTO clue (idempotency_key, request_hash, task_id, customer_id, "
+                    "merged, business_line, source, city, intent_car_ids, brands, "
+                    "budget_min_yuan, budget_max_yuan, priority, created_at) "
+                    f"VALUES {placeholders(len(plan.clues), 14)} RETURNING id",
+                    values,
+                )
             )
             if len(clue_ids) != len(plan.clues):  # pragma: no cover - driver contract
                 raise RuntimeError("INSERT ... RETURNING gave a wrong number of clue ids")
         if plan.events:
-            c.execute(
-                _insert_events,
-                [
-                    {
-                        "task_id": real_task(e.task_id),
-                        "kind": e.kind,
-                        "from_status": e.from_status,
-                        "to_status": e.to_status,
-                        "reason": f"clue {clue_ids[-e.clue_id - 1]}",
-                        "at": e.at,
-                    }
-                    for e in plan.events
-                ],
+            values = []
+            for e in plan.events:
+                o = _origin(plan.clues[-e.clue_id - 1].new.origin)
+                values += (
+                    real_task(e.task_id), e.kind.value,
+                    None if e.from_status is None else e.from_status.name, e.to_status.name,
+                    f"clue {clue_ids[-e.clue_id - 1]}", to_db_time(e.at),
+                    o["request_id"], o["traceparent"],
+                )  # fmt: skip
+            raw.execute(
+                "INSERT INTO task_event (task_id, kind, from_status, to_status, reason, at, "
+                f"request_id, traceparent) VALUES {placeholders(len(plan.events), 8)}",
+                values,
             )
         return plan.resolve(task_ids, clue_ids)
 
@@ -622,7 +629,10 @@ class AssignmentStore:
         s.add(clue)
         s.flush()  # raises IntegrityError on a concurrent duplicate key
         kind = EventKind.MERGED if merged else EventKind.CREATED
-        _record(s, task, kind, task.status if merged else None, now, reason=f"clue {clue.id}")
+        _record(
+            s, task, kind, task.status if merged else None, now,
+            reason=f"clue {clue.id}", origin=new.origin,
+        )  # fmt: skip
         s.flush()
         return ClueResult(task=_task(task), clue=_clue(clue), merged=merged)
 
@@ -691,8 +701,14 @@ class AssignmentStore:
 
         return self._tx.run(go)
 
-    def queue_stats(self, line: BusinessLine | None, now: datetime) -> QueueStats:
-        """Depth per queue (every line x category of the asked lines) and agents by presence."""
+    def queue_stats(
+        self,
+        line: BusinessLine | None,
+        now: datetime,
+        known: Sequence[BusinessLine] = BusinessLine.well_known_lines(),
+    ) -> QueueStats:
+        """Depth per queue (every line x category of the asked line, or of the ``known``
+        lines and any other line with open tasks) and agents by presence."""
 
         def go(s: Session) -> QueueStats:
             due = TaskRow.due_at <= now
@@ -707,14 +723,15 @@ class AssignmentStore:
             if line is not None:
                 q = q.where(TaskRow.business_line == line)
             q = q.group_by(TaskRow.business_line, TaskRow.category, TaskRow.status, "due")
-            lines = [line] if line is not None else list(BusinessLine)
+            lines = [line] if line is not None else sorted(known)
             acc: dict[tuple[BusinessLine, Category], dict[str, float]] = {
                 (bl, c): {"waiting": 0, "offered": 0, "in_progress": 0, "scheduled": 0, "wait": 0}
                 for bl in lines
                 for c in Category
             }
+            acc_keys = ("waiting", "offered", "in_progress", "scheduled", "wait")
             for bl, cat, status, is_due, n, oldest in s.execute(q).all():
-                a = acc[(bl, cat)]
+                a = acc.setdefault((bl, cat), dict.fromkeys(acc_keys, 0.0))
                 if status in WAITING_STATUSES and is_due:
                     a["waiting"] += n
                     a["wait"] = max(a["wait"], (now - oldest).total_seconds())
@@ -734,7 +751,7 @@ class AssignmentStore:
                     scheduled=int(a["scheduled"]),
                     oldest_wait_seconds=float(a["wait"]),
                 )
-                for (bl, cat), a in acc.items()
+                for (bl, cat), a in sorted(acc.items())
             )
             aq = select(AgentRow.business_line, AgentRow.presence, func.count()).group_by(
                 AgentRow.business_line, AgentRow.presence
@@ -810,7 +827,10 @@ class AssignmentStore:
                 )
                 s.add(
                     BiOutboxRow(
-                        schema_name=bi_events.PRESENCE_SCHEMA, payload=payload, created_at=now
+                        schema_name=bi_events.PRESENCE_SCHEMA,
+                        payload=payload,
+                        created_at=now,
+                        **_origin(),
                     )
                 )
             return _agent(row, self._active_count(s, agent_id))
@@ -847,136 +867,29 @@ class AssignmentStore:
 
     def dispatch(self, agent_id: int, now: datetime, routing: RoutingConfig) -> Offer | NoOffer:
         """:meth:`offer_next`, saying why nothing was offered (see :class:`NoOffer`)."""
-        return self._tx.run_core(lambda c: self._offer_next(c, agent_id, now, routing))
+        (result,) = self._tx.run_core(lambda c: dispatch_batch(c, [agent_id], now, routing))
+        if isinstance(result, CrmError):
+            raise result
+        return result
 
-    def _offer_next(
-        self, c: Connection, agent_id: int, now: datetime, routing: RoutingConfig
-    ) -> Offer | NoOffer:
-        # Core, not the ORM: the hottest transaction of the service (every offer and every
-        # wake-up of an offer stream); the statements are those the ORM path issued.
-        a = _agent_t.c
-        agent = c.execute(
-            select(a.business_line, a.presence, a.capacity, a.cities, a.categories, a.brands)
-            .where(a.id == agent_id)
-            .with_for_update()
-        ).first()
-        if agent is None:
-            raise NotFound(f"agent {agent_id} not found")
-        if agent.presence is not Presence.IDLE or not routing.is_open(agent.business_line):
-            return NoOffer.UNAVAILABLE  # not available, or its line is closed (config.py)
-        t = _task_t.c
-        active = int(
-            c.scalar(
-                select(func.count())
-                .select_from(_task_t)
-                .where(t.agent_id == agent_id, t.status.in_(_ACTIVE))
-            )
-            or 0
-        )
-        if active >= agent.capacity:
-            return NoOffer.UNAVAILABLE
-        line = agent.business_line
-        cfg = routing.line(line)
-        q = select(
-            t.id,
-            t.priority,
-            t.star,
-            t.due_at,
-            t.brands,
-            t.preferred_agent_id,
-            t.last_lost_agent_id,
-        ).where(
-            t.business_line == line,
-            t.status.in_(_WAITING),
-            t.due_at <= now,
-            or_(
-                t.preferred_agent_id.is_(None),
-                t.preferred_agent_id == agent_id,
-                t.due_at <= now - timedelta(seconds=cfg.revisit_same_agent_window_s),
-            ),
-        )
-        if agent.categories:
-            q = q.where(t.category.in_([Category[x] for x in agent.categories]))
-        if agent.cities:
-            q = q.where(t.city.in_(agent.cities))
-        q = q.order_by(t.priority.desc(), t.star.desc(), t.due_at.asc(), t.id.asc()).limit(
-            cfg.candidate_limit
-        )
-        brands = list(agent.brands or ())
-        # Every candidate seen taken by a concurrent dispatcher: read again (they are
-        # gone now), so tasks past the candidate window are not left waiting for a poll.
-        for _ in range(_DISPATCH_ROUNDS):
-            candidates = [  # no locks taken here
-                dispatch.Candidate(r[0], r[1], bool(r[2]), r[3], tuple(r[4] or ()), r[5], r[6])
-                for r in c.execute(q).all()
-            ]
-            if not candidates:
-                return self._nothing_for(c, line, now)
-            for candidate in dispatch.rank(candidates, agent_id, brands, now, cfg.weights):
-                row = c.execute(
-                    select(_task_t)
-                    .where(t.id == candidate.id, t.status.in_(_WAITING), t.due_at <= now)
-                    .with_for_update(skip_locked=True)
-                ).first()
-                if row is None:  # taken, or being taken, by another dispatcher
-                    continue
-                before = row.status
-                rules.check_transition(row.id, before, Status.ASSIGNED)
-                deadline = now + timedelta(seconds=cfg.accept_timeout_s)
-                c.execute(
-                    update(_task_t)
-                    .where(t.id == row.id)
-                    .values(
-                        status=Status.ASSIGNED, agent_id=agent_id, offer_deadline=deadline,
-                        updated_at=now,
-                    )
-                )  # fmt: skip
-                task = replace(
-                    _task(row),
-                    status=Status.ASSIGNED,
-                    agent_id=agent_id,
-                    offer_deadline=deadline,
-                    updated_at=now,
-                )
-                points = dispatch.score(
-                    dispatch.Candidate.of(task), agent_id, brands, now, cfg.weights
-                )
-                inserted = c.execute(
-                    _insert_events,
-                    {
-                        "task_id": task.id,
-                        "kind": EventKind.OFFERED,
-                        "from_status": before,
-                        "to_status": Status.ASSIGNED,
-                        "agent_id": agent_id,
-                        "reason": f"score {points:.1f}",
-                        "at": now,
-                    },
-                ).inserted_primary_key
-                assert inserted is not None
-                cust = _customer_t.c
-                customer = c.execute(
-                    select(cust.id, cust.phone_masked, cust.star).where(cust.id == task.customer_id)
-                ).one()
-                return Offer(
-                    task=task,
-                    customer=Customer(customer.id, customer.phone_masked, bool(customer.star)),
-                    deadline=deadline,
-                    agent_full=active + 1 >= agent.capacity,
-                    offer_event_id=int(inserted[0]),
-                )
-        return NoOffer.CONTENDED
-
-    @staticmethod
-    def _nothing_for(c: Connection, line: BusinessLine, now: datetime) -> NoOffer:
-        """No candidate for this agent: is anything waiting in its line at all?"""
-        t = _task_t.c
-        waiting = c.scalar(
-            select(t.id)
-            .where(t.business_line == line, t.status.in_(_WAITING), t.due_at <= now)
-            .limit(1)
-        )
-        return NoOffer.NOTHING_MATCHING if waiting is not None else NoOffer.LINE_EMPTY
+    def dispatch_many(
+        self,
+        agent_ids: Sequence[int],
+        now: datetime,
+        routing: RoutingConfig,
+        origins: Sequence[RequestOrigin] | None = None,
+        /,
+    ) -> list[DispatchResult]:
+        """:meth:`dispatch` for a batch of agents in one transaction (``store/dispatching``):
+        one result per request, in order (an unknown agent gets its NotFound). When the
+        transaction fails as a whole, every request gets the error. ``origins``: each
+        request's call, recorded with its OFFERED event (None: the current call's)."""
+        if not agent_ids:
+            return []
+        try:
+            return self._tx.run_core(lambda c: dispatch_batch(c, agent_ids, now, routing, origins))
+        except CrmError as exc:
+            return [exc] * len(agent_ids)
 
     def pending_offers(self, agent_id: int, now: datetime) -> list[Offer]:
         """The agent's open offers (ASSIGNED, deadline not passed), oldest first: a new
@@ -1101,24 +1014,28 @@ class AssignmentStore:
 
     def _task_actions_one(self, a: TaskAction) -> Task:
         if a.kind is ActionKind.ACCEPT:
-            return self.accept(a.task_id, a.agent_id, a.now)
+            return self.accept(a.task_id, a.agent_id, a.now, origin=a.origin)
         if a.kind is ActionKind.COMPLETE:
-            return self.complete(a.task_id, a.agent_id, a.text, None, a.now)[0]
-        return self.fail(a.task_id, a.agent_id, a.text, a.now)
+            return self.complete(a.task_id, a.agent_id, a.text, None, a.now, origin=a.origin)[0]
+        return self.fail(a.task_id, a.agent_id, a.text, a.now, origin=a.origin)
 
     @staticmethod
     def _task_actions(c: Connection, actions: Sequence[TaskAction]) -> list[Task | Exception]:
-        t = _task_t.c
+        # Plain driver statements (RawSQL): the service's most frequent transaction.
+        raw = RawSQL(c)
         ids = sorted({a.task_id for a in actions})
         current = {  # locked in id order: concurrent batches never deadlock on each other
-            r.id: _task(r)
-            for r in c.execute(
-                select(_task_t).where(t.id.in_(ids)).order_by(t.id).with_for_update()
+            r[0]: task_from_json(r)
+            for r in raw.json_rows(
+                f"SELECT {TASK_JSON} FROM task WHERE id IN ({placeholders(len(ids), 1)}) "
+                "ORDER BY id FOR UPDATE",
+                ids,
             )
         }
         out: list[Task | Exception] = []
-        events: list[dict[str, Any]] = []
+        events: list[Any] = []
         written_at = max(a.now for a in actions)  # updated_at of every changed row
+        changed: dict[int, Status] = {}
         for a in actions:
             task = current.get(a.task_id)
             try:
@@ -1133,29 +1050,27 @@ class AssignmentStore:
                 continue
             after = replace(task, status=a.kind.value, offer_deadline=None, updated_at=written_at)
             current[a.task_id] = after
+            changed[a.task_id] = after.status
             out.append(after)
-            events.append(
-                {
-                    "task_id": task.id,
-                    "kind": _ACTION_EVENT[a.kind],
-                    "from_status": task.status,
-                    "to_status": after.status,
-                    "agent_id": a.agent_id,
-                    "reason": a.text[:500],
-                    "at": a.now,
-                }
-            )
-        if events:
-            changed: dict[Status, list[int]] = {}
-            for task_id in {e["task_id"] for e in events}:
-                changed.setdefault(current[task_id].status, []).append(task_id)
-            for status, task_ids in sorted(changed.items()):
-                c.execute(
-                    update(_task_t)
-                    .where(t.id.in_(sorted(task_ids)))
-                    .values(status=status, offer_deadline=None, updated_at=written_at)
+            events += (
+                task.id, _ACTION_EVENT[a.kind].value, task.status.name, after.status.name,
+                a.agent_id, a.text[:500], to_db_time(a.now), *_origin(a.origin).values(),
+            )  # fmt: skip
+        if changed:
+            by_status: dict[Status, list[int]] = {}
+            for task_id, status in changed.items():
+                by_status.setdefault(status, []).append(task_id)
+            for status, task_ids in sorted(by_status.items()):
+                raw.execute(
+                    "UPDATE task SET status = %s, offer_deadline = NULL, updated_at = %s "
+                    f"WHERE id IN ({placeholders(len(task_ids), 1)})",
+                    [status.name, to_db_time(written_at), *sorted(task_ids)],
                 )
-            c.execute(_insert_events, events)
+            raw.execute(
+                "INSERT INTO task_event (task_id, kind, from_status, to_status, agent_id, "
+                f"reason, at, request_id, traceparent) VALUES {placeholders(len(events) // 9, 9)}",
+                events,
+            )
         return out
 
     @staticmethod
@@ -1175,6 +1090,7 @@ class AssignmentStore:
         now: datetime,
         agent_id: int | None,
         reason: str = "",
+        origin: RequestOrigin | None = None,
         **values: Any,
     ) -> Task:
         """Core hot path of a task action: UPDATE the locked row, INSERT its audit row."""
@@ -1193,17 +1109,20 @@ class AssignmentStore:
                 "agent_id": agent_id,
                 "reason": reason[:500],
                 "at": now,
+                **_origin(origin),
             },
         )
         return replace(task, status=to, updated_at=now, **values)
 
-    def accept(self, task_id: int, agent_id: int, now: datetime) -> Task:
+    def accept(
+        self, task_id: int, agent_id: int, now: datetime, *, origin: RequestOrigin | None = None
+    ) -> Task:
         def go(c: Connection) -> Task:
             task = self._locked_task(c, task_id)
             rules.check_offer_holder(task, agent_id, now)
             return self._change_status(
                 c, task, EventKind.ACCEPTED, Status.IN_PROGRESS, now, agent_id,
-                offer_deadline=None,
+                origin=origin, offer_deadline=None,
             )  # fmt: skip
 
         return self._tx.run_core(go)
@@ -1229,6 +1148,8 @@ class AssignmentStore:
         note: str,
         revisit_at: datetime | None,
         now: datetime,
+        *,
+        origin: RequestOrigin | None = None,
     ) -> tuple[Task, Task | None]:
         """IN_PROGRESS -> COMPLETED; with ``revisit_at`` also a REVISIT task due then,
         reserved first for this agent."""
@@ -1238,7 +1159,7 @@ class AssignmentStore:
                 task = self._locked_task(c, task_id)
                 rules.check_worker(task, agent_id, Status.COMPLETED)
                 completed = self._change_status(
-                    c, task, EventKind.COMPLETED, Status.COMPLETED, now, agent_id, note
+                    c, task, EventKind.COMPLETED, Status.COMPLETED, now, agent_id, note, origin
                 )
                 return completed, None
 
@@ -1259,7 +1180,7 @@ class AssignmentStore:
             rules.check_worker(_task(row), agent_id, Status.COMPLETED)
             row.status = Status.COMPLETED
             row.updated_at = now
-            _record(s, row, EventKind.COMPLETED, Status.IN_PROGRESS, now, agent_id, note)
+            _record(s, row, EventKind.COMPLETED, Status.IN_PROGRESS, now, agent_id, note, origin)
             assert revisit_at is not None
             assert customer is not None
             revisit = TaskRow(
@@ -1283,18 +1204,26 @@ class AssignmentStore:
             s.flush()
             _record(
                 s, revisit, EventKind.REVISIT_SCHEDULED, None, now, agent_id,
-                f"revisit of task {row.id}",
+                f"revisit of task {row.id}", origin,
             )  # fmt: skip
             return _task(row), _task(revisit)
 
         return self._tx.run(go)
 
-    def fail(self, task_id: int, agent_id: int, reason: str, now: datetime) -> Task:
+    def fail(
+        self,
+        task_id: int,
+        agent_id: int,
+        reason: str,
+        now: datetime,
+        *,
+        origin: RequestOrigin | None = None,
+    ) -> Task:
         def go(c: Connection) -> Task:
             task = self._locked_task(c, task_id)
             rules.check_worker(task, agent_id, Status.FAILED)
             return self._change_status(
-                c, task, EventKind.FAILED, Status.FAILED, now, agent_id, reason
+                c, task, EventKind.FAILED, Status.FAILED, now, agent_id, reason, origin
             )
 
         return self._tx.run_core(go)
@@ -1342,6 +1271,14 @@ class AssignmentStore:
         if s.get(AgentRow, new.agent_id) is None:
             raise NotFound(f"agent {new.agent_id} not found")
         rules.check_call_recorder(_task(task), new.agent_id)
+        held_since = s.scalar(
+            select(func.max(TaskEventRow.at)).where(
+                TaskEventRow.task_id == new.task_id,
+                TaskEventRow.agent_id == new.agent_id,
+                TaskEventRow.kind == EventKind.OFFERED,
+            )
+        )
+        rules.check_call_start(new.started_at, held_since)
         customer = s.get_one(CustomerRow, task.customer_id)
         row = CallRecordRow(
             call_id=new.call_id,
@@ -1367,7 +1304,12 @@ class AssignmentStore:
             request_id=request_id,
         )
         s.add(
-            BiOutboxRow(schema_name=bi_events.CALL_RECORD_SCHEMA, payload=payload, created_at=now)
+            BiOutboxRow(
+                schema_name=bi_events.CALL_RECORD_SCHEMA,
+                payload=payload,
+                created_at=now,
+                **_origin(),
+            )
         )
         return CallResult(call)
 
@@ -1392,6 +1334,8 @@ class AssignmentStore:
                     _event_t.c.to_status,
                     _event_t.c.agent_id,
                     _event_t.c.at,
+                    _event_t.c.request_id,
+                    _event_t.c.traceparent,
                 )
                 .join(_task_t, _task_t.c.id == _event_t.c.task_id)
                 .where(_event_t.c.published_at.is_(None), _event_t.c.publish_error.is_(None))
@@ -1409,6 +1353,8 @@ class AssignmentStore:
                     to_status=r.to_status,
                     agent_id=r.agent_id,
                     at=r.at,
+                    request_id=r.request_id,
+                    traceparent=r.traceparent,
                 )
                 for r in rows
             ]
@@ -1452,12 +1398,21 @@ class AssignmentStore:
 
         def go(c: Connection) -> list[BiOutboxEvent]:
             rows = c.execute(
-                select(_bi_t.c.id, _bi_t.c.schema_name, _bi_t.c.payload)
+                select(
+                    _bi_t.c.id,
+                    _bi_t.c.schema_name,
+                    _bi_t.c.payload,
+                    _bi_t.c.request_id,
+                    _bi_t.c.traceparent,
+                )
                 .where(_bi_t.c.published_at.is_(None), _bi_t.c.publish_error.is_(None))
                 .order_by(_bi_t.c.id)
                 .limit(limit)
             ).all()
-            return [BiOutboxEvent(id=r.id, schema=r.schema_name, payload=r.payload) for r in rows]
+            return [
+                BiOutboxEvent(r.id, r.schema_name, r.payload, r.request_id, r.traceparent)
+                for r in rows
+            ]
 
         return self._tx.run_core(go)
 
@@ -1513,3 +1468,34 @@ class AssignmentStore:
             )
 
         return self._tx.run_core(go)
+
+    def list_agents(
+        self, f: AgentFilter, page_size: int, after_id: int | None
+    ) -> tuple[list[Agent], bool]:
+        """One page of agents (by id ascending) with their active task counts, and whether
+        more follow. Two queries: the page, then the counts of its agents."""
+
+        def go(s: Session) -> tuple[list[Agent], bool]:
+            q = select(AgentRow)
+            if f.business_line is not None:
+                q = q.where(AgentRow.business_line == f.business_line)
+            if f.presences:
+                q = q.where(AgentRow.presence.in_(f.presences))
+            if after_id is not None:
+                q = q.where(AgentRow.id > after_id)
+            rows = s.scalars(q.order_by(AgentRow.id).limit(page_size + 1)).all()
+            page = rows[:page_size]
+            active: dict[int, int] = {}
+            if page:
+                counted = s.execute(
+                    select(TaskRow.agent_id, func.count())
+                    .where(
+                        TaskRow.agent_id.in_([r.id for r in page]),
+                        TaskRow.status.in_(_ACTIVE),
+                    )
+                    .group_by(TaskRow.agent_id)
+                )
+                active = {int(agent): int(n) for agent, n in counted}
+            return [_agent(r, active.get(r.id, 0)) for r in page], len(rows) > page_size
+
+        return self._tx.run(go)

@@ -2,7 +2,8 @@
 
 Timestamps are ``DATETIME(6)`` holding naive UTC; :class:`UtcDateTime` converts to and
 from aware UTC datetimes, so the rest of the code only sees aware ones. Enums are stored
-by name (``VARCHAR``), readable in ad-hoc queries and BI exports. The migration in
+by name (``VARCHAR``; a business line by its well-known name or else its code), readable
+in ad-hoc queries and BI exports. The migration in
 ``crm_assignment/migrations`` creates exactly these tables (``target_metadata``).
 """
 
@@ -12,6 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from crm_common.db import NAMING_CONVENTION, TABLE_ARGS, UtcDateTime
+from crm_common.lines import WELL_KNOWN_LINES
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -24,8 +26,10 @@ from sqlalchemy import (
     MetaData,
     SmallInteger,
     String,
+    TypeDecorator,
 )
 from sqlalchemy.dialects import mysql
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from crm_assignment.domain.model import (
@@ -49,11 +53,44 @@ __all__ = [
     "TaskEventRow",
     "TaskRow",
     "UtcDateTime",
+    "line_from_db",
+    "line_to_db",
 ]
 
 
 def _enum(cls: type[Any], name: str) -> Enum:
     return Enum(cls, name=name, native_enum=False, create_constraint=False, length=24)
+
+
+def line_to_db(line: int) -> str:
+    """A business line as stored: a well-known line by its name (``SALE``, as the rows
+    written before lines were data), any other by its code (``4``). Names given by config
+    are not stored: a line may be renamed, its code is its identity."""
+    line = BusinessLine(int(line))
+    return line.name if line.well_known else str(int(line))
+
+
+def line_from_db(value: str) -> BusinessLine:
+    """The inverse of :func:`line_to_db`."""
+    code = WELL_KNOWN_LINES.get(value)
+    return BusinessLine(code if code is not None else int(value))
+
+
+class LineColumn(TypeDecorator[BusinessLine]):
+    """A business line in a ``VARCHAR(24)`` (see :func:`line_to_db`)."""
+
+    impl = String(24)
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> str | None:
+        return None if value is None else line_to_db(value)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> BusinessLine | None:
+        return None if value is None else line_from_db(value)
+
+
+def _line() -> LineColumn:
+    return LineColumn()
 
 
 ASCII_KEY = "ascii_bin"
@@ -94,7 +131,7 @@ class TaskRow(Base):
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
-    business_line: Mapped[BusinessLine] = mapped_column(_enum(BusinessLine, "business_line"))
+    business_line: Mapped[BusinessLine] = mapped_column(_line())
     category: Mapped[Category] = mapped_column(_enum(Category, "category"))
     status: Mapped[Status] = mapped_column(_enum(Status, "status"))
     customer_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("customer.id"))
@@ -126,7 +163,7 @@ class ClueRow(Base):
     task_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("task.id"))
     customer_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("customer.id"))
     merged: Mapped[bool] = mapped_column(Boolean)
-    business_line: Mapped[BusinessLine] = mapped_column(_enum(BusinessLine, "business_line"))
+    business_line: Mapped[BusinessLine] = mapped_column(_line())
     source: Mapped[str] = mapped_column(String(64))
     city: Mapped[str] = mapped_column(String(64, collation=ASCII_KEY))
     intent_car_ids: Mapped[list[int]] = mapped_column(JSON)
@@ -139,7 +176,8 @@ class ClueRow(Base):
 
 class TaskEventRow(Base):
     """Audit of every task transition; also the outbox of the BI events (``published_at``
-    is set once bilog acknowledged the event, see ``clients/bilog_outbox.py``)."""
+    is set once bilog acknowledged the event, see ``clients/bilog_outbox.py``), with the
+    request id and trace context of the request that made it."""
 
     __tablename__ = "task_event"
     __table_args__ = (
@@ -162,6 +200,14 @@ class TaskEventRow(Base):
     publish_error: Mapped[str | None] = mapped_column(
         String(500), comment="why bilog rejected the BI event (it is skipped until cleared)"
     )
+    request_id: Mapped[str | None] = mapped_column(
+        String(128, collation=ASCII_KEY),
+        comment="x-request-id of the request that made the event (sent to bilog)",
+    )
+    traceparent: Mapped[str | None] = mapped_column(
+        String(64, collation=ASCII_KEY),
+        comment="W3C traceparent of that request (tracing on): the relay links to it",
+    )
 
 
 class AgentRow(Base):
@@ -170,7 +216,7 @@ class AgentRow(Base):
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     name: Mapped[str] = mapped_column(String(100))
-    business_line: Mapped[BusinessLine] = mapped_column(_enum(BusinessLine, "business_line"))
+    business_line: Mapped[BusinessLine] = mapped_column(_line())
     cities: Mapped[list[str]] = mapped_column(JSON)
     categories: Mapped[list[str]] = mapped_column(JSON, comment="category names")
     brands: Mapped[list[str]] = mapped_column(JSON)
@@ -221,4 +267,12 @@ class BiOutboxRow(Base):
     )
     publish_error: Mapped[str | None] = mapped_column(
         String(500), comment="why bilog rejected the BI event (it is skipped until cleared)"
+    )
+    request_id: Mapped[str | None] = mapped_column(
+        String(128, collation=ASCII_KEY),
+        comment="x-request-id of the request that made the event (sent to bilog)",
+    )
+    traceparent: Mapped[str | None] = mapped_column(
+        String(64, collation=ASCII_KEY),
+        comment="W3C traceparent of that request (tracing on): the relay links to it",
     )

@@ -36,7 +36,7 @@ def _timeout(context: _Context) -> float | None:
 
 
 def _events(events: Sequence[pb.Event]) -> list[IncomingEvent]:
-    return [IncomingEvent(e.schema, e.payload_json) for e in events]
+    return [IncomingEvent(e.schema, e.payload_json, e.request_id) for e in events]
 
 
 def _receipt(a: Accepted) -> pb.EventReceipt:

@@ -48,6 +48,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from crm_common.lines import default_name
+
 __all__ = [
     "OTHER_TAG",
     "TERMINAL",
@@ -74,13 +76,14 @@ OTHER_TAG = "other"
 # Tie-break of two events of a task with the same ``at``: the one further along wins.
 _RANK = {"UNASSIGNED": 0, "RECYCLED": 1, "ASSIGNED": 2, "IN_PROGRESS": 3}
 _TERMINAL_RANK = 4
-_LINES = {1: "SALE", 2: "AFTER_SALE", 3: "FINANCE"}
 
 
 def line_name(business_line: int) -> str:
-    """``1`` -> ``SALE`` (``crm.common.v1.BusinessLine`` without its prefix); a line
-    this build does not know is ``LINE_<n>`` (lines are data, not code)."""
-    return _LINES.get(business_line, f"LINE_{business_line}")
+    """``1`` -> ``SALE`` (a well-known line); any other code, configured or not, is
+    ``LINE_<n>``: lines are data (``crm_common.lines``), their names live in the assignment
+    config, and a label keyed by the code stays the same when a line is renamed. Never
+    fails, whatever the code (an event is never lost to its label)."""
+    return default_name(business_line)
 
 
 def _rank(status: str) -> int:

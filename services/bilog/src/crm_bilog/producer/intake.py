@@ -1,7 +1,10 @@
 """The intake pipeline: validate an event against its schema, protect its PII, frame it
 in the Confluent wire format and produce it; invalid events become bad rows.
 
-An event is accepted only once Kafka acknowledged it. Invalid events are answered with
+An event is accepted only once Kafka acknowledged it. Every record (and bad row) carries
+the request id of the request the event was made for as its ``x-request-id`` header: the
+event's own ``request_id`` when the client gave one (an outbox relaying many requests'
+events), else the call's. Invalid events are answered with
 their field paths and written to the failed-events topic as a
 ``crm.bi.FailedEvent`` (payload with PII protected, see
 :func:`crm_bilog.domain.avro_json.compile_protector`), from where
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from crm_common.errors import FieldViolation, Unavailable
+from crm_common.interceptors import REQUEST_ID_KEY, REQUEST_ID_RULE, is_valid_request_id
 
 from crm_bilog.domain import wire
 from crm_bilog.domain.avro_json import ConversionError
@@ -38,10 +42,12 @@ _MAX_SCHEMA_NAME = 200
 
 @dataclass(frozen=True, slots=True)
 class IncomingEvent:
-    """An event as a client sends it: schema name and JSON payload."""
+    """An event as a client sends it: schema name, JSON payload and the request id it was
+    made for (empty: the call's)."""
 
     schema: str
     payload_json: str
+    request_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +69,11 @@ class Rejected:
 
 
 Outcome = Accepted | Rejected
+
+
+def _headers(request_id: str | None) -> tuple[tuple[str, bytes], ...] | None:
+    """The Kafka headers of a record made for ``request_id`` (None: none)."""
+    return ((REQUEST_ID_KEY, request_id.encode("ascii")),) if request_id else None
 
 
 def _payload_path(avro_path: str) -> str:
@@ -126,9 +137,12 @@ class Intake:
     # -- preparing ---------------------------------------------------------------------
 
     def prepare(
-        self, event: IncomingEvent, *, protect: bool = True
+        self, event: IncomingEvent, *, protect: bool = True, request_id: str | None = None
     ) -> OutgoingMessage | tuple[Rejected, Any]:
-        """The message to produce, or ``(Rejected, parsed payload or None)``."""
+        """The message to produce, or ``(Rejected, parsed payload or None)``; the message
+        carries ``event.request_id``, else ``request_id`` (the call's), as its header."""
+        if event.request_id and not is_valid_request_id(event.request_id):
+            return Rejected((FieldViolation("request_id", f"must be {REQUEST_ID_RULE}"),)), None
         route = self.routes.get(event.schema)
         if route is None or route.schema.internal:
             why = "internal schema" if route is not None else "unknown schema"
@@ -157,7 +171,13 @@ class Intake:
         ts = schema.event_time_ms(datum)
         if ts is not None and not 0 <= ts <= _MAX_TS:
             ts = None
-        return OutgoingMessage(route.topic, schema.key_of(datum).encode(), value, ts)
+        return OutgoingMessage(
+            route.topic,
+            schema.key_of(datum).encode(),
+            value,
+            ts,
+            _headers(event.request_id or request_id),
+        )
 
     def bad_row(
         self,
@@ -169,7 +189,10 @@ class Intake:
         replays: int = 0,
         protected: bool = False,
     ) -> OutgoingMessage:
-        """The ``crm.bi.FailedEvent`` of a rejected event (PII protected)."""
+        """The ``crm.bi.FailedEvent`` of a rejected event (PII protected); ``request_id``:
+        the call's, unless the event has a valid one of its own."""
+        if event.request_id and is_valid_request_id(event.request_id):
+            request_id = event.request_id
         route = self.routes.get(event.schema)
         kept: str | None = None
         if route is not None and not route.schema.internal and payload is not None:
@@ -188,7 +211,7 @@ class Intake:
         failed = self.failed
         value = wire.encode(self.ids.get(failed.subject), failed.schema.parsed, datum)
         key = event.schema[:_MAX_SCHEMA_NAME].encode("utf-8", "replace")
-        return OutgoingMessage(failed.topic, key, value, now_ms)
+        return OutgoingMessage(failed.topic, key, value, now_ms, _headers(request_id))
 
     # -- submitting --------------------------------------------------------------------
 
@@ -207,7 +230,7 @@ class Intake:
         messages: list[OutgoingMessage] = []
         owners: list[int] = []
         for i, event in enumerate(events):
-            prepared = self.prepare(event)
+            prepared = self.prepare(event, request_id=request_id)
             if isinstance(prepared, OutgoingMessage):
                 messages.append(prepared)
                 owners.append(i)

@@ -58,6 +58,7 @@ class OutgoingMessage(NamedTuple):
     key: bytes | None
     value: bytes
     timestamp_ms: int | None = None
+    headers: tuple[tuple[str, bytes], ...] | None = None
 
 
 class Delivery(NamedTuple):
@@ -225,16 +226,12 @@ class KafkaProducer:
         produce = producer.produce
         try:
             for i, m in enumerate(messages):
+                extra: dict[str, Any] = {}
                 if m.timestamp_ms is not None:
-                    produce(
-                        m.topic,
-                        m.value,
-                        m.key,
-                        on_delivery=functools.partial(done, i),
-                        timestamp=m.timestamp_ms,
-                    )
-                else:
-                    produce(m.topic, m.value, m.key, on_delivery=functools.partial(done, i))
+                    extra["timestamp"] = m.timestamp_ms
+                if m.headers:
+                    extra["headers"] = list(m.headers)
+                produce(m.topic, m.value, m.key, on_delivery=functools.partial(done, i), **extra)
         except BufferError:
             raise ResourceExhausted(
                 "the local produce queue is full; retry later", reason="PRODUCE_QUEUE_FULL"

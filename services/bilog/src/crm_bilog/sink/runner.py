@@ -58,7 +58,7 @@ from confluent_kafka import (
 from confluent_kafka.schema_registry import SchemaRegistryClient
 from fastavro import parse_schema, schemaless_reader
 
-from crm_bilog.consumer import committed_offsets, manual_commit_consumer
+from crm_bilog.consumer import broker_answers, committed_offsets, manual_commit_consumer
 from crm_bilog.domain import wire
 from crm_bilog.sink.avro_file import container_bytes
 from crm_bilog.sink.storage import Storage
@@ -172,6 +172,29 @@ class Sink:
         self.assigned: set[tuple[str, int]] = set()
         self.ready = threading.Event()
         """Set once the first partition assignment was handled."""
+        self._beat = clock()
+
+    # -- health ------------------------------------------------------------------------
+
+    def _heartbeat(self) -> None:
+        self._beat = self._clock()
+
+    def seconds_since_progress(self) -> float:
+        """Time since the consume loop last came round (or a registry retry waited)."""
+        return max(0.0, self._clock() - self._beat)
+
+    def check_progress(self, stall_s: float) -> None:
+        """Raises unless the loop came round within ``stall_s`` (a hung sink)."""
+        idle = self.seconds_since_progress()
+        if idle > stall_s:
+            raise RuntimeError(f"the consume loop is stuck for {idle:.0f} s")
+
+    def check_broker(self, timeout: float) -> None:
+        """Raises unless the sink joined its group and a bootstrap broker answers within
+        ``timeout`` (see :func:`crm_bilog.consumer.broker_answers`)."""
+        if self._consumer is None or not self.ready.is_set():
+            raise RuntimeError("the consumer has not joined its group yet")
+        broker_answers(self.config.bootstrap, timeout)
 
     # -- consumer plumbing ---------------------------------------------------------------
 
@@ -305,6 +328,7 @@ class Sink:
                 log.warning("schema registry error %s; retrying", exc.error_code)
             except Exception as exc:  # registry unreachable: wait, never skip a record
                 log.warning("schema registry unreachable (%s); retrying", type(exc).__name__)
+            self._heartbeat()  # waiting on the registry is not a hang: no restart for it
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
 
@@ -370,6 +394,7 @@ class Sink:
         log.info("sink started", extra={"topics": list(self.config.topics)})
         try:
             while not stop.is_set():
+                self._heartbeat()
                 for msg in consumer.consume(num_messages=1000, timeout=0.2):
                     err = msg.error()
                     if err is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 
@@ -16,9 +17,11 @@ from crm_recommendation.domain.model import (
     Reason,
     ReasonKind,
     Recommendation,
+    Recommendations,
 )
 
 __all__ = [
+    "ResponseEncoder",
     "add_recommendations",
     "car_from_pb",
     "car_pb",
@@ -125,3 +128,90 @@ def recommendation_from_pb(msg: pb.Recommendation) -> Recommendation:
     return Recommendation(
         car_from_pb(msg.car), msg.score, tuple(reason_from_pb(r) for r in msg.reasons)
     )
+
+
+def _varint(value: int) -> bytes:
+    if value < _VARINTS_UPTO:
+        return _VARINTS[value]
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+_VARINTS_UPTO = 1 << 14
+_VARINTS = [bytes([i]) for i in range(0x80)] + [
+    bytes([(i & 0x7F) | 0x80, i >> 7]) for i in range(0x80, _VARINTS_UPTO)
+]
+"""The varint of every value below ``_VARINTS_UPTO`` (one or two bytes)."""
+_PACK_DOUBLE = struct.Struct("<d").pack
+# wire tags (field number << 3 | wire type) of the fields written here
+_ITEM = b"\x0a"  # RecommendResponse / SimilarCarsResponse.recommendations = 1, LEN
+_CAR = b"\x0a"  # Recommendation.car = 1, LEN
+_SCORE = b"\x11"  # Recommendation.score = 2, I64
+_REASON = b"\x1a"  # Recommendation.reasons = 3, LEN
+
+
+class ResponseEncoder:
+    """Builds the ``recommendations`` of a response as the bytes of the messages
+    :func:`recommendation_pb` would give, from cached pieces, then parses them once
+    (about three times as fast as setting every field of 20 cars from Python):
+
+    - a car's serialized ``Car`` is kept per car id along with the ``Car`` object it was
+      made from and reused only for that very object (a changed car is a new object in the
+      index, so a stale entry is never used); two dicts keyed by id, not one of tuples, so
+      the cache adds no object the garbage collector tracks per entry (full collections
+      would walk them); at most ``max_cars`` entries, then it starts over;
+    - a reason is serialized once per answer (the ranking shares one ``Reason`` object
+      among the cars it applies to).
+
+    Not thread-safe: one per servicer, used on the event loop."""
+
+    def __init__(self, max_cars: int = 200_000) -> None:
+        self._bytes: dict[int, bytes] = {}
+        self._made_from: dict[int, Car] = {}
+        self._max_cars = max_cars
+
+    def _car(self, car: Car) -> bytes:
+        """The ``car`` field of a Recommendation holding ``car`` (tag, length, message)."""
+        if len(self._bytes) >= self._max_cars:
+            self._bytes.clear()
+            self._made_from.clear()
+        body = car_pb(car).SerializeToString()
+        data = self._bytes[car.id] = _CAR + _varint(len(body)) + body
+        self._made_from[car.id] = car
+        return data
+
+    def items(self, items: Iterable[Recommendation]) -> bytes:
+        """The serialized ``recommendations`` field (number 1) holding ``items``."""
+        out: list[bytes] = []
+        reasons: dict[int, bytes] = {}
+        made_from, cached = self._made_from, self._bytes
+        for rec in items:
+            car = rec.car
+            parts = [cached[car.id] if made_from.get(car.id) is car else self._car(car)]
+            if rec.score:
+                parts += (_SCORE, _PACK_DOUBLE(rec.score))
+            for reason in rec.reasons:
+                data = reasons.get(id(reason))
+                if data is None:
+                    body = reason_pb(reason).SerializeToString()
+                    data = reasons[id(reason)] = _REASON + _varint(len(body)) + body
+                parts.append(data)
+            item = b"".join(parts)
+            size = len(item)
+            out += (_ITEM, _VARINTS[size] if size < _VARINTS_UPTO else _varint(size), item)
+        return b"".join(out)
+
+    def recommend_response(self, result: Recommendations) -> pb.RecommendResponse:
+        msg = pb.RecommendResponse.FromString(self.items(result.items))
+        msg.data_sequence = result.data_sequence
+        msg.ignored_intent_car_ids.extend(result.ignored_intent_car_ids)
+        return msg
+
+    def similar_cars_response(self, result: Recommendations) -> pb.SimilarCarsResponse:
+        msg = pb.SimilarCarsResponse.FromString(self.items(result.items))
+        msg.data_sequence = result.data_sequence
+        return msg

@@ -49,6 +49,7 @@ class RecommendationServicer(recommendation_pb2_grpc.RecommendationServiceServic
         self._sync = sync
         self._config = config
         self._clock = clock
+        self._encoder = convert.ResponseEncoder()
 
     async def UpsertCars(
         self, request: pb.UpsertCarsRequest, context: Context
@@ -73,18 +74,11 @@ class RecommendationServicer(recommendation_pb2_grpc.RecommendationServiceServic
     ) -> pb.RecommendResponse:
         query = validation.recommend_query(request)
         result = ranking.recommend(self._sync.require(), self._config(), query)
-        response = pb.RecommendResponse(
-            ignored_intent_car_ids=result.ignored_intent_car_ids,
-            data_sequence=result.data_sequence,
-        )
-        convert.add_recommendations(response.recommendations, result.items)
-        return response
+        return self._encoder.recommend_response(result)
 
     async def SimilarCars(
         self, request: pb.SimilarCarsRequest, context: Context
     ) -> pb.SimilarCarsResponse:
         car_id, count = validation.similar_query(request)
         result = ranking.similar_cars(self._sync.require(), self._config(), car_id, count)
-        response = pb.SimilarCarsResponse(data_sequence=result.data_sequence)
-        convert.add_recommendations(response.recommendations, result.items)
-        return response
+        return self._encoder.similar_cars_response(result)

@@ -191,10 +191,10 @@ def recommend_query(req: pb.RecommendRequest) -> RecommendQuery:
     _count(v, req.count)
     _ids(v, list(req.exclude_car_ids), "exclude_car_ids", MAX_EXCLUDED)
     line: BusinessLine | None = None
+    # Lines are data (crm_common.lines): any code >= 1 is a line; one without an entry in
+    # the ranking config's ``lines`` uses the default weights. 0: no line.
     if req.business_line != 0 and v.require(
-        req.business_line in BusinessLine._value2member_map_,
-        "business_line",
-        "is not a known business line",
+        req.business_line > 0, "business_line", "must be a business line code >= 1, or 0"
     ):
         line = BusinessLine(req.business_line)
     v.check()

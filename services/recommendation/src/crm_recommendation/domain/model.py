@@ -6,9 +6,14 @@ by value); the store keeps enums by name.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from crm_common.lines import BusinessLine
 
 __all__ = [
     "KIND_WEIGHT",
@@ -23,9 +28,12 @@ __all__ = [
     "RecommendQuery",
     "Recommendation",
     "Recommendations",
+    "fast_constructor",
     "kind_mask_weight",
     "utc_now",
 ]
+
+T = TypeVar("T")
 
 
 def utc_now() -> datetime:
@@ -54,12 +62,6 @@ class InteractionKind(enum.IntEnum):
     ASKED = 2
     CALLED = 3
     VISITED = 4
-
-
-class BusinessLine(enum.IntEnum):
-    SALE = 1
-    AFTER_SALE = 2
-    FINANCE = 3
 
 
 class ReasonKind(enum.IntEnum):
@@ -166,3 +168,47 @@ class Recommendations:
     items: tuple[Recommendation, ...]
     data_sequence: int
     ignored_intent_car_ids: tuple[int, ...] = ()
+
+
+def fast_constructor(cls: type[T]) -> Callable[..., T]:
+    """A constructor of the frozen slots dataclass ``cls`` taking every field, in order,
+    positionally (no defaults, no ``__post_init__``): it sets the slots through their
+    descriptors, about three times as fast as the generated ``__init__`` (which goes
+    through ``object.__setattr__`` for each field). For the ranking's hot path; the
+    instances are the same frozen values."""
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    setters = [cls.__dict__[name].__set__ for name in names]
+    new = object.__new__
+    if len(setters) == 3:
+        a, b, c = setters
+
+        def make3(x: Any, y: Any, z: Any) -> T:
+            obj = new(cls)
+            a(obj, x)
+            b(obj, y)
+            c(obj, z)
+            return obj
+
+        return make3
+    if len(setters) == 4:
+        a, b, c, d = setters
+
+        def make4(x: Any, y: Any, z: Any, w: Any) -> T:
+            obj = new(cls)
+            a(obj, x)
+            b(obj, y)
+            c(obj, z)
+            d(obj, w)
+            return obj
+
+        return make4
+
+    def make(*values: Any) -> T:
+        if len(values) != len(setters):
+            raise TypeError(f"{cls.__name__} takes {len(setters)} values, got {len(values)}")
+        obj = new(cls)
+        for set_, value in zip(setters, values, strict=True):
+            set_(obj, value)
+        return obj
+
+    return make

@@ -18,11 +18,20 @@
    replica); at most ``max_per_brand`` cars of a brand unless too few others qualify.
 5. *Reasons* are derived from the same data (same series/brand as a named seed, within
    budget, popular in the city, co-interest with a named seed), strongest first.
+
+How it stays cheap per call: the candidates are a price range of the city's
+:class:`~crm_recommendation.index.onsale.OnSaleColumns` (views of every column, no
+gather, no sort); excluded cars inside the range are not cut out but marked (their
+co-interest and popularity do not count in the normalization, their score is -inf and the
+selection never takes one); the three numeric blocks of content similarity are one
+(seeds x blocks x candidates) pass; co-interest neighbours are found by their on-sale key.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -30,8 +39,9 @@ import numpy as np
 import numpy.typing as npt
 from crm_common.errors import NotFound
 
-from crm_recommendation.config import RankingConfig
+from crm_recommendation.config import ContentWeights, RankingConfig
 from crm_recommendation.domain.model import (
+    KIND_WEIGHT,
     BodyType,
     Car,
     Reason,
@@ -39,18 +49,25 @@ from crm_recommendation.domain.model import (
     Recommendation,
     Recommendations,
     RecommendQuery,
-    kind_mask_weight,
+    fast_constructor,
 )
 from crm_recommendation.index.car_index import CarIndex
+from crm_recommendation.index.onsale import OnSaleColumns
 
 __all__ = ["Seed", "budget_bounds", "candidates", "recommend", "similar_cars"]
 
 F64 = npt.NDArray[np.float64]
+F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
+I32 = npt.NDArray[np.int32]
 
 SCORE_DECIMALS = 6
 _MAX_KIND_WEIGHT = 4.0
 _SIMILAR_MIN = 0.5  # content similarity from which "similar car" is said
+_MASK_WEIGHT = tuple(
+    max((w for k, w in KIND_WEIGHT.items() if m & (1 << k)), default=0) for m in range(64)
+)
+"""``kind_mask_weight`` of every mask (bits 1..4)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,21 +87,54 @@ class Seed:
         return f"the {self.car.title} (car {self.car.id})"
 
 
+_seed = fast_constructor(Seed)
+_recommendation = fast_constructor(Recommendation)
+_reason = fast_constructor(Reason)
+
+
+@dataclass(frozen=True, slots=True)
+class _SeedArrays:
+    """The seeds as columns (in seed order)."""
+
+    slots: I64
+    weight: F64
+    features: F32
+    """``(3, seeds)``, as ``CarIndex.features``."""
+    brand: I32
+    series: I32
+    body: I32
+    variant: I32
+
+    @classmethod
+    def of(cls, index: CarIndex, seeds: list[Seed]) -> _SeedArrays:
+        slots = np.array([sd.slot for sd in seeds], np.int64)
+        return cls(
+            slots,
+            np.array([sd.weight for sd in seeds], np.float64),
+            index.features[:, slots],
+            index.brand[slots],
+            index.series[slots],
+            index.body[slots],
+            index.variant[slots],
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class _Signals:
-    """The signals of the candidates that can still make the answer (``cands``: every
-    candidate, or those whose upper bound reaches the cut; see :func:`_signals`)."""
+    """The signals of the candidates that can still make the answer: rows ``at`` of the
+    candidate columns (None: every row; see :func:`_signals`)."""
 
-    cands: I64
+    at: I64 | None
     content: F64
-    sims: npt.NDArray[np.float32] | None
-    """Weighted content similarity of each seed (rows) to each candidate (columns)."""
+    model: _Content | None
+    """The content model of the call (None: content not used), for :meth:`_Content.best_seed`."""
     cooccurrence: F64
     popularity: F64
     score: F64
+    """-inf for an excluded candidate (never selected)."""
     cooc_entries: tuple[I64, I64, F64] | None
-    """The seeds' co-occurrence rows concatenated: (seed position, neighbour slot, seed
-    weight x cosine); None when co-interest is not used."""
+    """The seeds' co-occurrence entries that are candidates, in seed order: (candidate
+    row, seed position, seed weight x cosine); None when co-interest is not used."""
 
 
 def budget_bounds(
@@ -103,8 +153,7 @@ def candidates(
     hi: float | None,
     excluded: set[int],
 ) -> I64:
-    """Slots passing the hard filters, ascending: a slice of the city's price-sorted list
-    of cars on sale, minus ``excluded``."""
+    """Slots passing the hard filters, ascending (the set :func:`recommend` ranks)."""
     found = index.on_sale_slots(city, lo, hi)
     if excluded and len(found):
         gone = np.fromiter(excluded, np.int64, len(excluded))
@@ -117,47 +166,49 @@ def candidates(
 
 def _seeds(
     index: CarIndex, cfg: RankingConfig, q: RecommendQuery
-) -> tuple[list[Seed], list[int], set[int]]:
+) -> tuple[list[Seed], list[int], list[int]]:
     """Seeds, ignored intent ids, slots the customer has seen."""
     seeds: list[Seed] = []
     ignored: list[int] = []
     taken: set[int] = set()
+    slot_of, cars = index.slot_of, index.cars
     for car_id in dict.fromkeys(q.intent_car_ids):
-        car = index.car(car_id)
-        if car is None:
+        slot = slot_of.get(car_id)
+        car = None if slot is None else cars[slot]
+        if slot is None or car is None:
             ignored.append(car_id)
             continue
-        slot = index.slot_of[car_id]
-        seeds.append(Seed(slot, car, 1.0, "intent"))
+        seeds.append(_seed(slot, car, 1.0, "intent"))
         taken.add(slot)
-    seen: set[int] = set()
+    seen: list[int] = []
     if q.customer_id is not None:
-        history = index.customer_cars(q.customer_id)
-        seen = set(history)
-        if cfg.history_weight > 0 and cfg.history_cars > 0:
+        seen, masks = index.customer_items(q.customer_id)
+        if seen and cfg.history_weight > 0 and cfg.history_cars > 0:
             past = []
-            for slot, mask in history.items():
-                car = index.cars[slot]
+            for slot, mask in zip(seen, masks, strict=True):
+                car = cars[slot]
                 if car is not None and slot not in taken:
-                    past.append((-kind_mask_weight(mask), car.id, slot, car))
+                    past.append((-_MASK_WEIGHT[mask], car.id, slot, car))
             past.sort()
             for neg_w, _, slot, car in past[: cfg.history_cars]:
                 weight = cfg.history_weight * (-neg_w) / _MAX_KIND_WEIGHT
-                seeds.append(Seed(slot, car, weight, "history"))
+                seeds.append(_seed(slot, car, weight, "history"))
     return seeds, ignored, seen
 
 
 def _signals(
     index: CarIndex,
     cfg: RankingConfig,
-    cands: I64,
+    cols: OnSaleColumns,
+    excluded: I64,
     seeds: list[Seed],
     weights: tuple[float, float, float],
     budget: tuple[int, int],
     count: int,
     per_brand: int,
 ) -> _Signals:
-    """The signals and scores of the candidates that can make the answer.
+    """The signals and scores of the candidates (``cols`` but its ``excluded`` rows) that
+    can make the answer.
 
     Co-interest and popularity are cheap (sparse rows; one gather) and computed for every
     candidate; so is the normalization by the best candidate. Content similarity costs
@@ -168,73 +219,99 @@ def _signals(
     raise it); every candidate whose bound reaches that cut is then scored exactly and the
     rest, which cannot make the answer, are left out. The answer is the same as scoring
     every candidate."""
-    n = len(cands)
+    n = len(cols)
     w_content, w_cooc, w_pop = weights
-    cooc = np.zeros(n)
+    sa = _SeedArrays.of(index, seeds) if seeds else None
+    zeros = np.zeros(n)  # never modified
+    cooc = pop = rest = zeros
     entries: tuple[I64, I64, F64] | None = None
-    if seeds and w_cooc > 0 and n:
-        which, nbr, cos = index.cooccurrence_rows([sd.slot for sd in seeds])
-        contrib = np.array([sd.weight for sd in seeds], np.float64)[which] * cos
-        entries = (which, nbr, contrib)
-        if len(nbr):
-            # candidates are ascending: find each neighbour among them, sum per candidate
-            # in seed order (the same float sums on every replica)
-            at = np.minimum(np.searchsorted(cands, nbr), n - 1)
-            hit = cands[at] == nbr
-            cooc = np.bincount(at[hit], weights=contrib[hit], minlength=n).astype(np.float64)
-        top = float(cooc.max())
-        cooc = cooc / top if top > 0 else np.zeros(n)
-    pop = np.zeros(n)
-    if w_pop > 0 and n:
-        logpop = index.logpop[cands]
+    if sa is not None and w_cooc > 0:
+        which, nbr, weight = index.pairs.rows(sa.slots)
+        row = cols.rows_of(nbr)
+        hit = np.flatnonzero(row >= 0)  # the neighbours that are candidates
+        if len(hit):
+            row, which = row[hit], which[hit]
+            cos = index.cosines(sa.slots[which], nbr[hit], weight[hit])
+            contrib = sa.weight[which] * cos
+            entries = (row, which, contrib)
+            # summed per candidate in seed order (the same float sums on every replica)
+            summed = np.bincount(row, weights=contrib, minlength=n)
+            if len(excluded):
+                summed[excluded] = 0.0
+            top = float(summed.max())
+            if top > 0:
+                cooc = summed / top
+                rest = w_cooc * cooc
+    if w_pop > 0:
+        logpop = index.logpop[cols.slots]
+        if len(excluded):
+            logpop[excluded] = -np.inf
         top = float(logpop.max())
         if np.isfinite(top):
-            pop = np.exp(0.5 * (logpop - top))
-    rest = w_cooc * cooc + w_pop * pop
+            logpop -= top
+            logpop *= 0.5
+            # float32: a vectorized exp (the float64 one is scalar), 7 digits are plenty
+            pop = np.exp(logpop.astype(np.float32)).astype(np.float64)
+            rest = rest + w_pop * pop
     factor: F64 | None = None
     budget_min, budget_max = budget
     if cfg.outside_budget_penalty > 0 and (budget_min > 0 or budget_max > 0):
-        price = index.price[cands]
-        outside = np.zeros(n, np.bool_)
-        if budget_min > 0:
-            outside |= price < budget_min
-        if budget_max > 0:
-            outside |= price > budget_max
-        if outside.any():
-            factor = np.where(outside, 1.0 - cfg.outside_budget_penalty, 1.0)
+        # the rows are sorted by price: the ones outside the budget are a prefix and a suffix
+        price = cols.price
+        below = int(np.searchsorted(price, budget_min)) if budget_min > 0 else 0
+        above = int(np.searchsorted(price, budget_max, "right")) if budget_max > 0 else n
+        if below > 0 or above < n:
+            factor = np.ones(n)
+            factor[:below] = 1.0 - cfg.outside_budget_penalty
+            factor[above:] = 1.0 - cfg.outside_budget_penalty
 
-    def scored(content: F64, at: I64 | slice) -> F64:
-        raw = w_content * content + rest[at]
+    def scored(content: F64 | None, at: I64 | None) -> F64:
+        if content is None:
+            raw = rest.copy() if at is None else rest[at]
+        else:
+            raw = w_content * content
+            raw += rest if at is None else rest[at]
         if factor is not None:
-            raw = raw * factor[at]
-        return np.round(raw, SCORE_DECIMALS)
+            raw *= factor if at is None else factor[at]
+        return np.round(raw, SCORE_DECIMALS, out=raw)
 
-    if not (seeds and w_content > 0 and n):
-        zeros = np.zeros(n)
-        return _Signals(cands, zeros, None, cooc, pop, scored(zeros, slice(None)), entries)
+    if sa is None or w_content <= 0:
+        score = scored(None, None)
+        if len(excluded):
+            score[excluded] = -np.inf
+        return _Signals(None, np.zeros(n), None, cooc, pop, score, entries)
+    model = _Content(index, cfg.content, sa, cols)
     keep: I64 | None = None
     if len(seeds) * n > _PRUNE_FROM:
-        bound = w_content * _content_bound(index, cfg, cands, seeds) + rest
+        bound = w_content * _content_bound(index, cfg.content, cols, sa) + rest
         if factor is not None:
             bound *= factor
+        if len(excluded):
+            bound[excluded] = -np.inf
         # a sample: the best by bound, brand-capped too (else one brand could fill it)
         sample, _ = _select_capped(
-            index, cands, bound, _SAMPLE_COUNT * count, _SAMPLE_PER_BRAND * per_brand
-        )
-        at = np.array(sample, dtype=np.intp)
-        score = scored(_content(index, cfg, cands[at], seeds)[0], at)
-        chosen, capped = _select_capped(index, cands[at], score, count, per_brand)
+            cols.ids, cols.brand, bound, _SAMPLE_COUNT * count, _SAMPLE_PER_BRAND * per_brand,
+            rounded=False,
+        )  # fmt: skip
+        at = np.array(sample, dtype=np.int64)
+        content = model.content(at)
+        score = scored(content, at)
+        chosen, capped = _select_capped(cols.ids[at], cols.brand[at], score, count, per_brand)
         if capped:  # else: no cut (every candidate may be needed)
             cut = float(score[chosen[-1]])
             keep = np.flatnonzero(bound + _BOUND_MARGIN >= cut)
-    if keep is not None:
-        cands, cooc, pop = cands[keep], cooc[keep], pop[keep]
-    content, sims = _content(index, cfg, cands, seeds)
-    score = scored(content, slice(None) if keep is None else keep)
-    return _Signals(cands, content, sims, cooc, pop, score, entries)
+    if keep is None:
+        content = model.content(None)
+        score = scored(content, None)
+        if len(excluded):
+            score[excluded] = -np.inf
+        return _Signals(None, content, model, cooc, pop, score, entries)
+    # the kept rows hold no excluded one (their bound is -inf)
+    content = model.content(keep)
+    return _Signals(keep, content, model, cooc[keep], pop[keep], scored(content, keep), entries)
 
 
-_PRUNE_FROM = 100_000
+_PRUNE_FROM = 200_000
 """Seeds x candidates from which the upper bound pays for itself (measured: below, one
 exact pass over every candidate is cheaper than the bound, sample and cut)."""
 _SAMPLE_COUNT, _SAMPLE_PER_BRAND = 8, 4
@@ -242,122 +319,245 @@ _BOUND_MARGIN = 1e-5
 """Float slack between a bound (float64) and an exact content score (float32 sums)."""
 
 
-def _content_bound(index: CarIndex, cfg: RankingConfig, cands: I64, seeds: list[Seed]) -> F64:
+@dataclass(frozen=True, slots=True)
+class _ContentConstants:
+    """What a ContentWeights gives the content model (computed once per config)."""
+
+    total: float
+    rows: list[int]
+    """Rows of ``CarIndex.features`` of the numeric blocks in use."""
+    widths: tuple[float, ...]
+    scale: F32
+    """``(blocks, 1)``: ``sqrt(1/2) / width``."""
+    log_weight: F32
+    """``(blocks, 1)``: log of the block's share of the total weight."""
+    numeric_max: np.float32
+    """The most the numeric blocks give together."""
+    categorical: list[tuple[np.float32, int]]
+    """``(share of the total weight, variant column: 0 brand, 1 series, 2 body)``."""
+    scaled_key: tuple[object, ...]
+    """The key of :meth:`scaled` features in ``OnSaleColumns.derive``."""
+    table_key: tuple[object, ...]
+    """The key of the categorical table in ``CarIndex.variant_derived``."""
+
+    def scaled(self, features: F32) -> F32:
+        """The numeric blocks of ``features`` times their ``scale``, ``(blocks, n)``."""
+        return np.ascontiguousarray(features[self.rows] * self.scale)
+
+
+@functools.lru_cache(maxsize=16)
+def _constants(cw: ContentWeights) -> _ContentConstants:
+    total = cw.price + cw.year + cw.mileage + cw.brand + cw.series + cw.body_type
+    blocks = [
+        b for b in ((0, cw.price, cw.price_width), (1, cw.year, cw.year_width),
+                    (2, cw.mileage, cw.mileage_width))
+        if b[1] > 0
+    ]  # fmt: skip
+    rows = [b[0] for b in blocks]
+    widths = tuple(b[2] for b in blocks)
+    categorical = [
+        (np.float32(weight / total), column)
+        for column, weight in enumerate((cw.brand, cw.series, cw.body_type))
+        if weight > 0
+    ]
+    return _ContentConstants(
+        total,
+        rows,
+        widths,
+        np.array([math.sqrt(0.5) / b[2] for b in blocks], np.float32).reshape(-1, 1),
+        np.array([math.log(b[1] / total) for b in blocks], np.float32).reshape(-1, 1),
+        np.float32(sum(b[1] for b in blocks) / total),
+        categorical,
+        ("content", tuple(rows), widths),
+        ("categorical", tuple(categorical)),
+    )
+
+
+def _numeric_blocks(cw: ContentWeights) -> list[tuple[int, float, float]]:
+    """``(row of CarIndex.features, weight, width)`` of the numeric blocks in use."""
+    blocks = (
+        (0, cw.price, cw.price_width), (1, cw.year, cw.year_width),
+        (2, cw.mileage, cw.mileage_width),
+    )  # fmt: skip
+    return [b for b in blocks if b[1] > 0]
+
+
+def _content_bound(
+    index: CarIndex, cw: ContentWeights, cols: OnSaleColumns, sa: _SeedArrays
+) -> F64:
     """An upper bound of :func:`_content` per candidate, in O(candidates x blocks):
 
     - numeric blocks: each block's similarity to the *nearest* seed value of that block
       (binary search over the sorted seed values), which no single seed can beat;
     - categorical blocks: tables over brand / series / body type codes hold, per code,
       the largest seed weight and weighted categorical similarity a seed sharing that
-      code can give (series implies brand; body type counted as shared where it may be).
+      code can give (series implies brand; body type counted as shared where it may be);
+      looked up by each candidate's variant.
     """
-    cw = cfg.content
-    total = cw.price + cw.year + cw.mileage + cw.brand + cw.series + cw.body_type
-    slots = np.fromiter((sd.slot for sd in seeds), np.int64, len(seeds))
-    weights = np.array([sd.weight for sd in seeds])
-    numeric = np.zeros(len(cands))
-    for feature, weight, width in (
-        (index.log_price, cw.price, cw.price_width),
-        (index.year, cw.year, cw.year_width),
-        (index.log_mileage, cw.mileage, cw.mileage_width),
-    ):
-        if weight > 0:
-            values = np.unique(feature[slots]).astype(np.float64)
-            x = feature[cands].astype(np.float64)
-            at = np.searchsorted(values, x)
-            below = x - values[np.maximum(at - 1, 0)]
-            above = values[np.minimum(at, len(values) - 1)] - x
-            d = np.minimum(np.abs(below), np.abs(above)) * (1.0 / width)
-            numeric += (weight / total) * np.exp(-0.5 * d * d)
+    total = _constants(cw).total
+    n = len(cols)
+    numeric = np.zeros(n)
+    for row, weight, width in _numeric_blocks(cw):
+        values = np.unique(sa.features[row]).astype(np.float64)
+        x = cols.features[row].astype(np.float64)
+        at = np.searchsorted(values, x)
+        below = x - values[np.maximum(at - 1, 0)]
+        above = values[np.minimum(at, len(values) - 1)] - x
+        d = np.minimum(np.abs(below), np.abs(above)) * (1.0 / width)
+        numeric += (weight / total) * np.exp(-0.5 * d * d)
     brand, series, body = cw.brand / total, cw.series / total, cw.body_type / total
+    weights = sa.weight
     bound: F64 = weights.max() * numeric
-    for column, size, same in (
-        (index.series, len(index.series_vocab.names), brand + series + body),
-        (index.brand, len(index.brands.names), brand + body),
-        (index.body, int(max(BodyType)) + 1, body),
+    v_brand, v_series, v_body = index.variants()
+    for seed_codes, of_variant, size, same in (
+        (sa.series, v_series, len(index.series_vocab.names), brand + series + body),
+        (sa.brand, v_brand, len(index.brands.names), brand + body),
+        (sa.body, v_body, int(max(BodyType)) + 1, body),
     ):
-        codes = column[slots]
         top_weight = np.zeros(size)
-        np.maximum.at(top_weight, codes, weights)
+        np.maximum.at(top_weight, seed_codes, weights)
         top_same = np.zeros(size)
-        np.maximum.at(top_same, codes, weights * same)
-        of_cand = column[cands]
-        np.maximum(bound, top_weight[of_cand] * numeric + top_same[of_cand], out=bound)
+        np.maximum.at(top_same, seed_codes, weights * same)
+        code = of_variant[cols.variant]
+        np.maximum(bound, top_weight[code] * numeric + top_same[code], out=bound)
     return bound
 
 
-def _content(
-    index: CarIndex, cfg: RankingConfig, cands: I64, seeds: list[Seed]
-) -> tuple[F64, npt.NDArray[np.float32]]:
-    """Content similarity of every candidate to its best seed (times the seed's weight),
-    and the (seeds x candidates) matrix of weighted similarities. float32, element-wise
-    only (a candidate's value does not depend on the other candidates):
+class _Content:
+    """Content similarity of the candidates (rows of ``cols``) to the seeds for one call.
+    float32, element-wise only (a candidate's value does not depend on the other
+    candidates), blocks added in the same order for every candidate:
 
     - categorical blocks: a (seeds x variants) table of brand / series / body type
       similarity, gathered by each candidate's variant (series + body type);
-    - numeric blocks: ``exp(log(block weight) - (distance / width)^2 / 2)``.
-    """
-    cw = cfg.content
-    total = cw.price + cw.year + cw.mileage + cw.brand + cw.series + cw.body_type
-    slots = np.fromiter((sd.slot for sd in seeds), np.int64, len(seeds))
-    n = len(cands)
-    blocks = (
-        (cw.brand, index.brand), (cw.series, index.series), (cw.body_type, index.body)
-    )  # fmt: skip
-    variants = index.variants()
-    if len(variants[0]) <= 2 * n:
-        table = np.zeros((len(seeds), len(variants[0])), np.float32)
-        for (weight, column), of_variant in zip(blocks, variants, strict=True):
-            if weight > 0:
-                same = of_variant[None, :] == column[slots][:, None]
-                table += same * np.float32(weight / total)
-        sims = np.take(table, index.variant[cands], axis=1)
-    else:  # a large vocabulary and few candidates: compare directly (the same sums)
-        sims = np.zeros((len(seeds), n), np.float32)
-        for weight, column in blocks:
-            if weight > 0:
-                same = column[cands][None, :] == column[slots][:, None]
-                sims += same * np.float32(weight / total)
-    for feature, weight, width in (
-        (index.log_price, cw.price, cw.price_width),
-        (index.year, cw.year, cw.year_width),
-        (index.log_mileage, cw.mileage, cw.mileage_width),
-    ):
-        if weight > 0:
-            scale = np.float32(math.sqrt(0.5) / width)
-            d = (feature[cands] * scale)[None, :] - (feature[slots] * scale)[:, None]
+    - numeric blocks: ``exp(log(block weight) - (distance / width)^2 / 2)``, every block
+      of every seed in one (seeds x blocks x candidates) pass, on the list's features
+      scaled once per config (``OnSaleColumns.derive``).
+
+    :meth:`content` is the max over seeds of ``seed weight x similarity``. The seeds come
+    strongest first; the *leading* ones (the weight of the first) are scored against every
+    candidate, the others only where they can beat that: a weaker seed gives at most its
+    weight x (categorical similarity + every numeric block's weight), a per-variant table.
+    Exact: a seed skipped for a candidate could not have been its max."""
+
+    __slots__ = ("_c", "_categorical", "_last", "_seed_x", "_table", "_variant", "_weight", "_x")
+
+    def __init__(
+        self, index: CarIndex, cw: ContentWeights, sa: _SeedArrays, cols: OnSaleColumns
+    ) -> None:
+        c = self._c = _constants(cw)
+        variants = index.variants()
+        of_seed = (sa.brand, sa.series, sa.body)
+        self._categorical = [
+            (weight, of_seed[column], variants[column]) for weight, column in c.categorical
+        ]
+        self._table: F32 | None = None
+        if len(variants[0]) <= _MAX_VARIANT_TABLE:  # rows of the variant x variant table
+            self._table = _variant_table(index, c)[sa.variant]
+        elif len(variants[0]) <= 2 * len(cols):  # else: a large vocabulary, few candidates
+            table = np.zeros((len(sa.slots), len(variants[0])), np.float32)
+            for weight, seed_codes, of_variant in self._categorical:
+                table += (of_variant[None, :] == seed_codes[:, None]) * weight
+            self._table = table
+        self._variant = cols.variant
+        self._x = cols.derive(c.scaled_key, c.scaled)  # (blocks, n)
+        seed_x = (sa.features if len(c.rows) == 3 else sa.features[c.rows]) * c.scale
+        self._seed_x = np.ascontiguousarray(seed_x.T)[:, :, None]  # (seeds, blocks, 1)
+        self._weight = sa.weight.astype(np.float32)
+        self._last: tuple[I64 | None, int, F32, I64 | None, F32 | None] | None = None
+
+    def sims(self, at: I64 | None, first: int = 0, last: int | None = None) -> F32:
+        """The (seeds ``first:last`` x candidates ``at``) weighted similarities (``at``
+        None: every candidate)."""
+        seeds = slice(first, last)
+        variant = self._variant if at is None else self._variant[at]
+        if self._table is not None:
+            sims = np.take(self._table[seeds], variant, axis=1)
+        else:  # compare directly (the same sums as the table's)
+            sims = np.zeros((len(self._weight[seeds]), len(variant)), np.float32)
+            for weight, seed_codes, of_variant in self._categorical:
+                sims += (of_variant[variant][None, :] == seed_codes[seeds][:, None]) * weight
+        blocks = len(self._c.rows)
+        if blocks:
+            x = self._x if at is None else self._x[:, at]
+            d = np.subtract(x[None], self._seed_x[seeds], order="C")  # (seeds, blocks, n)
             np.multiply(d, d, out=d)
-            np.subtract(np.float32(math.log(weight / total)), d, out=d)
+            np.subtract(self._c.log_weight, d, out=d)
             np.exp(d, out=d)
-            sims += d
-    sims *= np.array([sd.weight for sd in seeds], np.float32)[:, None]
-    return sims.max(axis=0).astype(np.float64), sims
+            for b in range(blocks):
+                sims += d[:, b]
+        seed_weight = self._weight[seeds]
+        if not (seed_weight == 1.0).all():  # (times 1 changes nothing)
+            sims *= seed_weight[:, None]
+        return sims
+
+    def content(self, at: I64 | None) -> F64:
+        """Each candidate's (``at``; None: all) max over seeds of weighted similarity (see
+        the class doc); :meth:`best_seed` then tells which seed gave it."""
+        weight = self._weight
+        same = weight == weight[0]
+        lead = len(weight) if same.all() else int(np.argmin(same))  # the leading seeds
+        if lead < len(weight) and self._table is None:  # few candidates: all in one pass
+            lead = len(weight)
+        sims = self.sims(at, 0, lead)
+        best: F32 = sims.max(axis=0)
+        need: I64 | None = None
+        rest: F32 | None = None
+        if lead < len(weight) and self._table is not None:
+            variant = self._variant if at is None else self._variant[at]
+            reach = (self._table[lead:] + self._c.numeric_max) * weight[lead:, None]
+            need = np.flatnonzero(reach.max(axis=0)[variant] + _SEED_MARGIN >= best)
+            if len(need):
+                rest = self.sims(need if at is None else at[need], lead)
+                best[need] = np.maximum(best[need], rest.max(axis=0))
+        self._last = (at, lead, sims, need, rest)
+        out: F64 = best.astype(np.float64)
+        return out
+
+    def best_seed(self, positions: I64) -> list[int]:
+        """The seed giving the max of :meth:`content`'s last call at these positions of its
+        candidates (the earlier seed on ties, as ``argmax`` over every seed)."""
+        if self._last is None:
+            raise RuntimeError("best_seed before content")
+        _, lead, sims, need, rest = self._last
+        sub = sims[:, positions]
+        best = sub.max(axis=0)
+        seed = sub.argmax(axis=0)
+        if need is not None and rest is not None and len(need):
+            at = np.minimum(np.searchsorted(need, positions), len(need) - 1)
+            there = need[at] == positions
+            if there.any():
+                other = rest[:, at[there]]
+                better = other.max(axis=0) > best[there]
+                seed[np.flatnonzero(there)[better]] = other.argmax(axis=0)[better] + lead
+        return seed.tolist()  # type: ignore[no-any-return]
 
 
-def _cooc_seeds(sig: _Signals, result_slots: I64) -> list[int]:
-    """For each result slot, the index of the seed contributing most co-interest (-1: none;
-    the earlier seed on ties)."""
-    k = len(result_slots)
-    if sig.cooc_entries is None or k == 0 or len(sig.cooc_entries[1]) == 0:
-        return [-1] * k
-    which, nbr, contrib = sig.cooc_entries
-    hit = np.isin(nbr, result_slots)
-    position = {slot: i for i, slot in enumerate(result_slots.tolist())}
-    picked = [-1] * k
-    best = [0.0] * k
-    for seed, slot, value in zip(
-        which[hit].tolist(), nbr[hit].tolist(), contrib[hit].tolist(), strict=True
-    ):  # in seed order
-        i = position[slot]
-        if value > best[i]:
-            best[i] = value
-            picked[i] = seed
-    return picked
+def _variant_table(index: CarIndex, c: _ContentConstants) -> F32:
+    """The categorical similarity of every variant to every variant (the same float32
+    sums as a seed's row), kept by the index until a variant appears."""
+
+    def make() -> F32:
+        variants = index.variants()
+        table = np.zeros((len(variants[0]), len(variants[0])), np.float32)
+        for weight, column in c.categorical:
+            codes = variants[column]
+            table += (codes[None, :] == codes[:, None]) * weight
+        return table
+
+    return index.variant_derived(c.table_key, make)
 
 
-def _top(index: CarIndex, cands: I64, score: F64, pool: I64 | None, m: int) -> I64:
+_MAX_VARIANT_TABLE = 1024
+"""Variants up to which the variant x variant table is kept (4 MB)."""
+_SEED_MARGIN = np.float32(1e-5)
+"""Float slack between a seed's reach (float32) and its exact similarity (float32 sums)."""
+
+
+def _top(ids: I64, score: F64, pool: I64 | None, m: int, rounded: bool = True) -> I64:
     """The best ``m`` positions of ``pool`` (every position when None) in rank order
-    (score desc, car id asc)."""
+    (score desc, car id asc); ``rounded``: the scores are an answer's (see
+    :func:`_rank_order`)."""
     values = score if pool is None else score[pool]
     if len(values) > m:
         kth = np.partition(values, len(values) - m)[len(values) - m]
@@ -366,63 +566,120 @@ def _top(index: CarIndex, cands: I64, score: F64, pool: I64 | None, m: int) -> I
             picked = pool[picked]
     else:
         picked = np.arange(len(values)) if pool is None else pool
-    order = np.lexsort((index.ids[cands[picked]], -score[picked]))
-    return picked[order[:m]]
+    return picked[_rank_order(ids[picked], score[picked], rounded)[:m]]
 
 
-def _select(index: CarIndex, cands: I64, score: F64, count: int, per_brand: int) -> list[int]:
-    """Positions (into ``cands``) of the answer: the rank order (score desc, car id asc)
-    walked with at most ``per_brand`` cars of a brand; when the candidates run out, the
-    passed-over cars fill the answer up in rank order."""
-    chosen, capped = _select_capped(index, cands, score, count, per_brand)
-    if capped or len(chosen) == len(cands):
+def _rank_order(ids: I64, score: F64, rounded: bool) -> I64:
+    """The order of these cars by score desc, then car id asc. ``rounded``: the scores
+    are an answer's, multiples of 1e-6 in [0, 1] (or -inf): with ids below 2**43, score
+    ticks and id then make one int64 key, one sort instead of a two-key lexsort."""
+    if len(ids) <= _SMALL_SORT:
+        return np.lexsort((ids, -score))
+    if rounded and ids.min() >= 0 and ids.max() < _MAX_PACKED_ID:
+        ticks = np.rint(score * _SCORE_SCALE)
+        if ticks.min() >= 0:  # (no -inf)
+            key = (_SCORE_SCALE - ticks.astype(np.int64)) << _ID_BITS
+            key |= ids
+            return np.argsort(key)
+    return np.lexsort((ids, -score))
+
+
+_SMALL_SORT = 512
+"""Up to this many cars, the two-key lexsort is cheaper than building the one key."""
+_SCORE_SCALE = 10**SCORE_DECIMALS
+_ID_BITS = 43
+_MAX_PACKED_ID = 1 << _ID_BITS
+
+
+def _select(ids: I64, brands: I32, score: F64, count: int, per_brand: int) -> list[int]:
+    """Positions of the answer among candidates with these ``ids``, ``brands`` and
+    ``score`` (-inf: not a candidate): the rank order (score desc,
+    car id asc) walked with at most ``per_brand`` cars of a brand; when the candidates run
+    out, the passed-over cars fill the answer up in rank order."""
+    chosen, capped = _select_capped(ids, brands, score, count, per_brand)
+    if capped:
         return chosen
     # every candidate walked or of a full brand: fill up with the passed-over cars
-    rest = np.ones(len(cands), np.bool_)
+    rest = score > -np.inf
     rest[np.array(chosen, dtype=np.intp)] = False
-    fill: list[int] = _top(index, cands, score, np.flatnonzero(rest), count - len(chosen)).tolist()
+    pool = np.flatnonzero(rest)
+    if len(pool) == 0:
+        return chosen
+    fill: list[int] = _top(ids, score, pool, count - len(chosen)).tolist()
     return chosen + fill
 
 
 def _select_capped(
-    index: CarIndex, cands: I64, score: F64, count: int, per_brand: int
+    ids: I64, brands: I32, score: F64, count: int, per_brand: int, rounded: bool = True
 ) -> tuple[list[int], bool]:
     """The brand-capped walk of :func:`_select` without the fill-up: the positions chosen
     and whether they are ``count`` (then the last one's score is the answer's cut).
 
-    The walk goes in chunks over the best cars not yet walked whose brand is not full:
-    the cars of a full brand would be passed over anyway, so leaving them out gives the
-    same answer without walking (or sorting) every candidate."""
-    chosen: list[int] = []
-    per: dict[int, int] = {}
-    pool: I64 | None = None
-    walked = brands = full = None
+    The walk takes a car when fewer than ``per_brand`` cars of its brand were taken. It is
+    online, so walking a prefix of the rank order takes the same cars as walking all of
+    it: the prefix (a partition, then a sort of that prefix only) grows until the walk
+    has ``count`` cars or the candidates (scores above -inf) run out."""
+    n = len(score)
+    if n == 0 or count <= 0:
+        return [], False
+    m = min(n, max(24 * count, 512))
     while True:
-        need = count - len(chosen)
-        chunk = _top(index, cands, score, pool, 4 * need + 32)
-        if len(chunk) == 0:
-            return chosen, False
-        for pos, b in zip(chunk.tolist(), index.brand[cands[chunk]].tolist(), strict=True):
-            taken = per.get(b, 0)
-            if taken < per_brand:
-                per[b] = taken + 1
+        prefix = _top(ids, score, None, m, rounded)  # the first m of the rank order
+        chosen: list[int] = []
+        last = len(prefix)
+        if score[prefix[-1]] == -np.inf:  # the candidates end inside the prefix
+            last = int(np.argmax(score[prefix] == -np.inf))
+        walked = brands[prefix[:last]].tolist()  # brand codes: small ints >= 0
+        per = [0] * (max(walked, default=0) + 1)  # cars taken per brand code
+        for pos, brand in zip(prefix[:last].tolist(), walked, strict=True):
+            if per[brand] < per_brand:
+                per[brand] += 1
                 chosen.append(pos)
                 if len(chosen) == count:
                     return chosen, True
-        if walked is None or brands is None or full is None:
-            walked = np.zeros(len(cands), np.bool_)
-            brands = index.brand[cands]
-            full = np.zeros(len(index.brands.names) + 1, np.bool_)
-        walked[chunk] = True
-        for b, taken in per.items():
-            full[b] = taken >= per_brand
-        pool = np.flatnonzero(~walked & ~full[brands])
+        if m >= n or last < len(prefix):
+            return chosen, False
+        m = min(n, 4 * m)
+
+
+def _cooc_seeds(sig: _Signals, rows: I64) -> list[int]:
+    """For each candidate row of the answer (``rows``), the index of the seed contributing
+    most co-interest (-1: none; the earlier seed on ties)."""
+    k = len(rows)
+    picked = [-1] * k
+    if sig.cooc_entries is None or k == 0 or len(sig.cooc_entries[0]) == 0:
+        return picked
+    row, which, contrib = sig.cooc_entries
+    order = np.argsort(rows)
+    ordered = rows[order]
+    at = np.minimum(np.searchsorted(ordered, row), k - 1)
+    hit = np.flatnonzero(ordered[at] == row)  # the entries of answer cars, in seed order
+    best = [0.0] * k
+    for i, seed, value in zip(
+        order[at[hit]].tolist(), which[hit].tolist(), contrib[hit].tolist(), strict=True
+    ):  # in seed order: the first of equal contributions stays
+        if value > best[i]:
+            best[i] = value
+            picked[i] = seed
+    return picked
+
+
+# the reason kinds as module constants (an enum attribute lookup costs ~10x a global's)
+_SAME_SERIES = ReasonKind.SAME_SERIES
+_SAME_BRAND = ReasonKind.SAME_BRAND
+_SIMILAR_CAR = ReasonKind.SIMILAR_CAR
+_WITHIN_BUDGET = ReasonKind.WITHIN_BUDGET
+_NEAR_BUDGET = ReasonKind.NEAR_BUDGET
+_POPULAR = ReasonKind.POPULAR
+_ALSO_INTERESTED = ReasonKind.ALSO_INTERESTED
+_ON_SALE = ReasonKind.ON_SALE
 
 
 def _explain(
     index: CarIndex,
     cfg: RankingConfig,
     seeds: list[Seed],
+    cols: OnSaleColumns,
     sig: _Signals,
     chosen: list[int],
     weights: tuple[float, float, float],
@@ -432,7 +689,8 @@ def _explain(
 
     - content: same series as the first seed of that series, else same brand as the first
       seed of that brand, else "similar" to the seed contributing most content similarity
-      when it has the same body type and gives at least half its weight;
+      (the earlier seed on ties) when it has the same body type and gives at least half
+      its weight;
     - co-interest: the seed contributing most co-occurrence;
     - popularity: at or above the configured threshold;
     - budget: within, or how far outside; "on sale" when nothing else applies.
@@ -442,21 +700,13 @@ def _explain(
     if not chosen:
         return ()
     w_content, w_cooc, w_pop = weights
-    at = np.array(chosen, dtype=np.intp)
-    slots = sig.cands[at]
-    content = sig.content[at].tolist()
-    cooc = sig.cooccurrence[at].tolist()
-    pop = sig.popularity[at].tolist()
+    at = np.array(chosen, dtype=np.int64)
+    rows = at if sig.at is None else sig.at[at]
+    slots = cols.slots[rows]
+    k = len(at)
+    cars = index.cars
+    answer = [cars[s] for s in slots.tolist()]
     scores = sig.score[at].tolist()
-    cooc_seeds = _cooc_seeds(sig, slots) if w_cooc > 0 else [-1] * len(at)
-    content_seeds: list[int] = [-1] * len(at)
-    by_series: dict[tuple[str, str], int] = {}
-    by_brand: dict[str, int] = {}
-    if seeds and w_content > 0 and sig.sims is not None:
-        content_seeds = np.argmax(sig.sims[:, at], axis=0).tolist()  # earlier seed on ties
-        for i, seed in enumerate(seeds):
-            by_series.setdefault((seed.car.brand, seed.car.series), i)
-            by_brand.setdefault(seed.car.brand, i)
     made: dict[_ReasonKey, Reason] = {}
 
     def reason(key: _ReasonKey) -> Reason:
@@ -465,94 +715,127 @@ def _explain(
             found = made[key] = _make_reason(key, seeds, budget)
         return found
 
+    # the content reason of each car (None: none), with its strength
+    content_keys: list[_ReasonKey | None] = [None] * k
+    content: list[float] = [0.0] * k
+    if seeds and w_content > 0 and sig.model is not None:
+        content = sig.content[at].tolist()
+        by_series: dict[int, int] = {}
+        by_brand: dict[int, int] = {}
+        seed_slots = [sd.slot for sd in seeds]
+        for i, code in enumerate(index.series[seed_slots].tolist()):
+            by_series.setdefault(code, i)
+        for i, code in enumerate(index.brand[seed_slots].tolist()):
+            by_brand.setdefault(code, i)
+        unmatched: list[int] = []
+        for i, (series, brand) in enumerate(
+            zip(index.series[slots].tolist(), index.brand[slots].tolist(), strict=True)
+        ):
+            found = by_series.get(series)
+            if found is not None:
+                content_keys[i] = (_SAME_SERIES, found, "")
+                continue
+            found = by_brand.get(brand)
+            if found is not None:
+                content_keys[i] = (_SAME_BRAND, found, "")
+            else:
+                unmatched.append(i)
+        if unmatched and sig.model is not None:  # the seed contributing most: "similar"
+            best_seeds = sig.model.best_seed(at[unmatched])
+            for i, best in zip(unmatched, best_seeds, strict=True):
+                seed, car = seeds[best], answer[i]
+                assert car is not None
+                if seed.car.body_type == car.body_type and content[i] >= _SIMILAR_MIN * seed.weight:
+                    content_keys[i] = (_SIMILAR_CAR, best, _BODY_NAMES[car.body_type])
+    cooc_seeds = _cooc_seeds(sig, rows) if w_cooc > 0 else [-1] * k
+    cooc = sig.cooccurrence[at].tolist() if w_cooc > 0 else [0.0] * k
+    pop = sig.popularity[at].tolist() if w_pop > 0 else [0.0] * k
     popular = cfg.popular_threshold
-    has_budget = budget[0] > 0 or budget[1] > 0
+    budget_min, budget_max = budget
+    has_budget = budget_min > 0 or budget_max > 0
+    within = (_WITHIN_BUDGET, 0, "")
     out = []
-    for i, slot in enumerate(slots.tolist()):
-        car = index.cars[slot]
+    for i, car in enumerate(answer):
         assert car is not None
         scored: list[tuple[float, Reason]] = []
-        best = content_seeds[i]
-        if best >= 0:
-            key = _content_reason_key(car, by_series, by_brand, seeds[best], best, content[i])
-            if key is not None:
-                scored.append((w_content * content[i], reason(key)))
+        key = content_keys[i]
+        if key is not None:
+            scored.append((w_content * content[i], made.get(key) or reason(key)))
         if cooc_seeds[i] >= 0:
-            key = (ReasonKind.ALSO_INTERESTED, cooc_seeds[i], "")
-            scored.append((w_cooc * cooc[i], reason(key)))
-        if w_pop > 0 and pop[i] >= popular and pop[i] > 0:
-            scored.append((w_pop * pop[i], reason((ReasonKind.POPULAR, 0, car.city))))
+            key = (_ALSO_INTERESTED, cooc_seeds[i], "")
+            scored.append((w_cooc * cooc[i], made.get(key) or reason(key)))
+        if pop[i] >= popular and pop[i] > 0:
+            key = (_POPULAR, 0, car.city)
+            scored.append((w_pop * pop[i], made.get(key) or reason(key)))
         if len(scored) > 1:
-            scored.sort(key=lambda item: -item[0])
-        reasons = [r for _, r in scored]
+            scored.sort(key=_STRENGTH, reverse=True)  # stable: equal ones keep this order
         if has_budget:
-            reasons.append(reason(_budget_reason_key(car.price_yuan, budget)))
-        if not reasons:
-            reasons.append(reason((ReasonKind.ON_SALE, 0, car.city)))
-        out.append(Recommendation(car, scores[i], tuple(reasons)))
+            price = car.price_yuan
+            if (budget_max > 0 and price > budget_max) or (budget_min > 0 and price < budget_min):
+                key = _budget_reason_key(price, budget)
+            else:
+                key = within
+            last = made.get(key) or reason(key)
+        elif not scored:
+            key = (_ON_SALE, 0, car.city)
+            last = made.get(key) or reason(key)
+        else:
+            out.append(_recommendation(car, scores[i], tuple([r for _, r in scored])))
+            continue
+        if not scored:
+            reasons: tuple[Reason, ...] = (last,)
+        elif len(scored) == 1:
+            reasons = (scored[0][1], last)
+        else:
+            reasons = (*[r for _, r in scored], last)
+        out.append(_recommendation(car, scores[i], reasons))
     return tuple(out)
+
+
+_STRENGTH = operator.itemgetter(0)
 
 
 _ReasonKey = tuple[ReasonKind, int, str]
 """What a reason says: (kind, seed position or percentage, city / body / "over" ...)."""
 
 
-def _content_reason_key(
-    car: Car,
-    by_series: dict[tuple[str, str], int],
-    by_brand: dict[str, int],
-    best: Seed,
-    best_at: int,
-    content: float,
-) -> _ReasonKey | None:
-    found = by_series.get((car.brand, car.series))
-    if found is not None:
-        return (ReasonKind.SAME_SERIES, found, "")
-    found = by_brand.get(car.brand)
-    if found is not None:
-        return (ReasonKind.SAME_BRAND, found, "")
-    if best.car.body_type == car.body_type and content >= _SIMILAR_MIN * best.weight:
-        return (ReasonKind.SIMILAR_CAR, best_at, _BODY_NAMES[car.body_type])
-    return None
-
-
 def _budget_reason_key(price: int, budget: tuple[int, int]) -> _ReasonKey:
     budget_min, budget_max = budget
     if budget_max > 0 and price > budget_max:
         return (
-            ReasonKind.NEAR_BUDGET,
+            _NEAR_BUDGET,
             max(round(100 * (price - budget_max) / budget_max), 1),
             "over",
         )
     if budget_min > 0 and price < budget_min:
         return (
-            ReasonKind.NEAR_BUDGET,
+            _NEAR_BUDGET,
             max(round(100 * (budget_min - price) / budget_min), 1),
             "under",
         )
-    return (ReasonKind.WITHIN_BUDGET, 0, "")
+    return (_WITHIN_BUDGET, 0, "")
 
 
 def _make_reason(key: _ReasonKey, seeds: list[Seed], budget: tuple[int, int]) -> Reason:
     kind, number, text = key
-    if kind in (ReasonKind.SAME_SERIES, ReasonKind.SAME_BRAND):
+    if kind in (_SAME_SERIES, _SAME_BRAND):
         seed = seeds[number]
-        what = "series" if kind == ReasonKind.SAME_SERIES else "brand"
-        return Reason(kind, f"same {what} as {seed.label()}", seed.car.id)
-    if kind == ReasonKind.SIMILAR_CAR:
+        what = "series" if kind == _SAME_SERIES else "brand"
+        return _reason(kind, f"same {what} as {seed.label()}", seed.car.id)
+    if kind == _SIMILAR_CAR:
         seed = seeds[number]
-        return Reason(kind, f"{text} of similar price and age to {seed.label()}", seed.car.id)
-    if kind == ReasonKind.ALSO_INTERESTED:
+        return _reason(kind, f"{text} of similar price and age to {seed.label()}", seed.car.id)
+    if kind == _ALSO_INTERESTED:
         seed = seeds[number]
         said = f"customers interested in the {seed.car.title} were also interested in this car"
-        return Reason(kind, said, seed.car.id)
-    if kind == ReasonKind.POPULAR:
-        return Reason(kind, f"popular in {text}")
-    if kind == ReasonKind.NEAR_BUDGET:
-        return Reason(kind, f"{number}% {text} the budget")
-    if kind == ReasonKind.WITHIN_BUDGET:
-        return Reason(kind, f"within budget ({_budget_text(budget)})")
-    return Reason(ReasonKind.ON_SALE, f"on sale in {text}")
+        return _reason(kind, said, seed.car.id)
+    if kind == _POPULAR:
+        return _reason(kind, f"popular in {text}", 0)
+    if kind == _NEAR_BUDGET:
+        return _reason(kind, f"{number}% {text} the budget", 0)
+    if kind == _WITHIN_BUDGET:
+        return _reason(kind, f"within budget ({_budget_text(budget)})", 0)
+    return _reason(_ON_SALE, f"on sale in {text}", 0)
 
 
 def _budget_text(budget: tuple[int, int]) -> str:
@@ -579,32 +862,42 @@ _BODY_NAMES = {
 def _rank(
     index: CarIndex,
     cfg: RankingConfig,
-    cands: I64,
+    cols: OnSaleColumns,
+    excluded: list[int],
     seeds: list[Seed],
     weights: tuple[float, float, float],
     count: int,
     per_brand: int,
     budget: tuple[int, int],
 ) -> tuple[Recommendation, ...]:
-    if len(cands) == 0:
+    if len(cols) == 0:
         return ()
-    sig = _signals(index, cfg, cands, seeds, weights, budget, count, per_brand)
-    chosen = _select(index, sig.cands, sig.score, count, per_brand)
-    return _explain(index, cfg, seeds, sig, chosen, weights, budget)
+    rows = np.zeros(0, np.int64)
+    if excluded:
+        rows = cols.rows_of(np.array(excluded, np.int64))
+        rows = rows[rows >= 0]
+    sig = _signals(index, cfg, cols, rows, seeds, weights, budget, count, per_brand)
+    ids, brands = cols.ids, cols.brand
+    if sig.at is not None:
+        ids, brands = ids[sig.at], brands[sig.at]
+    chosen = _select(ids, brands, sig.score, count, per_brand)
+    return _explain(index, cfg, seeds, cols, sig, chosen, weights, budget)
 
 
 def recommend(index: CarIndex, cfg: RankingConfig, q: RecommendQuery) -> Recommendations:
     """Ranked cars for ``q`` (see the module doc)."""
     seeds, ignored, seen = _seeds(index, cfg, q)
-    excluded = {s.slot for s in seeds if s.source == "intent"}
-    excluded.update(index.slot_of[c] for c in q.exclude_car_ids if c in index.slot_of)
+    excluded = [s.slot for s in seeds if s.source == "intent"]
+    if q.exclude_car_ids:
+        slot_of = index.slot_of
+        excluded.extend(slot_of[c] for c in q.exclude_car_ids if c in slot_of)
     if cfg.exclude_seen:
-        excluded |= seen
+        excluded.extend(seen)
     lo, hi = budget_bounds(q.budget_min_yuan, q.budget_max_yuan, cfg.budget_tolerance)
-    cands = candidates(index, q.city, lo, hi, excluded)
+    cols = index.on_sale_columns(q.city).between(lo, hi)
     budget = (q.budget_min_yuan, q.budget_max_yuan)
     items = _rank(
-        index, cfg, cands, seeds, cfg.hybrid(q.business_line), q.count,
+        index, cfg, cols, excluded, seeds, cfg.hybrid(q.business_line), q.count,
         cfg.max_per_brand, budget,
     )  # fmt: skip
     return Recommendations(items, index.watermark, tuple(ignored))
@@ -618,6 +911,6 @@ def similar_cars(index: CarIndex, cfg: RankingConfig, car_id: int, count: int) -
         raise NotFound(f"car {car_id} is not in the inventory", reason="CAR_NOT_FOUND")
     slot = index.slot_of[car_id]
     seeds = [Seed(slot, car, 1.0, "similar")]
-    cands = candidates(index, None, None, None, {slot})
-    items = _rank(index, cfg, cands, seeds, cfg.hybrid(None), count, count, (0, 0))
+    cols = index.on_sale_columns(None)
+    items = _rank(index, cfg, cols, [slot], seeds, cfg.hybrid(None), count, count, (0, 0))
     return Recommendations(items, index.watermark)

@@ -4,13 +4,16 @@ Every car id seen (in the inventory or in an interaction) gets a *slot*, a row o
 column arrays below (slots are never reused; a sold car stays, marked not on sale):
 
 - inventory columns: ``known`` (the car's row was seen), ``on_sale``, ``price``, and the
-  numeric features as float32 columns ``log_price``, ``year``, ``log_mileage`` (1 + km),
-  plus integer codes of brand, series (brand + series), body type, city and *variant*
-  (series + body type: :meth:`CarIndex.variants` maps a variant code
-  back, so categorical similarity is a table lookup per variant);
+  numeric features as the float32 rows of ``features`` (``log_price``, ``year``,
+  ``log_mileage`` (1 + km) are views of its rows), plus integer codes of brand, series
+  (brand + series), body type, city and *variant* (series + body type:
+  :meth:`CarIndex.variants` maps a variant code back, so categorical similarity is a
+  table lookup per variant);
 - ``on_sale_lists``: the cars on sale per city sorted by price (see
   :mod:`~crm_recommendation.index.onsale`), so the hard filters (on sale, city, price
-  range) are a slice, not a mask over every car;
+  range) are a slice, not a mask over every car; :meth:`CarIndex.on_sale_columns` gives
+  a list's cars with their columns side by side (built on demand, dropped for a city when
+  one of its cars changes), so a price range is a view of every column the ranking reads;
 - ``logpop``: log of the decayed interaction weight, ``log sum(w * 2^((t - T0) / h))``.
   Normalizing by the best candidate cancels "now", so no clock is involved;
 - ``pairs``: item-to-item co-occurrence, ``sum over customers of w_a * w_b`` where ``w`` is
@@ -28,8 +31,9 @@ the change sequence up to which every change is applied.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -41,11 +45,12 @@ from crm_recommendation.domain.model import (
     Interaction,
     kind_mask_weight,
 )
-from crm_recommendation.index.onsale import MAX_PRICE_KEY, OnSaleLists
+from crm_recommendation.index.onsale import MAX_PRICE_KEY, OnSaleColumns, OnSaleLists
 from crm_recommendation.index.sparse import CsrBase, CustomerSets, PairWeights
 
 __all__ = ["T0", "CarIndex", "InteractionArrays", "Vocab"]
 
+T = TypeVar("T")
 F64 = npt.NDArray[np.float64]
 F32 = npt.NDArray[np.float32]
 I64 = npt.NDArray[np.int64]
@@ -105,9 +110,10 @@ class CarIndex:
         self.known = np.zeros(cap, np.bool_)
         self.on_sale = np.zeros(cap, np.bool_)
         self.price: I64 = np.zeros(cap, np.int64)
-        self.log_price: F32 = np.zeros(cap, np.float32)
-        self.year: F32 = np.zeros(cap, np.float32)
-        self.log_mileage: F32 = np.zeros(cap, np.float32)
+        self.features: F32 = np.zeros((3, cap), np.float32)
+        self.log_price: F32 = self.features[0]
+        self.year: F32 = self.features[1]
+        self.log_mileage: F32 = self.features[2]
         self.brand: I32 = np.zeros(cap, np.int32)
         self.series: I32 = np.zeros(cap, np.int32)
         self.body: I32 = np.zeros(cap, np.int32)
@@ -115,6 +121,7 @@ class CarIndex:
         self._variants: dict[tuple[int, int], int] = {}
         self._variant_rows: list[tuple[int, int, int]] = []
         self._variant_arrays: tuple[I32, I32, I32] | None = None
+        self._variant_derived: dict[object, object] = {}
         self.city: I32 = np.full(cap, -1, np.int32)
         self.car_seq: I64 = np.zeros(cap, np.int64)
         self.logpop: F64 = np.full(cap, -np.inf, np.float64)
@@ -124,6 +131,10 @@ class CarIndex:
         self.watermark = 0
         self._applied: set[int] = set()
         self.on_sale_lists = OnSaleLists()
+        self._columns: dict[int | None, OnSaleColumns] = {}
+        # each slot's row in the columns of its city's list / of the list of every city
+        self._row_in_city: I64 = np.full(cap, -1, np.int64)
+        self._row_in_all: I64 = np.full(cap, -1, np.int64)
 
     # ------------------------------------------------------------------ slots & reads
 
@@ -142,9 +153,10 @@ class CarIndex:
         self.known = grown(self.known)  # type: ignore[assignment]
         self.on_sale = grown(self.on_sale)  # type: ignore[assignment]
         self.price = grown(self.price)  # type: ignore[assignment]
-        self.log_price = grown(self.log_price)  # type: ignore[assignment]
-        self.year = grown(self.year)  # type: ignore[assignment]
-        self.log_mileage = grown(self.log_mileage)  # type: ignore[assignment]
+        features = np.zeros((3, new), np.float32)
+        features[:, :cap] = self.features
+        self.features = features
+        self.log_price, self.year, self.log_mileage = features[0], features[1], features[2]
         self.brand = grown(self.brand)  # type: ignore[assignment]
         self.series = grown(self.series)  # type: ignore[assignment]
         self.body = grown(self.body)  # type: ignore[assignment]
@@ -153,6 +165,8 @@ class CarIndex:
         self.car_seq = grown(self.car_seq)  # type: ignore[assignment]
         self.logpop = grown(self.logpop, -np.inf)  # type: ignore[assignment]
         self.sq_norm = grown(self.sq_norm)  # type: ignore[assignment]
+        self._row_in_city = grown(self._row_in_city, -1)  # type: ignore[assignment]
+        self._row_in_all = grown(self._row_in_all, -1)  # type: ignore[assignment]
 
     def slot(self, car_id: int) -> int:
         """The slot of ``car_id``, allocated on first sight."""
@@ -173,6 +187,7 @@ class CarIndex:
             found = self._variants[(series, body)] = len(self._variant_rows)
             self._variant_rows.append((brand, series, body))
             self._variant_arrays = None
+            self._variant_derived.clear()
         return found
 
     def variants(self) -> tuple[I32, I32, I32]:
@@ -181,6 +196,16 @@ class CarIndex:
             rows = np.array(self._variant_rows, dtype=np.int32).reshape(-1, 3)
             self._variant_arrays = (rows[:, 0].copy(), rows[:, 1].copy(), rows[:, 2].copy())
         return self._variant_arrays
+
+    def variant_derived(self, key: object, make: Callable[[], T]) -> T:
+        """``make()``, a value computed from :meth:`variants` only, kept per ``key`` until a
+        new variant appears."""
+        found = self._variant_derived.get(key)
+        if found is None:
+            if len(self._variant_derived) >= 8:  # configs changed: drop the old ones
+                self._variant_derived.clear()
+            found = self._variant_derived[key] = make()
+        return found  # type: ignore[return-value]
 
     def car(self, car_id: int) -> Car | None:
         """The car with ``car_id`` (any status), or None when not in the inventory."""
@@ -197,22 +222,52 @@ class CarIndex:
             return np.zeros(0, np.int64)
         return self.on_sale_lists.slots(code, lo, hi)
 
+    def on_sale_columns(self, city: str | None) -> OnSaleColumns:
+        """The cars on sale in ``city`` (every city when None) with their columns, in
+        (price, slot) order (see :class:`OnSaleColumns`); do not modify."""
+        code = None
+        if city is not None:
+            code = self.cities.code.get(city)
+            if code is None:
+                return OnSaleColumns.empty()
+        found = self._columns.get(code)
+        if found is None:
+            keys = self.on_sale_lists.keys(code)
+            slots = keys & np.int64(0xFFFFFFFF)
+            row_of = self._row_in_all if code is None else self._row_in_city
+            row_of[slots] = np.arange(len(slots))
+            found = OnSaleColumns(
+                keys, slots, self.ids[slots], self.brand[slots],
+                self.variant[slots].astype(np.intp), self.features[:, slots], self.price[slots],
+                row_of,
+            )  # fmt: skip
+            self._columns[code] = found
+        return found
+
     def customer_cars(self, customer_id: int) -> Mapping[int, int]:
         """``{slot: kind mask}`` of the customer's interactions."""
         return self.customers.get(customer_id)
+
+    def customer_items(self, customer_id: int) -> tuple[list[int], list[int]]:
+        """The slots of the customer's cars and their kind masks (as ``customer_cars``)."""
+        return self.customers.items(customer_id)
 
     def cooccurrence_rows(self, slots: Sequence[int]) -> tuple[I64, I64, F64]:
         """The rows of several slots at once, concatenated in the order given:
         ``(which, nbr, cosine)`` where ``which`` is the position in ``slots`` of the row an
         entry belongs to; within a row, neighbours are unique."""
         which, nbr, weight = self.pairs.rows(slots)
-        if len(nbr) == 0:
-            return which, nbr, np.zeros(0, np.float64)
-        owner = self.sq_norm[np.asarray(slots, np.int64)][which].astype(np.float64)
-        denom = np.sqrt(owner * self.sq_norm[nbr].astype(np.float64))
-        cos = np.zeros(len(nbr))
+        return which, nbr, self.cosines(np.asarray(slots, np.int64)[which], nbr, weight)
+
+    def cosines(self, a: I64, b: I64, weight: I64) -> F64:
+        """The co-occurrence cosines of the pairs ``(a[i], b[i])`` whose weights are
+        ``weight`` (entries of their rows)."""
+        if len(a) == 0:
+            return np.zeros(0, np.float64)
+        denom = np.sqrt(self.sq_norm[a].astype(np.float64) * self.sq_norm[b].astype(np.float64))
+        cos = np.zeros(len(a))
         np.divide(weight, denom, out=cos, where=denom > 0)
-        return which, nbr, cos
+        return cos
 
     def cosine(self, a: int, b: int) -> float:
         """Co-occurrence cosine of two slots (0 when none)."""
@@ -224,14 +279,19 @@ class CarIndex:
     def nbytes(self) -> int:
         """Approximate memory of the index (arrays, overlays, per-car objects)."""
         arrays = (
-            self.ids, self.known, self.on_sale, self.price, self.log_price, self.year,
-            self.log_mileage, self.brand,
+            self.ids, self.known, self.on_sale, self.price, self.features, self.brand,
             self.series, self.body, self.variant, self.city, self.car_seq, self.logpop,
             self.sq_norm,
         )  # fmt: skip
         objects = 250 * self.n  # Car object, dict entries
+        columns = self._row_in_city.nbytes + self._row_in_all.nbytes + sum(
+            c.keys.nbytes + c.slots.nbytes + c.ids.nbytes + c.brand.nbytes + c.variant.nbytes
+            + c.features.nbytes + c.price.nbytes + sum(a.nbytes for a in c.derived.values())
+            for c in self._columns.values()
+        )  # fmt: skip
         return (
             int(sum(a.nbytes for a in arrays))
+            + int(columns)
             + objects
             + self.pairs.nbytes
             + self.customers.nbytes
@@ -253,6 +313,12 @@ class CarIndex:
         old = (int(self.city[s]), int(self.price[s])) if self.on_sale[s] else None
         new = (new_city, car.price_yuan) if car.status == CarStatus.ON_SALE else None
         self.on_sale_lists.move(s, old, new)
+        if old is not None or new is not None:  # the columns of those lists are stale
+            self._columns.pop(None, None)
+            if old is not None:
+                self._columns.pop(old[0], None)
+            if new is not None:
+                self._columns.pop(new[0], None)
         self.cars[s] = car
         self.known[s] = True
         self.on_sale[s] = car.status == CarStatus.ON_SALE

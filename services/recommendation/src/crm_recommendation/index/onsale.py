@@ -9,18 +9,27 @@ so a burst of writes costs one merge, not one copy per write.
 
 The lists hold the same keys whatever order the changes arrived in, so replicas that
 applied the same data answer the same range queries with the same set of cars.
+
+:class:`OnSaleColumns` is what the ranking reads: one list's cars in key order with their
+columns (ids, brand, variant, features, price) copied next to each other, so the cars of a
+price range are contiguous views of every column, not gathers from the whole index. The
+index builds them on demand and drops a city's columns when one of its cars changes.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["MAX_PRICE_KEY", "OnSaleLists", "SortedKeys"]
+__all__ = ["MAX_PRICE_KEY", "OnSaleColumns", "OnSaleLists", "SortedKeys"]
 
 I64 = npt.NDArray[np.int64]
+I32 = npt.NDArray[np.int32]
+F32 = npt.NDArray[np.float32]
 
 _SLOT_BITS = 32
 _SLOT_MASK = np.int64((1 << _SLOT_BITS) - 1)
@@ -137,6 +146,13 @@ class OnSaleLists:
                 found = self._city[new[0]] = SortedKeys()
             found.add(key)
 
+    def keys(self, city: int | None) -> I64:
+        """The sorted keys of ``city`` (every city when None); do not modify."""
+        if city is None:
+            return self._all.keys()
+        found = self._city.get(city)
+        return np.zeros(0, np.int64) if found is None else found.keys()
+
     def slots(self, city: int | None, lo: float | None, hi: float | None) -> I64:
         """Slots of the cars on sale in ``city`` (every city when None) priced in
         ``[lo, hi]``, ascending (do not modify)."""
@@ -146,3 +162,74 @@ class OnSaleLists:
         if found is None:
             return np.zeros(0, np.int64)
         return found.slots_between(lo, hi)
+
+
+@dataclass(frozen=True, slots=True)
+class OnSaleColumns:
+    """The cars of one on-sale list in key order (price, then slot) with their columns;
+    row ``i`` of every column is the car of ``keys[i]``. Read-only.
+
+    ``row_of`` maps a slot to its row in the whole list (kept by the index; an entry of a
+    slot not in the list may hold anything, so :meth:`rows_of` checks it); ``offset`` is
+    the first row of this range in the whole list, ``whole`` the whole list's features."""
+
+    keys: I64
+    slots: I64
+    ids: I64
+    brand: I32
+    variant: I64
+    """(as ``intp``: an index array as it is)"""
+    features: F32
+    """``(3, rows)``: log price, model year, log(1 + mileage) (see ``CarIndex``)."""
+    price: I64
+    row_of: I64
+    offset: int = 0
+    whole: F32 | None = None
+    """The whole list's ``features`` (None: these are the whole list's)."""
+    derived: dict[object, F32] = field(default_factory=dict)
+    """Arrays computed from the whole list's columns (see :meth:`derive`), shared by its
+    ranges."""
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @classmethod
+    def empty(cls) -> OnSaleColumns:
+        i64, i32 = np.zeros(0, np.int64), np.zeros(0, np.int32)
+        return cls(i64, i64, i64, i32, i64, np.zeros((3, 0), np.float32), i64, i64)
+
+    def between(self, lo: float | None, hi: float | None) -> OnSaleColumns:
+        """The rows priced in ``[lo, hi]`` (None: unbounded): views, no copy."""
+        keys = self.keys
+        i = 0 if lo is None else _bound(keys, math.ceil(lo))
+        j = len(keys) if hi is None else _bound(keys, math.floor(hi) + 1)
+        if i == 0 and j == len(keys):
+            return self
+        j = max(i, j)
+        return OnSaleColumns(
+            keys[i:j], self.slots[i:j], self.ids[i:j], self.brand[i:j], self.variant[i:j],
+            self.features[:, i:j], self.price[i:j], self.row_of, self.offset + i,
+            self.features if self.whole is None else self.whole, self.derived,
+        )  # fmt: skip
+
+    def derive(self, key: object, make: Callable[[F32], F32]) -> F32:
+        """``make(features of the whole list)`` (a ``(blocks, rows)`` array), computed once
+        per ``key`` for the whole list; this range's columns of it."""
+        found = self.derived.get(key)
+        if found is None:
+            if len(self.derived) >= 4:  # configs changed: drop the old ones
+                self.derived.clear()
+            found = self.derived[key] = make(self.features if self.whole is None else self.whole)
+        return found[:, self.offset : self.offset + len(self.keys)]
+
+    def rows_of(self, slots: I64) -> I64:
+        """The row of each slot in this range, -1 for a slot not in it."""
+        n = len(self.keys)
+        if n == 0 or len(slots) == 0:
+            return np.full(len(slots), -1, np.int64)
+        at = self.row_of[slots]
+        at -= self.offset
+        # one unsigned compare checks 0 <= at < n (a negative row wraps to a huge one)
+        at[at.view(np.uint64) >= n] = 0
+        at[self.slots[at] != slots] = -1
+        return at

@@ -150,31 +150,36 @@ class PairWeights:
         keep = sums != 0
         return uniq[keep], sums[keep]
 
-    def rows(self, slots: Sequence[int]) -> tuple[I64, I64, I64]:
+    def rows(self, slots: Sequence[int] | I64) -> tuple[I64, I64, I64]:
         """The rows of ``slots`` concatenated in the order given: ``(which, nbr, weight)``,
         ``which`` being the position in ``slots`` of each entry's row."""
         base = self._base
-        indptr, rows = base.indptr, base.rows
-        nbrs: list[npt.NDArray[np.signedinteger[Any]]] = []
-        weights: list[I64] = []
-        lengths: list[int] = []
-        for s in slots:
-            nbr: npt.NDArray[np.signedinteger[Any]]
-            if s in self._frozen or s in self._delta:
-                nbr, weight = self.row(s)
-            elif s < rows:
-                lo, hi = int(indptr[s]), int(indptr[s + 1])
-                nbr, weight = base.nbr[lo:hi], base.weight[lo:hi]
-            else:
-                lengths.append(0)
-                continue
-            nbrs.append(nbr)
-            weights.append(weight)
-            lengths.append(len(nbr))
-        if not nbrs:
+        wanted = np.asarray(slots, np.int64)
+        if len(wanted) == 0:
             empty = np.zeros(0, np.int64)
             return empty, empty, empty
-        which = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
+        overlaid = bool(self._frozen or self._delta) and any(
+            s in self._frozen or s in self._delta for s in wanted.tolist()
+        )
+        if not overlaid:  # the common case: every row in the base, one vectorized gather
+            inside = np.minimum(wanted, base.rows)  # a slot past the base: an empty row
+            lo = base.indptr[inside]
+            lengths = base.indptr[np.minimum(inside + 1, base.rows)] - lo
+            total = int(lengths.sum())
+            which = np.repeat(np.arange(len(wanted), dtype=np.int64), lengths)
+            at = np.arange(total, dtype=np.int64) + np.repeat(
+                lo - (np.cumsum(lengths) - lengths), lengths
+            )
+            return which, base.nbr[at].astype(np.int64), base.weight[at]
+        nbrs: list[npt.NDArray[np.signedinteger[Any]]] = []
+        weights: list[I64] = []
+        lengths_: list[int] = []
+        for s in wanted.tolist():
+            nbr, weight = self.row(s)
+            nbrs.append(nbr)
+            weights.append(weight)
+            lengths_.append(len(nbr))
+        which = np.repeat(np.arange(len(lengths_), dtype=np.int64), lengths_)
         return which, np.concatenate(nbrs).astype(np.int64), np.concatenate(weights)
 
     def get(self, a: int, b: int) -> int:
@@ -249,6 +254,18 @@ class CustomerSets:
             return {}
         lo, hi = int(self._indptr[i]), int(self._indptr[i + 1])
         return dict(zip(self._slots[lo:hi].tolist(), self._masks[lo:hi].tolist(), strict=True))
+
+    def items(self, customer: int) -> tuple[list[int], list[int]]:
+        """The slots of a customer's cars and their kind masks (as :meth:`get`)."""
+        found = self._overlay.get(customer)
+        if found is not None:
+            return list(found), list(found.values())
+        customers = self._customers
+        i = int(customers.searchsorted(customer))
+        if i >= len(customers) or customers[i] != customer:
+            return [], []
+        lo, hi = self._indptr[i : i + 2].tolist()
+        return self._slots[lo:hi].tolist(), self._masks[lo:hi].tolist()
 
     def get(self, customer: int) -> Mapping[int, int]:
         """``{slot: kind mask}`` of a customer (empty when unknown); do not modify."""

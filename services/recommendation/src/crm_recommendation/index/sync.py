@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import random
 from collections.abc import Iterable
@@ -117,12 +118,19 @@ class IndexSync:
         started = loop.time()
         snapshot = await self._executor.run(self._store.load_all)
         index = await asyncio.to_thread(self._build, snapshot)
+        counts = (len(snapshot.cars), len(snapshot.interactions[0]), snapshot.sequence)
+        del snapshot
+        # The index is ~10^5 long-lived objects (cars, their strings) and holds no cycles:
+        # moved out of the collector's generations, a full collection no longer walks them
+        # (measured ~100 ms per gen-2 collection with them, a pause every RPC in flight
+        # waited for). They are still freed by reference counting when replaced.
+        gc.collect()
+        gc.freeze()
         self._index = index
         self.load_seconds = loop.time() - started
         log.info(
             "index loaded: %d cars, %d interactions up to sequence %d in %.1fs",
-            len(snapshot.cars), len(snapshot.interactions[0]), snapshot.sequence,
-            self.load_seconds,
+            *counts, self.load_seconds,
             extra={"index_bytes": index.nbytes},
         )  # fmt: skip
         await self.poll_once()  # changes committed while loading

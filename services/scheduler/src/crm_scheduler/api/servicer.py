@@ -9,11 +9,13 @@ from crm.common.v1 import common_pb2
 from crm.scheduler.v1 import scheduler_pb2 as pb
 from crm.scheduler.v1 import scheduler_pb2_grpc
 from crm_common.aio import BlockingExecutor
+from crm_common.logs import request_id_var
+from crm_common.tracing import carried_traceparent
 from grpc import aio
 
 from crm_scheduler.api.convert import job_to_pb
 from crm_scheduler.api.validation import Limits, parse_filter, parse_ref, parse_schedule
-from crm_scheduler.domain.model import Clock
+from crm_scheduler.domain.model import Clock, TraceOrigin
 from crm_scheduler.domain.paging import encode_token
 from crm_scheduler.store import SchedulerStore
 
@@ -38,7 +40,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServiceServicer):
     async def Schedule(self, request: pb.ScheduleRequest, context: _Context) -> pb.ScheduleResponse:
         now = self._clock()
         spec = parse_schedule(request, now, self._limits)
-        job, created = await self._executor.run(self._store.schedule, spec, now)
+        # the target call will carry the caller's request id and continue its trace
+        origin = TraceOrigin(
+            request_id_var.get() or "",
+            carried_traceparent(context.invocation_metadata()) or "",
+        )
+        job, created = await self._executor.run(self._store.schedule, spec, now, origin)
         if created:
             log.info(
                 "job scheduled",

@@ -29,6 +29,7 @@ __all__ = [
     "JobSpec",
     "JobState",
     "Target",
+    "TraceOrigin",
     "default_idempotency_key",
     "job_uuid",
     "rfc3339",
@@ -95,6 +96,16 @@ class Target:
     def service(self) -> str:
         """``/pkg.Service/Method`` -> ``pkg.Service``."""
         return self.method.lstrip("/").rpartition("/")[0]
+
+
+@dataclass(frozen=True, slots=True)
+class TraceOrigin:
+    """Who scheduled a job, as its target call will say: the ``x-request-id`` and the W3C
+    ``traceparent`` of the Schedule call (empty: none). Not part of the spec: a retried
+    Schedule from another request is the same job."""
+
+    request_id: str = ""
+    traceparent: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,9 +207,13 @@ class Dispatch:
     backoff_max_ms: int
     attempt_deadline_ms: int
     due_at: datetime
+    request_id: str = ""
+    """``x-request-id`` of the Schedule call (sent on the target call; empty: none)."""
+    traceparent: str = ""
+    """W3C ``traceparent`` of the Schedule call (the target call continues its trace)."""
 
     def to_message(self) -> dict[str, object]:
-        return {
+        msg: dict[str, object] = {
             "v": 1,
             "job_id": self.job_id,
             "uid": self.uid,
@@ -215,6 +230,11 @@ class Dispatch:
             "attempt_deadline_ms": self.attempt_deadline_ms,
             "due_at": self.due_at.isoformat(),
         }
+        if self.request_id:  # optional keys: older workers ignore them
+            msg["request_id"] = self.request_id
+        if self.traceparent:
+            msg["traceparent"] = self.traceparent
+        return msg
 
     @classmethod
     def from_message(cls, msg: dict[str, object]) -> Dispatch:
@@ -231,6 +251,12 @@ class Dispatch:
 
         def text(key: str) -> str:
             value = msg[key]
+            if not isinstance(value, str):
+                raise TypeError(f"{key} is not a string")
+            return value
+
+        def optional_text(key: str) -> str:
+            value = msg.get(key, "")
             if not isinstance(value, str):
                 raise TypeError(f"{key} is not a string")
             return value
@@ -253,6 +279,8 @@ class Dispatch:
             backoff_max_ms=num("backoff_max_ms"),
             attempt_deadline_ms=num("attempt_deadline_ms"),
             due_at=due_at,
+            request_id=optional_text("request_id"),
+            traceparent=optional_text("traceparent"),
         )
 
 

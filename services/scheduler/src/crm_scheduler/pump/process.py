@@ -7,10 +7,11 @@ import contextlib
 import logging
 
 from crm_common.aio import BlockingExecutor
+from crm_common.health import health_server
 from crm_common.metrics import RpcMetrics
 
 from crm_scheduler.domain.model import Clock, utc_now
-from crm_scheduler.health import PUMP_HEALTH_SERVICE, health_server
+from crm_scheduler.health import PUMP_HEALTH_SERVICE
 from crm_scheduler.pump.pump import Pump, PumpConfig, PumpMetrics
 from crm_scheduler.settings import SchedulerSettings
 from crm_scheduler.store import SchedulerStore, make_engine

@@ -49,6 +49,7 @@ from crm_scheduler.domain.model import (
     JobSpec,
     JobState,
     Target,
+    TraceOrigin,
 )
 from crm_scheduler.domain.retry import LEASE_EXPIRED, AttemptOutcome
 from crm_scheduler.store.schema import JobRow
@@ -72,7 +73,8 @@ _NEXT_DUE = "SELECT MIN(due_at) FROM job"
 _LOCK_DUE = (
     "SELECT id, uid, name, idempotency_key, target_method, target_address, payload,"
     " total_attempts, attempts, max_retries, backoff_initial_ms, backoff_max_ms,"
-    " attempt_deadline_ms, due_at FROM job WHERE due_at <= %s ORDER BY due_at LIMIT %s"
+    " attempt_deadline_ms, due_at, request_id, traceparent"
+    " FROM job WHERE due_at <= %s ORDER BY due_at LIMIT %s"
     " FOR UPDATE SKIP LOCKED"
 )
 _ENQUEUE = (
@@ -179,6 +181,8 @@ def _move(
             backoff_max_ms=r[11],
             attempt_deadline_ms=r[12],
             due_at=_aware(r[13]) if r[13] is not None else now,
+            request_id=r[14] or "",
+            traceparent=r[15] or "",
         )
         for r in rows
     ]
@@ -236,6 +240,8 @@ def _dispatch(row: JobRow | Row[Any], due_at: datetime) -> Dispatch:
         backoff_max_ms=row.backoff_max_ms,
         attempt_deadline_ms=row.attempt_deadline_ms,
         due_at=due_at,
+        request_id=row.request_id or "",
+        traceparent=row.traceparent or "",
     )
 
 
@@ -254,10 +260,12 @@ _DISPATCH_COLUMNS = (
     JobRow.backoff_max_ms,
     JobRow.attempt_deadline_ms,
     JobRow.due_at,
+    JobRow.request_id,
+    JobRow.traceparent,
 )
 
 
-def _spec_values(spec: JobSpec, now: datetime) -> dict[str, object]:
+def _spec_values(spec: JobSpec, now: datetime, origin: TraceOrigin | None) -> dict[str, object]:
     return {
         "uid": spec.uid,
         "idempotency_key": spec.idempotency_key,
@@ -281,6 +289,8 @@ def _spec_values(spec: JobSpec, now: datetime) -> dict[str, object]:
         "reruns": 0,
         "created_at": now,
         "updated_at": now,
+        "request_id": (origin.request_id or None) if origin is not None else None,
+        "traceparent": (origin.traceparent or None) if origin is not None else None,
     }
 
 
@@ -312,12 +322,16 @@ class SchedulerStore:
 
     # -- API ----------------------------------------------------------------------------
 
-    def schedule(self, spec: JobSpec, now: datetime) -> tuple[Job, bool]:
+    def schedule(
+        self, spec: JobSpec, now: datetime, origin: TraceOrigin | None = None
+    ) -> tuple[Job, bool]:
         """Creates the job, or returns the existing one with the same key and spec
-        (``created`` False); AlreadyExists when the key exists with another spec."""
+        (``created`` False); AlreadyExists when the key exists with another spec.
+        ``origin`` (request id, traceparent of the call) is kept for the target call; an
+        existing job keeps its own."""
 
         def create(session: Session) -> Job:
-            session.execute(insert(JobRow).values(_spec_values(spec, now)))
+            session.execute(insert(JobRow).values(_spec_values(spec, now, origin)))
             row = session.scalars(select(JobRow).where(JobRow.uid == spec.uid)).one()
             return _to_job(row)
 
@@ -352,7 +366,7 @@ class SchedulerStore:
             return 0
 
         def bulk(session: Session) -> int:
-            session.execute(insert(JobRow), [_spec_values(s, now) for s in specs])
+            session.execute(insert(JobRow), [_spec_values(s, now, None) for s in specs])
             return len(specs)
 
         return self._tx.run(bulk)

@@ -68,6 +68,12 @@ class JobRow(Base):
     last_error_code: Mapped[str | None] = mapped_column(_ascii(32))
     last_error_message: Mapped[str | None] = mapped_column(String(1024))
     worker: Mapped[str | None] = mapped_column(String(255))
+    request_id: Mapped[str | None] = mapped_column(
+        _ascii(128), comment="x-request-id of the Schedule call, sent on the target call"
+    )
+    traceparent: Mapped[str | None] = mapped_column(
+        _ascii(64), comment="W3C traceparent of the Schedule call: the target call continues it"
+    )
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime)

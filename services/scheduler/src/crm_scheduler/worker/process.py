@@ -2,7 +2,9 @@
 
 The Celery worker runs in the main thread (it handles SIGTERM: warm shutdown; then the
 jobs the runner holds still run at their due time and every result is recorded);
-health and ``/metrics`` run in a thread (see ``crm_scheduler.health``).
+health and ``/metrics`` run in a thread (``crm_common.health.HealthThread``). With
+``tracing_exporter`` set, each target call is a CLIENT span (service
+``crm-scheduler-worker``) continuing the trace of the Schedule call.
 """
 
 from __future__ import annotations
@@ -10,10 +12,12 @@ from __future__ import annotations
 import logging
 import threading
 
+from crm_common.health import HealthThread
 from crm_common.metrics import RpcMetrics
+from crm_common.tracing import configure_tracing, shutdown_tracing
 
 from crm_scheduler.domain.model import utc_now
-from crm_scheduler.health import WORKER_HEALTH_SERVICE, HealthThread
+from crm_scheduler.health import WORKER_HEALTH_SERVICE
 from crm_scheduler.settings import SchedulerSettings
 from crm_scheduler.store import SchedulerStore, make_engine
 from crm_scheduler.worker.celery_app import CelerySender, make_celery, register_task, start_worker
@@ -63,6 +67,7 @@ def run_worker(settings: SchedulerSettings) -> int:
     # Celery logs every message's arguments at INFO: they carry target payloads.
     for noisy in ("celery.app.trace", "celery.worker.strategy"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    traced = configure_tracing("scheduler-worker", settings)
     health.start()
     try:
         runner.start()  # threads and the database pool before the first message
@@ -76,4 +81,6 @@ def run_worker(settings: SchedulerSettings) -> int:
         runner.close(drain_timeout_s=settings.pump_lead_s + 30)
         health.stop()
         probe.close()
+        if traced:  # flush the last spans
+            shutdown_tracing()
         log.info("worker stopped")

@@ -18,9 +18,12 @@ through four stages, each batched across every message of the process:
    delivery. Until its claim a job can still be cancelled.
 3. **call** (one thread): each claimed job's call starts at its due time, never before
    (unary, raw bytes, gRPC futures: calls run concurrently), with its attempt deadline
-   and the metadata ``x-idempotency-key``, ``x-attempt`` and ``x-scheduler-job-id``.
-   Nothing but the call is left for the due time: the hand-over, the claim and the
-   commits all happened earlier.
+   and the metadata ``x-idempotency-key``, ``x-attempt`` and ``x-scheduler-job-id``, plus
+   the Schedule call's ``x-request-id`` and W3C ``traceparent`` when it had them (so the
+   caller's request id and trace go on). With tracing on (``tracing_exporter``) the call
+   is a CLIENT span, child of that ``traceparent``, and sends its own instead; off, the
+   stored one is sent as is and nothing else is done. Nothing but the call is left for
+   the due time: the hand-over, the claim and the commits all happened earlier.
 4. **record** (one thread, group commit): the finished attempts of the process are
    recorded together, one transaction every ``result_flush_s`` at most: ``SUCCEEDED``,
    or ``RETRY_WAIT`` with backoff / ``DEAD`` (see ``domain.retry``).
@@ -46,19 +49,30 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
+from crm_common import tracing
 
 from crm_scheduler.domain.model import Clock, Dispatch, JobState
 from crm_scheduler.domain.retry import outcome_of_failure
 from crm_scheduler.store import Failure, SchedulerStore
 from crm_scheduler.worker.metrics import WorkerMetrics
 
-__all__ = ["ATTEMPT_KEY", "IDEMPOTENCY_KEY", "JOB_ID_KEY", "JobRunner", "Ticket"]
+__all__ = [
+    "ATTEMPT_KEY",
+    "IDEMPOTENCY_KEY",
+    "JOB_ID_KEY",
+    "REQUEST_ID_KEY",
+    "TRACEPARENT_KEY",
+    "JobRunner",
+    "Ticket",
+]
 
 log = logging.getLogger("crm.scheduler.worker")
 
 IDEMPOTENCY_KEY = "x-idempotency-key"
 ATTEMPT_KEY = "x-attempt"
 JOB_ID_KEY = "x-scheduler-job-id"
+REQUEST_ID_KEY = "x-request-id"
+TRACEPARENT_KEY = "traceparent"
 
 _CHANNEL_OPTIONS = (
     ("grpc.max_send_message_length", 8 * 1024 * 1024),
@@ -420,6 +434,10 @@ class JobRunner:
             (ATTEMPT_KEY, str(d.attempt)),
             (JOB_ID_KEY, d.uid),
         )
+        if d.request_id:
+            h.metadata += ((REQUEST_ID_KEY, d.request_id),)
+        if d.traceparent:  # tracing on: replaced by the call's own span (_start_call)
+            h.metadata += ((TRACEPARENT_KEY, d.traceparent),)
         try:
             h.call = self._callable(d.address, d.method)
         except Exception as exc:  # a bad address and the like: retried like UNKNOWN
@@ -429,6 +447,9 @@ class JobRunner:
         d = h.dispatch
         if self._metrics is not None:
             self._metrics.start_lag.observe(max(0.0, now - h.due))
+        if tracing.enabled():  # off: this one check is all tracing costs
+            self._start_traced_call(st, h)
+            return
         started = time.perf_counter()
         try:
             if h.call is None:
@@ -442,6 +463,45 @@ class JobRunner:
 
         def finished(f: Any) -> None:
             code, details = _result_of(f)
+            st.results.put(_Finished(h, code, details, time.perf_counter() - started))
+
+        future.add_done_callback(finished)
+
+    def _start_traced_call(self, st: _State, h: _Held) -> None:
+        """:meth:`_start_call` inside a CLIENT span, child of the job's stored
+        ``traceparent`` (a new trace without one), whose own ``traceparent`` is sent."""
+        d = h.dispatch
+        made = tracing.start_carried_client_span(
+            d.method,
+            d.traceparent,
+            d.request_id,
+            {"crm.scheduler.job_id": d.uid, "crm.scheduler.attempt": d.attempt},
+        )
+        span: Any = None
+        metadata = h.metadata
+        if made is not None:  # (None: tracing was turned off meanwhile)
+            span, traceparent = made
+            metadata = (
+                *(m for m in metadata if m[0] != TRACEPARENT_KEY),
+                (TRACEPARENT_KEY, traceparent),
+            )
+        started = time.perf_counter()
+        try:
+            if h.call is None:
+                raise ValueError(h.error or "no callable")
+            future = h.call.future(
+                d.request, timeout=d.attempt_deadline_ms / 1000, metadata=metadata
+            )
+        except Exception as exc:  # a bad address and the like: retried like UNKNOWN
+            if span is not None:
+                tracing.end_carried_client_span(span, "UNKNOWN")
+            st.results.put(_Finished(h, "UNKNOWN", h.error or f"{type(exc).__name__}: {exc}", 0.0))
+            return
+
+        def finished(f: Any) -> None:
+            code, details = _result_of(f)
+            if span is not None:
+                tracing.end_carried_client_span(span, code)
             st.results.put(_Finished(h, code, details, time.perf_counter() - started))
 
         future.add_done_callback(finished)
@@ -564,4 +624,7 @@ class JobRunner:
 
 def _fields(h: _Held) -> dict[str, object]:
     d = h.dispatch
-    return {"job_id": d.uid, "job_name": d.name, "attempt": d.attempt}
+    fields: dict[str, object] = {"job_id": d.uid, "job_name": d.name, "attempt": d.attempt}
+    if d.request_id:  # the Schedule call's: the worker's lines join its request
+        fields["request_id"] = d.request_id
+    return fields

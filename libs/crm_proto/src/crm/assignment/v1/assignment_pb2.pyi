@@ -463,7 +463,7 @@ class Agent(_message.Message):
     name: _builtins.str
     """Display name."""
     business_line: _common_pb2.BusinessLine.ValueType
-    """Business line the agent works for."""
+    """Business line the agent works for: a configured line's code (see BusinessLine)."""
     capacity: _builtins.int
     """How many tasks (ASSIGNED + IN_PROGRESS) the agent may hold at once: 1..50."""
     presence: Global___Presence.ValueType
@@ -526,7 +526,7 @@ class CreateClueRequest(_message.Message):
     only as a keyed hash and encrypted; never returned or logged in clear.
     """
     business_line: _common_pb2.BusinessLine.ValueType
-    """Business line the inquiry is for."""
+    """Business line the inquiry is for: a configured line's code (see BusinessLine)."""
     source: _builtins.str
     """Where the inquiry came from: 1..64 characters."""
     city: _builtins.str
@@ -1028,6 +1028,72 @@ class GetAgentResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetAgentResponse: _TypeAlias = GetAgentResponse  # noqa: Y015
+
+@_typing.final
+class ListAgentsRequest(_message.Message):
+    """Request of ListAgents. Filters combine with AND."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUSINESS_LINE_FIELD_NUMBER: _builtins.int
+    PRESENCES_FIELD_NUMBER: _builtins.int
+    PAGE_FIELD_NUMBER: _builtins.int
+    business_line: _common_pb2.BusinessLine.ValueType
+    """Only agents of this business line; unspecified means every line."""
+    @_builtins.property
+    def presences(self) -> _containers.RepeatedScalarFieldContainer[Global___Presence.ValueType]:
+        """Only agents whose presence is one of these (at most 4, no PRESENCE_UNSPECIFIED);
+        empty means any presence.
+        """
+
+    @_builtins.property
+    def page(self) -> _common_pb2.PageRequest:
+        """Paging: page_size 0..500 (0: 50); a token is valid only with the same filters."""
+
+    def __init__(
+        self,
+        *,
+        business_line: _common_pb2.BusinessLine.ValueType = ...,
+        presences: _abc.Iterable[Global___Presence.ValueType] | None = ...,
+        page: _common_pb2.PageRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["page", b"page"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["business_line", b"business_line", "page", b"page", "presences", b"presences"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAgentsRequest: _TypeAlias = ListAgentsRequest  # noqa: Y015
+
+@_typing.final
+class ListAgentsResponse(_message.Message):
+    """Response of ListAgents."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENTS_FIELD_NUMBER: _builtins.int
+    PAGE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def agents(self) -> _containers.RepeatedCompositeFieldContainer[Global___Agent]:
+        """Agents, by id ascending; active_tasks is counted now."""
+
+    @_builtins.property
+    def page(self) -> _common_pb2.PageResponse:
+        """Paging."""
+
+    def __init__(
+        self,
+        *,
+        agents: _abc.Iterable[Global___Agent] | None = ...,
+        page: _common_pb2.PageResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["page", b"page"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "page", b"page"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAgentsResponse: _TypeAlias = ListAgentsResponse  # noqa: Y015
 
 @_typing.final
 class SetPresenceRequest(_message.Message):
@@ -1680,8 +1746,8 @@ class RecordCallRequest(_message.Message):
     """Optional note, at most 500 characters. Do not put phone numbers here."""
     @_builtins.property
     def started_at(self) -> _timestamp_pb2.Timestamp:
-        """When the call started (required; not more than 5 minutes in the future, at most a
-        year in the past).
+        """When the call started (required; not more than a minute in the future, nor more than
+        a minute before the task was offered to this agent: INVALID_ARGUMENT otherwise).
         """
 
     def __init__(

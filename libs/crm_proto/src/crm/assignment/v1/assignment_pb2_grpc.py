@@ -65,6 +65,11 @@ class AssignmentServiceStub:
                 request_serializer=crm_dot_assignment_dot_v1_dot_assignment__pb2.GetAgentRequest.SerializeToString,
                 response_deserializer=crm_dot_assignment_dot_v1_dot_assignment__pb2.GetAgentResponse.FromString,
                 _registered_method=True)
+        self.ListAgents = channel.unary_unary(
+                '/crm.assignment.v1.AssignmentService/ListAgents',
+                request_serializer=crm_dot_assignment_dot_v1_dot_assignment__pb2.ListAgentsRequest.SerializeToString,
+                response_deserializer=crm_dot_assignment_dot_v1_dot_assignment__pb2.ListAgentsResponse.FromString,
+                _registered_method=True)
         self.SetPresence = channel.unary_unary(
                 '/crm.assignment.v1.AssignmentService/SetPresence',
                 request_serializer=crm_dot_assignment_dot_v1_dot_assignment__pb2.SetPresenceRequest.SerializeToString,
@@ -172,6 +177,14 @@ class AssignmentServiceServicer:
 
     def GetAgent(self, request, context):
         """Returns one agent. NOT_FOUND when the id is unknown.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAgents(self, request, context):
+        """Lists agents by id (ascending), optionally of one business line and presences;
+        keyset paging. Agents' consoles cannot call it (PERMISSION_DENIED): ops tools can.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -318,6 +331,11 @@ def add_AssignmentServiceServicer_to_server(servicer, server):
                     servicer.GetAgent,
                     request_deserializer=crm_dot_assignment_dot_v1_dot_assignment__pb2.GetAgentRequest.FromString,
                     response_serializer=crm_dot_assignment_dot_v1_dot_assignment__pb2.GetAgentResponse.SerializeToString,
+            ),
+            'ListAgents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAgents,
+                    request_deserializer=crm_dot_assignment_dot_v1_dot_assignment__pb2.ListAgentsRequest.FromString,
+                    response_serializer=crm_dot_assignment_dot_v1_dot_assignment__pb2.ListAgentsResponse.SerializeToString,
             ),
             'SetPresence': grpc.unary_unary_rpc_method_handler(
                     servicer.SetPresence,
@@ -543,6 +561,33 @@ class AssignmentService:
             '/crm.assignment.v1.AssignmentService/GetAgent',
             crm_dot_assignment_dot_v1_dot_assignment__pb2.GetAgentRequest.SerializeToString,
             crm_dot_assignment_dot_v1_dot_assignment__pb2.GetAgentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAgents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/crm.assignment.v1.AssignmentService/ListAgents',
+            crm_dot_assignment_dot_v1_dot_assignment__pb2.ListAgentsRequest.SerializeToString,
+            crm_dot_assignment_dot_v1_dot_assignment__pb2.ListAgentsResponse.FromString,
             options,
             channel_credentials,
             insecure,

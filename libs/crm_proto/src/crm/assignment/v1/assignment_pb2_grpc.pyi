@@ -53,6 +53,10 @@ class AssignmentServiceStub:
     """Creates or replaces an agent (business line, skills, capacity)."""
     GetAgent: _grpc.UnaryUnaryMultiCallable[_assignment_pb2.GetAgentRequest, _assignment_pb2.GetAgentResponse]
     """Returns one agent. NOT_FOUND when the id is unknown."""
+    ListAgents: _grpc.UnaryUnaryMultiCallable[_assignment_pb2.ListAgentsRequest, _assignment_pb2.ListAgentsResponse]
+    """Lists agents by id (ascending), optionally of one business line and presences;
+    keyset paging. Agents' consoles cannot call it (PERMISSION_DENIED): ops tools can.
+    """
     SetPresence: _grpc.UnaryUnaryMultiCallable[_assignment_pb2.SetPresenceRequest, _assignment_pb2.SetPresenceResponse]
     """Changes an agent's presence. Only IDLE agents receive offers."""
     StreamOffers: _grpc.UnaryStreamMultiCallable[_assignment_pb2.StreamOffersRequest, _assignment_pb2.StreamOffersResponse]
@@ -133,6 +137,10 @@ class AssignmentServiceAsyncStub(AssignmentServiceStub):
     """Creates or replaces an agent (business line, skills, capacity)."""
     GetAgent: _aio.UnaryUnaryMultiCallable[_assignment_pb2.GetAgentRequest, _assignment_pb2.GetAgentResponse]  # type: ignore[assignment]
     """Returns one agent. NOT_FOUND when the id is unknown."""
+    ListAgents: _aio.UnaryUnaryMultiCallable[_assignment_pb2.ListAgentsRequest, _assignment_pb2.ListAgentsResponse]  # type: ignore[assignment]
+    """Lists agents by id (ascending), optionally of one business line and presences;
+    keyset paging. Agents' consoles cannot call it (PERMISSION_DENIED): ops tools can.
+    """
     SetPresence: _aio.UnaryUnaryMultiCallable[_assignment_pb2.SetPresenceRequest, _assignment_pb2.SetPresenceResponse]  # type: ignore[assignment]
     """Changes an agent's presence. Only IDLE agents receive offers."""
     StreamOffers: _aio.UnaryStreamMultiCallable[_assignment_pb2.StreamOffersRequest, _assignment_pb2.StreamOffersResponse]  # type: ignore[assignment]
@@ -246,6 +254,16 @@ class AssignmentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_assignment_pb2.GetAgentResponse, _abc.Awaitable[_assignment_pb2.GetAgentResponse]]:
         """Returns one agent. NOT_FOUND when the id is unknown."""
+
+    @_abc_1.abstractmethod
+    def ListAgents(
+        self,
+        request: _assignment_pb2.ListAgentsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_assignment_pb2.ListAgentsResponse, _abc.Awaitable[_assignment_pb2.ListAgentsResponse]]:
+        """Lists agents by id (ascending), optionally of one business line and presences;
+        keyset paging. Agents' consoles cannot call it (PERMISSION_DENIED): ops tools can.
+        """
 
     @_abc_1.abstractmethod
     def SetPresence(

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63rm/bilog/v1/bilog.proto\x12\x0c\x63rm.bilog.v1\"-\n\x05\x45vent\x12\x0e\n\x06schema\x18\x01 \x01(\t\x12\x14\n\x0cpayload_json\x18\x02 \x01(\t\"S\n\x0c\x45ventReceipt\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\x05\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x11\n\tschema_id\x18\x04 \x01(\x05\"*\n\nFieldError\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\":\n\x0e\x45ventRejection\x12(\n\x06\x65rrors\x18\x01 \x03(\x0b\x32\x18.crm.bilog.v1.FieldError\"\x89\x01\n\x0b\x45ventResult\x12\r\n\x05index\x18\x01 \x01(\x05\x12.\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x0b\x32\x1a.crm.bilog.v1.EventReceiptH\x00\x12\x30\n\x08rejected\x18\x03 \x01(\x0b\x32\x1c.crm.bilog.v1.EventRejectionH\x00\x42\t\n\x07outcome\"0\n\nLogRequest\x12\"\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x13.crm.bilog.v1.Event\":\n\x0bLogResponse\x12+\n\x07receipt\x18\x01 \x01(\x0b\x32\x1a.crm.bilog.v1.EventReceipt\"6\n\x0fLogBatchRequest\x12#\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x13.crm.bilog.v1.Event\"n\n\x10LogBatchResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.crm.bilog.v1.EventResult\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x02 \x01(\x05\x12\x16\n\x0erejected_count\x18\x03 \x01(\x05\"7\n\x10LogStreamRequest\x12#\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x13.crm.bilog.v1.Event\"p\n\x11LogStreamResponse\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x01 \x01(\x03\x12\x16\n\x0erejected_count\x18\x02 \x01(\x03\x12+\n\x08rejected\x18\x03 \x03(\x0b\x32\x19.crm.bilog.v1.EventResult\"\x14\n\x12ListSchemasRequest\"@\n\x13ListSchemasResponse\x12)\n\x07schemas\x18\x01 \x03(\x0b\x32\x18.crm.bilog.v1.SchemaInfo\"e\n\nSchemaInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05topic\x18\x02 \x01(\t\x12\x11\n\tschema_id\x18\x03 \x01(\x05\x12\x13\n\x0b\x61vro_schema\x18\x04 \x01(\t\x12\x12\n\npii_fields\x18\x05 \x03(\t2\xc1\x02\n\x0c\x42ilogService\x12<\n\x03Log\x12\x18.crm.bilog.v1.LogRequest\x1a\x19.crm.bilog.v1.LogResponse\"\x00\x12K\n\x08LogBatch\x12\x1d.crm.bilog.v1.LogBatchRequest\x1a\x1e.crm.bilog.v1.LogBatchResponse\"\x00\x12P\n\tLogStream\x12\x1e.crm.bilog.v1.LogStreamRequest\x1a\x1f.crm.bilog.v1.LogStreamResponse\"\x00(\x01\x12T\n\x0bListSchemas\x12 .crm.bilog.v1.ListSchemasRequest\x1a!.crm.bilog.v1.ListSchemasResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x63rm/bilog/v1/bilog.proto\x12\x0c\x63rm.bilog.v1\"A\n\x05\x45vent\x12\x0e\n\x06schema\x18\x01 \x01(\t\x12\x14\n\x0cpayload_json\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"S\n\x0c\x45ventReceipt\x12\r\n\x05topic\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\x05\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x11\n\tschema_id\x18\x04 \x01(\x05\"*\n\nFieldError\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\":\n\x0e\x45ventRejection\x12(\n\x06\x65rrors\x18\x01 \x03(\x0b\x32\x18.crm.bilog.v1.FieldError\"\x89\x01\n\x0b\x45ventResult\x12\r\n\x05index\x18\x01 \x01(\x05\x12.\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\x0b\x32\x1a.crm.bilog.v1.EventReceiptH\x00\x12\x30\n\x08rejected\x18\x03 \x01(\x0b\x32\x1c.crm.bilog.v1.EventRejectionH\x00\x42\t\n\x07outcome\"0\n\nLogRequest\x12\"\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x13.crm.bilog.v1.Event\":\n\x0bLogResponse\x12+\n\x07receipt\x18\x01 \x01(\x0b\x32\x1a.crm.bilog.v1.EventReceipt\"6\n\x0fLogBatchRequest\x12#\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x13.crm.bilog.v1.Event\"n\n\x10LogBatchResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.crm.bilog.v1.EventResult\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x02 \x01(\x05\x12\x16\n\x0erejected_count\x18\x03 \x01(\x05\"7\n\x10LogStreamRequest\x12#\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x13.crm.bilog.v1.Event\"p\n\x11LogStreamResponse\x12\x16\n\x0e\x61\x63\x63\x65pted_count\x18\x01 \x01(\x03\x12\x16\n\x0erejected_count\x18\x02 \x01(\x03\x12+\n\x08rejected\x18\x03 \x03(\x0b\x32\x19.crm.bilog.v1.EventResult\"\x14\n\x12ListSchemasRequest\"@\n\x13ListSchemasResponse\x12)\n\x07schemas\x18\x01 \x03(\x0b\x32\x18.crm.bilog.v1.SchemaInfo\"e\n\nSchemaInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05topic\x18\x02 \x01(\t\x12\x11\n\tschema_id\x18\x03 \x01(\x05\x12\x13\n\x0b\x61vro_schema\x18\x04 \x01(\t\x12\x12\n\npii_fields\x18\x05 \x03(\t2\xc1\x02\n\x0c\x42ilogService\x12<\n\x03Log\x12\x18.crm.bilog.v1.LogRequest\x1a\x19.crm.bilog.v1.LogResponse\"\x00\x12K\n\x08LogBatch\x12\x1d.crm.bilog.v1.LogBatchRequest\x1a\x1e.crm.bilog.v1.LogBatchResponse\"\x00\x12P\n\tLogStream\x12\x1e.crm.bilog.v1.LogStreamRequest\x1a\x1f.crm.bilog.v1.LogStreamResponse\"\x00(\x01\x12T\n\x0bListSchemas\x12 .crm.bilog.v1.ListSchemasRequest\x1a!.crm.bilog.v1.ListSchemasResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,33 +32,33 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'crm.bilog.v1.bilog_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_EVENT']._serialized_start=42
-  _globals['_EVENT']._serialized_end=87
-  _globals['_EVENTRECEIPT']._serialized_start=89
-  _globals['_EVENTRECEIPT']._serialized_end=172
-  _globals['_FIELDERROR']._serialized_start=174
-  _globals['_FIELDERROR']._serialized_end=216
-  _globals['_EVENTREJECTION']._serialized_start=218
-  _globals['_EVENTREJECTION']._serialized_end=276
-  _globals['_EVENTRESULT']._serialized_start=279
-  _globals['_EVENTRESULT']._serialized_end=416
-  _globals['_LOGREQUEST']._serialized_start=418
-  _globals['_LOGREQUEST']._serialized_end=466
-  _globals['_LOGRESPONSE']._serialized_start=468
-  _globals['_LOGRESPONSE']._serialized_end=526
-  _globals['_LOGBATCHREQUEST']._serialized_start=528
-  _globals['_LOGBATCHREQUEST']._serialized_end=582
-  _globals['_LOGBATCHRESPONSE']._serialized_start=584
-  _globals['_LOGBATCHRESPONSE']._serialized_end=694
-  _globals['_LOGSTREAMREQUEST']._serialized_start=696
-  _globals['_LOGSTREAMREQUEST']._serialized_end=751
-  _globals['_LOGSTREAMRESPONSE']._serialized_start=753
-  _globals['_LOGSTREAMRESPONSE']._serialized_end=865
-  _globals['_LISTSCHEMASREQUEST']._serialized_start=867
-  _globals['_LISTSCHEMASREQUEST']._serialized_end=887
-  _globals['_LISTSCHEMASRESPONSE']._serialized_start=889
-  _globals['_LISTSCHEMASRESPONSE']._serialized_end=953
-  _globals['_SCHEMAINFO']._serialized_start=955
-  _globals['_SCHEMAINFO']._serialized_end=1056
-  _globals['_BILOGSERVICE']._serialized_start=1059
-  _globals['_BILOGSERVICE']._serialized_end=1380
+  _globals['_EVENT']._serialized_end=107
+  _globals['_EVENTRECEIPT']._serialized_start=109
+  _globals['_EVENTRECEIPT']._serialized_end=192
+  _globals['_FIELDERROR']._serialized_start=194
+  _globals['_FIELDERROR']._serialized_end=236
+  _globals['_EVENTREJECTION']._serialized_start=238
+  _globals['_EVENTREJECTION']._serialized_end=296
+  _globals['_EVENTRESULT']._serialized_start=299
+  _globals['_EVENTRESULT']._serialized_end=436
+  _globals['_LOGREQUEST']._serialized_start=438
+  _globals['_LOGREQUEST']._serialized_end=486
+  _globals['_LOGRESPONSE']._serialized_start=488
+  _globals['_LOGRESPONSE']._serialized_end=546
+  _globals['_LOGBATCHREQUEST']._serialized_start=548
+  _globals['_LOGBATCHREQUEST']._serialized_end=602
+  _globals['_LOGBATCHRESPONSE']._serialized_start=604
+  _globals['_LOGBATCHRESPONSE']._serialized_end=714
+  _globals['_LOGSTREAMREQUEST']._serialized_start=716
+  _globals['_LOGSTREAMREQUEST']._serialized_end=771
+  _globals['_LOGSTREAMRESPONSE']._serialized_start=773
+  _globals['_LOGSTREAMRESPONSE']._serialized_end=885
+  _globals['_LISTSCHEMASREQUEST']._serialized_start=887
+  _globals['_LISTSCHEMASREQUEST']._serialized_end=907
+  _globals['_LISTSCHEMASRESPONSE']._serialized_start=909
+  _globals['_LISTSCHEMASRESPONSE']._serialized_end=973
+  _globals['_SCHEMAINFO']._serialized_start=975
+  _globals['_SCHEMAINFO']._serialized_end=1076
+  _globals['_BILOGSERVICE']._serialized_start=1079
+  _globals['_BILOGSERVICE']._serialized_end=1400
 # @@protoc_insertion_point(module_scope)

@@ -30,6 +30,7 @@ class Event(_message.Message):
 
     SCHEMA_FIELD_NUMBER: _builtins.int
     PAYLOAD_JSON_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     schema: _builtins.str
     """Full Avro name of the schema, e.g. `crm.bi.FactCallRecord` (see ListSchemas)."""
     payload_json: _builtins.str
@@ -40,15 +41,24 @@ class Event(_message.Message):
     errors. JSON rather than google.protobuf.Struct, because a Struct turns every number
     into a double (64-bit ids and millisecond times would lose precision).
     """
+    request_id: _builtins.str
+    """The `x-request-id` of the request the event was made for, when that is not this
+    call's own: an outbox relaying the events of many requests in one LogBatch sends each
+    event's own. Empty: the call's `x-request-id`. Produced as the Kafka record's
+    `x-request-id` header (and kept in the event's bad row when it is rejected).
+    1..128 characters of `A-Z a-z 0-9 . _ : -`; anything else rejects the event (path
+    `request_id`).
+    """
     def __init__(
         self,
         *,
         schema: _builtins.str = ...,
         payload_json: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["payload_json", b"payload_json", "schema", b"schema"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["payload_json", b"payload_json", "request_id", b"request_id", "schema", b"schema"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

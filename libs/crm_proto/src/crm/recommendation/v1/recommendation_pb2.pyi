@@ -435,7 +435,9 @@ class RecommendRequest(_message.Message):
     count: _builtins.int
     """How many cars to return: 1..100."""
     business_line: _common_pb2.BusinessLine.ValueType
-    """Business line asking; selects its ranking weights when configured. Optional."""
+    """Business line asking (any code >= 1; lines are data); selects its ranking weights
+    when the ranking config has an entry for it, else the default weights. Optional.
+    """
     @_builtins.property
     def intent_car_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Cars the customer asked about (at most 20). They are never recommended themselves;

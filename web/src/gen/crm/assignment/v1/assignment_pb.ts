@@ -19,7 +19,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file crm/assignment/v1/assignment.proto.
  */
 export const file_crm_assignment_v1_assignment: GenFile = /*@__PURE__*/
-  fileDesc("CiJjcm0vYXNzaWdubWVudC92MS9hc3NpZ25tZW50LnByb3RvEhFjcm0uYXNzaWdubWVudC52MSJPCghDdXN0b21lchIKCgJpZBgBIAEoAxIpCgVwaG9uZRgCIAEoCzIaLmNybS5jb21tb24udjEuTWFza2VkUGhvbmUSDAoEc3RhchgDIAEoCCKqAQoEQ2x1ZRIKCgJpZBgBIAEoAxIOCgZzb3VyY2UYAiABKAkSDAoEY2l0eRgDIAEoCRIWCg5pbnRlbnRfY2FyX2lkcxgEIAMoAxIXCg9idWRnZXRfbWluX3l1YW4YBSABKAMSFwoPYnVkZ2V0X21heF95dWFuGAYgASgDEi4KCmNyZWF0ZWRfYXQYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIvoDCgRUYXNrEgoKAmlkGAEgASgDEjIKDWJ1c2luZXNzX2xpbmUYAiABKA4yGy5jcm0uY29tbW9uLnYxLkJ1c2luZXNzTGluZRItCghjYXRlZ29yeRgDIAEoDjIbLmNybS5hc3NpZ25tZW50LnYxLkNhdGVnb3J5EikKBnN0YXR1cxgEIAEoDjIZLmNybS5hc3NpZ25tZW50LnYxLlN0YXR1cxITCgtjdXN0b21lcl9pZBgFIAEoAxIMCgRjaXR5GAYgASgJEhAKCHByaW9yaXR5GAcgASgFEhAKCGFnZW50X2lkGAggASgDEi4KCmNyZWF0ZWRfYXQYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEioKBmR1ZV9hdBgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMgoOb2ZmZXJfZGVhZGxpbmUYCyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhUKDXJlY3ljbGVfY291bnQYDCABKAUSEgoKY2x1ZV9jb3VudBgNIAEoBRIOCgZicmFuZHMYDiADKAkSFgoOcGFyZW50X3Rhc2tfaWQYDyABKAMSLgoKdXBkYXRlZF9hdBgQIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAizQEKCVRhc2tFdmVudBIKCgJpZBgBIAEoAxIMCgRraW5kGAIgASgJEi4KC2Zyb21fc3RhdHVzGAMgASgOMhkuY3JtLmFzc2lnbm1lbnQudjEuU3RhdHVzEiwKCXRvX3N0YXR1cxgEIAEoDjIZLmNybS5hc3NpZ25tZW50LnYxLlN0YXR1cxIQCghhZ2VudF9pZBgFIAEoAxIOCgZyZWFzb24YBiABKAkSJgoCYXQYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIv0BCgVBZ2VudBIKCgJpZBgBIAEoAxIMCgRuYW1lGAIgASgJEjIKDWJ1c2luZXNzX2xpbmUYAyABKA4yGy5jcm0uY29tbW9uLnYxLkJ1c2luZXNzTGluZRIOCgZjaXRpZXMYBCADKAkSLwoKY2F0ZWdvcmllcxgFIAMoDjIbLmNybS5hc3NpZ25tZW50LnYxLkNhdGVnb3J5Eg4KBmJyYW5kcxgGIAMoCRIQCghjYXBhY2l0eRgHIAEoBRItCghwcmVzZW5jZRgIIAEoDjIbLmNybS5hc3NpZ25tZW50LnYxLlByZXNlbmNlEhQKDGFjdGl2ZV90YXNrcxgJIAEoBSL5AQoRQ3JlYXRlQ2x1ZVJlcXVlc3QSFwoPaWRlbXBvdGVuY3lfa2V5GAEgASgJEg0KBXBob25lGAIgASgJEjIKDWJ1c2luZXNzX2xpbmUYAyABKA4yGy5jcm0uY29tbW9uLnYxLkJ1c2luZXNzTGluZRIOCgZzb3VyY2UYBCABKAkSDAoEY2l0eRgFIAEoCRIWCg5pbnRlbnRfY2FyX2lkcxgGIAMoAxIOCgZicmFuZHMYByADKAkSFwoPYnVkZ2V0X21pbl95dWFuGAggASgDEhcKD2J1ZGdldF9tYXhfeXVhbhgJIAEoAxIQCghwcmlvcml0eRgKIAEoBSJyChJDcmVhdGVDbHVlUmVzcG9uc2USJQoEdGFzaxgBIAEoCzIXLmNybS5hc3NpZ25tZW50LnYxLlRhc2sSJQoEY2x1ZRgCIAEoCzIXLmNybS5hc3NpZ25tZW50LnYxLkNsdWUSDgoGbWVyZ2VkGAMgASgIIhwKDkdldFRhc2tSZXF1ZXN0EgoKAmlkGAEgASgDIq0CCg9HZXRUYXNrUmVzcG9uc2USJQoEdGFzaxgBIAEoCzIXLmNybS5hc3NpZ25tZW50LnYxLlRhc2sSLQoIY3VzdG9tZXIYAiABKAsyGy5jcm0uYXNzaWdubWVudC52MS5DdXN0b21lchImCgVjbHVlcxgDIAMoCzIXLmNybS5hc3NpZ25tZW50LnYxLkNsdWUSLQoHaGlzdG9yeRgEIAMoCzIcLmNybS5hc3NpZ25tZW50LnYxLlRhc2tFdmVudBI/Cg9yZWNvbW1lbmRhdGlvbnMYBSABKAsyJi5jcm0uYXNzaWdubWVudC52MS5UYXNrUmVjb21tZW5kYXRpb25zEiwKBWNhbGxzGAYgAygLMh0uY3JtLmFzc2lnbm1lbnQudjEuQ2FsbFJlY29yZCJ5ChNUYXNrUmVjb21tZW5kYXRpb25zEhEKCWF2YWlsYWJsZRgBIAEoCBIaChJ1bmF2YWlsYWJsZV9yZWFzb24YAiABKAkSMwoEY2FycxgDIAMoCzIlLmNybS5yZWNvbW1lbmRhdGlvbi52MS5SZWNvbW1lbmRhdGlvbiLOAgoQTGlzdFRhc2tzUmVxdWVzdBIyCg1idXNpbmVzc19saW5lGAEgASgOMhsuY3JtLmNvbW1vbi52MS5CdXNpbmVzc0xpbmUSLQoIY2F0ZWdvcnkYAiABKA4yGy5jcm0uYXNzaWdubWVudC52MS5DYXRlZ29yeRIrCghzdGF0dXNlcxgDIAMoDjIZLmNybS5hc3NpZ25tZW50LnYxLlN0YXR1cxIQCghhZ2VudF9pZBgEIAEoAxIMCgRjaXR5GAUgASgJEjAKDGNyZWF0ZWRfZnJvbRgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKY3JlYXRlZF90bxgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASKAoEcGFnZRgIIAEoCzIaLmNybS5jb21tb24udjEuUGFnZVJlcXVlc3QiZgoRTGlzdFRhc2tzUmVzcG9uc2USJgoFdGFza3MYASADKAsyFy5jcm0uYXNzaWdubWVudC52MS5UYXNrEikKBHBhZ2UYAiABKAsyGy5jcm0uY29tbW9uLnYxLlBhZ2VSZXNwb25zZSJHChFRdWV1ZVN0YXRzUmVxdWVzdBIyCg1idXNpbmVzc19saW5lGAEgASgOMhsuY3JtLmNvbW1vbi52MS5CdXNpbmVzc0xpbmUi1gEKClF1ZXVlRGVwdGgSMgoNYnVzaW5lc3NfbGluZRgBIAEoDjIbLmNybS5jb21tb24udjEuQnVzaW5lc3NMaW5lEi0KCGNhdGVnb3J5GAIgASgOMhsuY3JtLmFzc2lnbm1lbnQudjEuQ2F0ZWdvcnkSDwoHd2FpdGluZxgDIAEoBRIPCgdvZmZlcmVkGAQgASgFEhMKC2luX3Byb2dyZXNzGAUgASgFEhsKE29sZGVzdF93YWl0X3NlY29uZHMYBiABKAESEQoJc2NoZWR1bGVkGAcgASgFIoIBCg1QcmVzZW5jZUNvdW50EjIKDWJ1c2luZXNzX2xpbmUYASABKA4yGy5jcm0uY29tbW9uLnYxLkJ1c2luZXNzTGluZRItCghwcmVzZW5jZRgCIAEoDjIbLmNybS5hc3NpZ25tZW50LnYxLlByZXNlbmNlEg4KBmFnZW50cxgDIAEoBSJ1ChJRdWV1ZVN0YXRzUmVzcG9uc2USLQoGcXVldWVzGAEgAygLMh0uY3JtLmFzc2lnbm1lbnQudjEuUXVldWVEZXB0aBIwCgZhZ2VudHMYAiADKAsyIC5jcm0uYXNzaWdubWVudC52MS5QcmVzZW5jZUNvdW50Ij0KElVwc2VydEFnZW50UmVxdWVzdBInCgVhZ2VudBgBIAEoCzIYLmNybS5hc3NpZ25tZW50LnYxLkFnZW50Ik8KE1Vwc2VydEFnZW50UmVzcG9uc2USJwoFYWdlbnQYASABKAsyGC5jcm0uYXNzaWdubWVudC52MS5BZ2VudBIPCgdjcmVhdGVkGAIgASgIIh0KD0dldEFnZW50UmVxdWVzdBIKCgJpZBgBIAEoAyI7ChBHZXRBZ2VudFJlc3BvbnNlEicKBWFnZW50GAEgASgLMhguY3JtLmFzc2lnbm1lbnQudjEuQWdlbnQiVQoSU2V0UHJlc2VuY2VSZXF1ZXN0EhAKCGFnZW50X2lkGAEgASgDEi0KCHByZXNlbmNlGAIgASgOMhsuY3JtLmFzc2lnbm1lbnQudjEuUHJlc2VuY2UiPgoTU2V0UHJlc2VuY2VSZXNwb25zZRInCgVhZ2VudBgBIAEoCzIYLmNybS5hc3NpZ25tZW50LnYxLkFnZW50IicKE1N0cmVhbU9mZmVyc1JlcXVlc3QSEAoIYWdlbnRfaWQYASABKAMiPwoUU3RyZWFtT2ZmZXJzUmVzcG9uc2USJwoFb2ZmZXIYASABKAsyGC5jcm0uYXNzaWdubWVudC52MS5PZmZlciKLAQoFT2ZmZXISJQoEdGFzaxgBIAEoCzIXLmNybS5hc3NpZ25tZW50LnYxLlRhc2sSLQoIY3VzdG9tZXIYAiABKAsyGy5jcm0uYXNzaWdubWVudC52MS5DdXN0b21lchIsCghkZWFkbGluZRgDIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiNgoRQWNjZXB0VGFza1JlcXVlc3QSDwoHdGFza19pZBgBIAEoAxIQCghhZ2VudF9pZBgCIAEoAyI7ChJBY2NlcHRUYXNrUmVzcG9uc2USJQoEdGFzaxgBIAEoCzIXLmNybS5hc3NpZ25tZW50LnYxLlRhc2siRgoRUmVqZWN0VGFza1JlcXVlc3QSDwoHdGFza19pZBgBIAEoAxIQCghhZ2VudF9pZBgCIAEoAxIOCgZyZWFzb24YAyABKAkiOwoSUmVqZWN0VGFza1Jlc3BvbnNlEiUKBHRhc2sYASABKAsyFy5jcm0uYXNzaWdubWVudC52MS5UYXNrInYKE0NvbXBsZXRlVGFza1JlcXVlc3QSDwoHdGFza19pZBgBIAEoAxIQCghhZ2VudF9pZBgCIAEoAxIMCgRub3RlGAMgASgJEi4KCnJldmlzaXRfYXQYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wImcKFENvbXBsZXRlVGFza1Jlc3BvbnNlEiUKBHRhc2sYASABKAsyFy5jcm0uYXNzaWdubWVudC52MS5UYXNrEigKB3JldmlzaXQYAiABKAsyFy5jcm0uYXNzaWdubWVudC52MS5UYXNrIkQKD0ZhaWxUYXNrUmVxdWVzdBIPCgd0YXNrX2lkGAEgASgDEhAKCGFnZW50X2lkGAIgASgDEg4KBnJlYXNvbhgDIAEoCSI5ChBGYWlsVGFza1Jlc3BvbnNlEiUKBHRhc2sYASABKAsyFy5jcm0uYXNzaWdubWVudC52MS5UYXNrIjQKEUNhbmNlbFRhc2tSZXF1ZXN0Eg8KB3Rhc2tfaWQYASABKAMSDgoGcmVhc29uGAIgASgJIjsKEkNhbmNlbFRhc2tSZXNwb25zZRIlCgR0YXNrGAEgASgLMhcuY3JtLmFzc2lnbm1lbnQudjEuVGFzayI7ChZTZXRDdXN0b21lclN0YXJSZXF1ZXN0EhMKC2N1c3RvbWVyX2lkGAEgASgDEgwKBHN0YXIYAiABKAgiSAoXU2V0Q3VzdG9tZXJTdGFyUmVzcG9uc2USLQoIY3VzdG9tZXIYASABKAsyGy5jcm0uYXNzaWdubWVudC52MS5DdXN0b21lciI9ChJFeHBpcmVPZmZlclJlcXVlc3QSDwoHdGFza19pZBgBIAEoAxIWCg5vZmZlcl9ldmVudF9pZBgCIAEoAyInChNFeHBpcmVPZmZlclJlc3BvbnNlEhAKCHJlY3ljbGVkGAEgASgIIiUKEldha2VSZXZpc2l0UmVxdWVzdBIPCgd0YXNrX2lkGAEgASgDIiQKE1dha2VSZXZpc2l0UmVzcG9uc2USDQoFd29rZW4YASABKAgi7gIKCkNhbGxSZWNvcmQSCgoCaWQYASABKAMSDwoHY2FsbF9pZBgCIAEoCRIPCgd0YXNrX2lkGAMgASgDEhAKCGFnZW50X2lkGAQgASgDEi4KCWNhbGxfdHlwZRgFIAEoDjIbLmNybS5hc3NpZ25tZW50LnYxLkNhbGxUeXBlEjYKCHByb3ZpZGVyGAYgASgOMiQuY3JtLmFzc2lnbm1lbnQudjEuVGVsZXBob255UHJvdmlkZXISLgoKc3RhcnRlZF9hdBgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASGAoQZHVyYXRpb25fc2Vjb25kcxgIIAEoBRIvCgdvdXRjb21lGAkgASgOMh4uY3JtLmFzc2lnbm1lbnQudjEuQ2FsbE91dGNvbWUSDAoEbm90ZRgKIAEoCRIvCgtyZWNvcmRlZF9hdBgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiuAIKEVJlY29yZENhbGxSZXF1ZXN0Eg8KB2NhbGxfaWQYASABKAkSDwoHdGFza19pZBgCIAEoAxIQCghhZ2VudF9pZBgDIAEoAxIuCgljYWxsX3R5cGUYBCABKA4yGy5jcm0uYXNzaWdubWVudC52MS5DYWxsVHlwZRI2Cghwcm92aWRlchgFIAEoDjIkLmNybS5hc3NpZ25tZW50LnYxLlRlbGVwaG9ueVByb3ZpZGVyEi4KCnN0YXJ0ZWRfYXQYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhgKEGR1cmF0aW9uX3NlY29uZHMYByABKAUSLwoHb3V0Y29tZRgIIAEoDjIeLmNybS5hc3NpZ25tZW50LnYxLkNhbGxPdXRjb21lEgwKBG5vdGUYCSABKAkiUwoSUmVjb3JkQ2FsbFJlc3BvbnNlEisKBGNhbGwYASABKAsyHS5jcm0uYXNzaWdubWVudC52MS5DYWxsUmVjb3JkEhAKCHJlcGxheWVkGAIgASgIIjYKDVNpZ25JblJlcXVlc3QSEAoIYWdlbnRfaWQYASABKAMSEwoLdHRsX3NlY29uZHMYAiABKAUieAoOU2lnbkluUmVzcG9uc2USDQoFdG9rZW4YASABKAkSLgoKZXhwaXJlc19hdBgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASJwoFYWdlbnQYAyABKAsyGC5jcm0uYXNzaWdubWVudC52MS5BZ2VudCpsCghDYXRlZ29yeRIYChRDQVRFR09SWV9VTlNQRUNJRklFRBAAEhUKEUNBVEVHT1JZX05FV19DTFVFEAESFAoQQ0FURUdPUllfUkVWSVNJVBACEhkKFUNBVEVHT1JZX0ZBSUxFRF9PUkRFUhADKrgBCgZTdGF0dXMSFgoSU1RBVFVTX1VOU1BFQ0lGSUVEEAASFQoRU1RBVFVTX1VOQVNTSUdORUQQARITCg9TVEFUVVNfQVNTSUdORUQQAhIWChJTVEFUVVNfSU5fUFJPR1JFU1MQAxIUChBTVEFUVVNfQ09NUExFVEVEEAQSEQoNU1RBVFVTX0ZBSUxFRBAFEhMKD1NUQVRVU19SRUNZQ0xFRBAGEhQKEFNUQVRVU19DQU5DRUxMRUQQByp0CghQcmVzZW5jZRIYChRQUkVTRU5DRV9VTlNQRUNJRklFRBAAEhQKEFBSRVNFTkNFX09GRkxJTkUQARIRCg1QUkVTRU5DRV9JRExFEAISEQoNUFJFU0VOQ0VfQlVTWRADEhIKDlBSRVNFTkNFX0JSRUFLEAQqwAEKC0NhbGxPdXRjb21lEhwKGENBTExfT1VUQ09NRV9VTlNQRUNJRklFRBAAEhoKFkNBTExfT1VUQ09NRV9DT05ORUNURUQQARIaChZDQUxMX09VVENPTUVfTk9fQU5TV0VSEAISFQoRQ0FMTF9PVVRDT01FX0JVU1kQAxIlCiFDQUxMX09VVENPTUVfUkVKRUNURURfQllfQ1VTVE9NRVIQBBIdChlDQUxMX09VVENPTUVfV1JPTkdfTlVNQkVSEAUqUgoIQ2FsbFR5cGUSGQoVQ0FMTF9UWVBFX1VOU1BFQ0lGSUVEEAASFAoQQ0FMTF9UWVBFX0NBTExJThABEhUKEUNBTExfVFlQRV9DQUxMT1VUEAIqiAEKEVRlbGVwaG9ueVByb3ZpZGVyEiIKHlRFTEVQSE9OWV9QUk9WSURFUl9VTlNQRUNJRklFRBAAEhkKFVRFTEVQSE9OWV9QUk9WSURFUl9aVBABEhkKFVRFTEVQSE9OWV9QUk9WSURFUl9STBACEhkKFVRFTEVQSE9OWV9QUk9WSURFUl9UUhADMqINChFBc3NpZ25tZW50U2VydmljZRJbCgpDcmVhdGVDbHVlEiQuY3JtLmFzc2lnbm1lbnQudjEuQ3JlYXRlQ2x1ZVJlcXVlc3QaJS5jcm0uYXNzaWdubWVudC52MS5DcmVhdGVDbHVlUmVzcG9uc2UiABJSCgdHZXRUYXNrEiEuY3JtLmFzc2lnbm1lbnQudjEuR2V0VGFza1JlcXVlc3QaIi5jcm0uYXNzaWdubWVudC52MS5HZXRUYXNrUmVzcG9uc2UiABJYCglMaXN0VGFza3MSIy5jcm0uYXNzaWdubWVudC52MS5MaXN0VGFza3NSZXF1ZXN0GiQuY3JtLmFzc2lnbm1lbnQudjEuTGlzdFRhc2tzUmVzcG9uc2UiABJbCgpRdWV1ZVN0YXRzEiQuY3JtLmFzc2lnbm1lbnQudjEuUXVldWVTdGF0c1JlcXVlc3QaJS5jcm0uYXNzaWdubWVudC52MS5RdWV1ZVN0YXRzUmVzcG9uc2UiABJeCgtVcHNlcnRBZ2VudBIlLmNybS5hc3NpZ25tZW50LnYxLlVwc2VydEFnZW50UmVxdWVzdBomLmNybS5hc3NpZ25tZW50LnYxLlVwc2VydEFnZW50UmVzcG9uc2UiABJVCghHZXRBZ2VudBIiLmNybS5hc3NpZ25tZW50LnYxLkdldEFnZW50UmVxdWVzdBojLmNybS5hc3NpZ25tZW50LnYxLkdldEFnZW50UmVzcG9uc2UiABJeCgtTZXRQcmVzZW5jZRIlLmNybS5hc3NpZ25tZW50LnYxLlNldFByZXNlbmNlUmVxdWVzdBomLmNybS5hc3NpZ25tZW50LnYxLlNldFByZXNlbmNlUmVzcG9uc2UiABJjCgxTdHJlYW1PZmZlcnMSJi5jcm0uYXNzaWdubWVudC52MS5TdHJlYW1PZmZlcnNSZXF1ZXN0GicuY3JtLmFzc2lnbm1lbnQudjEuU3RyZWFtT2ZmZXJzUmVzcG9uc2UiADABElsKCkFjY2VwdFRhc2sSJC5jcm0uYXNzaWdubWVudC52MS5BY2NlcHRUYXNrUmVxdWVzdBolLmNybS5hc3NpZ25tZW50LnYxLkFjY2VwdFRhc2tSZXNwb25zZSIAElsKClJlamVjdFRhc2sSJC5jcm0uYXNzaWdubWVudC52MS5SZWplY3RUYXNrUmVxdWVzdBolLmNybS5hc3NpZ25tZW50LnYxLlJlamVjdFRhc2tSZXNwb25zZSIAEmEKDENvbXBsZXRlVGFzaxImLmNybS5hc3NpZ25tZW50LnYxLkNvbXBsZXRlVGFza1JlcXVlc3QaJy5jcm0uYXNzaWdubWVudC52MS5Db21wbGV0ZVRhc2tSZXNwb25zZSIAElUKCEZhaWxUYXNrEiIuY3JtLmFzc2lnbm1lbnQudjEuRmFpbFRhc2tSZXF1ZXN0GiMuY3JtLmFzc2lnbm1lbnQudjEuRmFpbFRhc2tSZXNwb25zZSIAElsKCkNhbmNlbFRhc2sSJC5jcm0uYXNzaWdubWVudC52MS5DYW5jZWxUYXNrUmVxdWVzdBolLmNybS5hc3NpZ25tZW50LnYxLkNhbmNlbFRhc2tSZXNwb25zZSIAEmoKD1NldEN1c3RvbWVyU3RhchIpLmNybS5hc3NpZ25tZW50LnYxLlNldEN1c3RvbWVyU3RhclJlcXVlc3QaKi5jcm0uYXNzaWdubWVudC52MS5TZXRDdXN0b21lclN0YXJSZXNwb25zZSIAEl4KC0V4cGlyZU9mZmVyEiUuY3JtLmFzc2lnbm1lbnQudjEuRXhwaXJlT2ZmZXJSZXF1ZXN0GiYuY3JtLmFzc2lnbm1lbnQudjEuRXhwaXJlT2ZmZXJSZXNwb25zZSIAEl4KC1dha2VSZXZpc2l0EiUuY3JtLmFzc2lnbm1lbnQudjEuV2FrZVJldmlzaXRSZXF1ZXN0GiYuY3JtLmFzc2lnbm1lbnQudjEuV2FrZVJldmlzaXRSZXNwb25zZSIAElsKClJlY29yZENhbGwSJC5jcm0uYXNzaWdubWVudC52MS5SZWNvcmRDYWxsUmVxdWVzdBolLmNybS5hc3NpZ25tZW50LnYxLlJlY29yZENhbGxSZXNwb25zZSIAEk8KBlNpZ25JbhIgLmNybS5hc3NpZ25tZW50LnYxLlNpZ25JblJlcXVlc3QaIS5jcm0uYXNzaWdubWVudC52MS5TaWduSW5SZXNwb25zZSIAYgZwcm90bzM", [file_crm_common_v1_common, file_crm_recommendation_v1_recommendation, file_google_protobuf_timestamp]);
+  fileDesc("CiJjcm0vYXNzaWdubWVudC92MS9hc3NpZ25tZW50LnByb3RvEhFjcm0uYXNzaWdubWVudC52MSJPCghDdXN0b21lchIKCgJpZBgBIAEoAxIpCgVwaG9uZRgCIAEoCzIaLmNybS5jb21tb24udjEuTWFza2VkUGhvbmUSDAoEc3RhchgDIAEoCCKqAQoEQ2x1ZRIKCgJpZBgBIAEoAxIOCgZzb3VyY2UYAiABKAkSDAoEY2l0eRgDIAEoCRIWCg5pbnRlbnRfY2FyX2lkcxgEIAMoAxIXCg9idWRnZXRfbWluX3l1YW4YBSABKAMSFwoPYnVkZ2V0X21heF95dWFuGAYgASgDEi4KCmNyZWF0ZWRfYXQYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIvoDCgRUYXNrEgoKAmlkGAEgASgDEjIKDWJ1c2luZXNzX2xpbmUYAiABKA4yGy5jcm0uY29tbW9uLnYxLkJ1c2luZXNzTGluZRItCghjYXRlZ29yeRgDIAEoDjIbLmNybS5hc3NpZ25tZW50LnYxLkNhdGVnb3J5EikKBnN0YXR1cxgEIAEoDjIZLmNybS5hc3NpZ25tZW50LnYxLlN0YXR1cxITCgtjdXN0b21lcl9pZBgFIAEoAxIMCgRjaXR5GAYgASgJEhAKCHByaW9yaXR5GAcgASgFEhAKCGFnZW50X2lkGAggASgDEi4KCmNyZWF0ZWRfYXQYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEioKBmR1ZV9hdBgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMgoOb2ZmZXJfZGVhZGxpbmUYCyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhUKDXJlY3ljbGVfY291bnQYDCABKAUSEgoKY2x1ZV9jb3VudBgNIAEoBRIOCgZicmFuZHMYDiADKAkSFgoOcGFyZW50X3Rhc2tfaWQYDyABKAMSLgoKdXBkYXRlZF9hdBgQIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAizQEKCVRhc2tFdmVudBIKCgJpZBgBIAEoAxIMCgRraW5kGAIgASgJEi4KC2Zyb21fc3RhdHVzGAMgASgOMhkuY3JtLmFzc2lnbm1lbnQudjEuU3RhdHVzEiwKCXRvX3N0YXR1cxgEIAEoDjIZLmNybS5hc3NpZ25tZW50LnYxLlN0YXR1cxIQCghhZ2VudF9pZBgFIAEoAxIOCgZyZWFzb24YBiABKAkSJgoCYXQYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIv0BCgVBZ2VudBIKCgJpZBgBIAEoAxIMCgRuYW1lGAIgASgJEjIKDWJ1c2luZXNzX2xpbmUYAyABKA4yGy5jcm0uY29tbW9uLnYxLkJ1c2luZXNzTGluZRIOCgZjaXRpZXMYBCADKAkSLwoKY2F0ZWdvcmllcxgFIAMoDjIbLmNybS5hc3NpZ25tZW50LnYxLkNhdGVnb3J5Eg4KBmJyYW5kcxgGIAMoCRIQCghjYXBhY2l0eRgHIAEoBRItCghwcmVzZW5jZRgIIAEoDjIbLmNybS5hc3NpZ25tZW50LnYxLlByZXNlbmNlEhQKDGFjdGl2ZV90YXNrcxgJIAEoBSL5AQoRQ3JlYXRlQ2x1ZVJlcXVlc3QSFwoPaWRlbXBvdGVuY3lfa2V5GAEgASgJEg0KBXBob25lGAIgASgJEjIKDWJ1c2luZXNzX2xpbmUYAyABKA4yGy5jcm0uY29tbW9uLnYxLkJ1c2luZXNzTGluZRIOCgZzb3VyY2UYBCABKAkSDAoEY2l0eRgFIAEoCRIWCg5pbnRlbnRfY2FyX2lkcxgGIAMoAxIOCgZicmFuZHMYByADKAkSFwoPYnVkZ2V0X21pbl95dWFuGAggASgDEhcKD2J1ZGdldF9tYXhfeXVhbhgJIAEoAxIQCghwcmlvcml0eRgKIAEoBSJyChJDcmVhdGVDbHVlUmVzcG9uc2USJQoEdGFzaxgBIAEoCzIXLmNybS5hc3NpZ25tZW50LnYxLlRhc2sSJQoEY2x1ZRgCIAEoCzIXLmNybS5hc3NpZ25tZW50LnYxLkNsdWUSDgoGbWVyZ2VkGAMgASgIIhwKDkdldFRhc2tSZXF1ZXN0EgoKAmlkGAEgASgDIq0CCg9HZXRUYXNrUmVzcG9uc2USJQoEdGFzaxgBIAEoCzIXLmNybS5hc3NpZ25tZW50LnYxLlRhc2sSLQoIY3VzdG9tZXIYAiABKAsyGy5jcm0uYXNzaWdubWVudC52MS5DdXN0b21lchImCgVjbHVlcxgDIAMoCzIXLmNybS5hc3NpZ25tZW50LnYxLkNsdWUSLQoHaGlzdG9yeRgEIAMoCzIcLmNybS5hc3NpZ25tZW50LnYxLlRhc2tFdmVudBI/Cg9yZWNvbW1lbmRhdGlvbnMYBSABKAsyJi5jcm0uYXNzaWdubWVudC52MS5UYXNrUmVjb21tZW5kYXRpb25zEiwKBWNhbGxzGAYgAygLMh0uY3JtLmFzc2lnbm1lbnQudjEuQ2FsbFJlY29yZCJ5ChNUYXNrUmVjb21tZW5kYXRpb25zEhEKCWF2YWlsYWJsZRgBIAEoCBIaChJ1bmF2YWlsYWJsZV9yZWFzb24YAiABKAkSMwoEY2FycxgDIAMoCzIlLmNybS5yZWNvbW1lbmRhdGlvbi52MS5SZWNvbW1lbmRhdGlvbiLOAgoQTGlzdFRhc2tzUmVxdWVzdBIyCg1idXNpbmVzc19saW5lGAEgASgOMhsuY3JtLmNvbW1vbi52MS5CdXNpbmVzc0xpbmUSLQoIY2F0ZWdvcnkYAiABKA4yGy5jcm0uYXNzaWdubWVudC52MS5DYXRlZ29yeRIrCghzdGF0dXNlcxgDIAMoDjIZLmNybS5hc3NpZ25tZW50LnYxLlN0YXR1cxIQCghhZ2VudF9pZBgEIAEoAxIMCgRjaXR5GAUgASgJEjAKDGNyZWF0ZWRfZnJvbRgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKY3JlYXRlZF90bxgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASKAoEcGFnZRgIIAEoCzIaLmNybS5jb21tb24udjEuUGFnZVJlcXVlc3QiZgoRTGlzdFRhc2tzUmVzcG9uc2USJgoFdGFza3MYASADKAsyFy5jcm0uYXNzaWdubWVudC52MS5UYXNrEikKBHBhZ2UYAiABKAsyGy5jcm0uY29tbW9uLnYxLlBhZ2VSZXNwb25zZSJHChFRdWV1ZVN0YXRzUmVxdWVzdBIyCg1idXNpbmVzc19saW5lGAEgASgOMhsuY3JtLmNvbW1vbi52MS5CdXNpbmVzc0xpbmUi1gEKClF1ZXVlRGVwdGgSMgoNYnVzaW5lc3NfbGluZRgBIAEoDjIbLmNybS5jb21tb24udjEuQnVzaW5lc3NMaW5lEi0KCGNhdGVnb3J5GAIgASgOMhsuY3JtLmFzc2lnbm1lbnQudjEuQ2F0ZWdvcnkSDwoHd2FpdGluZxgDIAEoBRIPCgdvZmZlcmVkGAQgASgFEhMKC2luX3Byb2dyZXNzGAUgASgFEhsKE29sZGVzdF93YWl0X3NlY29uZHMYBiABKAESEQoJc2NoZWR1bGVkGAcgASgFIoIBCg1QcmVzZW5jZUNvdW50EjIKDWJ1c2luZXNzX2xpbmUYASABKA4yGy5jcm0uY29tbW9uLnYxLkJ1c2luZXNzTGluZRItCghwcmVzZW5jZRgCIAEoDjIbLmNybS5hc3NpZ25tZW50LnYxLlByZXNlbmNlEg4KBmFnZW50cxgDIAEoBSJ1ChJRdWV1ZVN0YXRzUmVzcG9uc2USLQoGcXVldWVzGAEgAygLMh0uY3JtLmFzc2lnbm1lbnQudjEuUXVldWVEZXB0aBIwCgZhZ2VudHMYAiADKAsyIC5jcm0uYXNzaWdubWVudC52MS5QcmVzZW5jZUNvdW50Ij0KElVwc2VydEFnZW50UmVxdWVzdBInCgVhZ2VudBgBIAEoCzIYLmNybS5hc3NpZ25tZW50LnYxLkFnZW50Ik8KE1Vwc2VydEFnZW50UmVzcG9uc2USJwoFYWdlbnQYASABKAsyGC5jcm0uYXNzaWdubWVudC52MS5BZ2VudBIPCgdjcmVhdGVkGAIgASgIIh0KD0dldEFnZW50UmVxdWVzdBIKCgJpZBgBIAEoAyI7ChBHZXRBZ2VudFJlc3BvbnNlEicKBWFnZW50GAEgASgLMhguY3JtLmFzc2lnbm1lbnQudjEuQWdlbnQioQEKEUxpc3RBZ2VudHNSZXF1ZXN0EjIKDWJ1c2luZXNzX2xpbmUYASABKA4yGy5jcm0uY29tbW9uLnYxLkJ1c2luZXNzTGluZRIuCglwcmVzZW5jZXMYAiADKA4yGy5jcm0uYXNzaWdubWVudC52MS5QcmVzZW5jZRIoCgRwYWdlGAMgASgLMhouY3JtLmNvbW1vbi52MS5QYWdlUmVxdWVzdCJpChJMaXN0QWdlbnRzUmVzcG9uc2USKAoGYWdlbnRzGAEgAygLMhguY3JtLmFzc2lnbm1lbnQudjEuQWdlbnQSKQoEcGFnZRgCIAEoCzIbLmNybS5jb21tb24udjEuUGFnZVJlc3BvbnNlIlUKElNldFByZXNlbmNlUmVxdWVzdBIQCghhZ2VudF9pZBgBIAEoAxItCghwcmVzZW5jZRgCIAEoDjIbLmNybS5hc3NpZ25tZW50LnYxLlByZXNlbmNlIj4KE1NldFByZXNlbmNlUmVzcG9uc2USJwoFYWdlbnQYASABKAsyGC5jcm0uYXNzaWdubWVudC52MS5BZ2VudCInChNTdHJlYW1PZmZlcnNSZXF1ZXN0EhAKCGFnZW50X2lkGAEgASgDIj8KFFN0cmVhbU9mZmVyc1Jlc3BvbnNlEicKBW9mZmVyGAEgASgLMhguY3JtLmFzc2lnbm1lbnQudjEuT2ZmZXIiiwEKBU9mZmVyEiUKBHRhc2sYASABKAsyFy5jcm0uYXNzaWdubWVudC52MS5UYXNrEi0KCGN1c3RvbWVyGAIgASgLMhsuY3JtLmFzc2lnbm1lbnQudjEuQ3VzdG9tZXISLAoIZGVhZGxpbmUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIjYKEUFjY2VwdFRhc2tSZXF1ZXN0Eg8KB3Rhc2tfaWQYASABKAMSEAoIYWdlbnRfaWQYAiABKAMiOwoSQWNjZXB0VGFza1Jlc3BvbnNlEiUKBHRhc2sYASABKAsyFy5jcm0uYXNzaWdubWVudC52MS5UYXNrIkYKEVJlamVjdFRhc2tSZXF1ZXN0Eg8KB3Rhc2tfaWQYASABKAMSEAoIYWdlbnRfaWQYAiABKAMSDgoGcmVhc29uGAMgASgJIjsKElJlamVjdFRhc2tSZXNwb25zZRIlCgR0YXNrGAEgASgLMhcuY3JtLmFzc2lnbm1lbnQudjEuVGFzayJ2ChNDb21wbGV0ZVRhc2tSZXF1ZXN0Eg8KB3Rhc2tfaWQYASABKAMSEAoIYWdlbnRfaWQYAiABKAMSDAoEbm90ZRgDIAEoCRIuCgpyZXZpc2l0X2F0GAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJnChRDb21wbGV0ZVRhc2tSZXNwb25zZRIlCgR0YXNrGAEgASgLMhcuY3JtLmFzc2lnbm1lbnQudjEuVGFzaxIoCgdyZXZpc2l0GAIgASgLMhcuY3JtLmFzc2lnbm1lbnQudjEuVGFzayJECg9GYWlsVGFza1JlcXVlc3QSDwoHdGFza19pZBgBIAEoAxIQCghhZ2VudF9pZBgCIAEoAxIOCgZyZWFzb24YAyABKAkiOQoQRmFpbFRhc2tSZXNwb25zZRIlCgR0YXNrGAEgASgLMhcuY3JtLmFzc2lnbm1lbnQudjEuVGFzayI0ChFDYW5jZWxUYXNrUmVxdWVzdBIPCgd0YXNrX2lkGAEgASgDEg4KBnJlYXNvbhgCIAEoCSI7ChJDYW5jZWxUYXNrUmVzcG9uc2USJQoEdGFzaxgBIAEoCzIXLmNybS5hc3NpZ25tZW50LnYxLlRhc2siOwoWU2V0Q3VzdG9tZXJTdGFyUmVxdWVzdBITCgtjdXN0b21lcl9pZBgBIAEoAxIMCgRzdGFyGAIgASgIIkgKF1NldEN1c3RvbWVyU3RhclJlc3BvbnNlEi0KCGN1c3RvbWVyGAEgASgLMhsuY3JtLmFzc2lnbm1lbnQudjEuQ3VzdG9tZXIiPQoSRXhwaXJlT2ZmZXJSZXF1ZXN0Eg8KB3Rhc2tfaWQYASABKAMSFgoOb2ZmZXJfZXZlbnRfaWQYAiABKAMiJwoTRXhwaXJlT2ZmZXJSZXNwb25zZRIQCghyZWN5Y2xlZBgBIAEoCCIlChJXYWtlUmV2aXNpdFJlcXVlc3QSDwoHdGFza19pZBgBIAEoAyIkChNXYWtlUmV2aXNpdFJlc3BvbnNlEg0KBXdva2VuGAEgASgIIu4CCgpDYWxsUmVjb3JkEgoKAmlkGAEgASgDEg8KB2NhbGxfaWQYAiABKAkSDwoHdGFza19pZBgDIAEoAxIQCghhZ2VudF9pZBgEIAEoAxIuCgljYWxsX3R5cGUYBSABKA4yGy5jcm0uYXNzaWdubWVudC52MS5DYWxsVHlwZRI2Cghwcm92aWRlchgGIAEoDjIkLmNybS5hc3NpZ25tZW50LnYxLlRlbGVwaG9ueVByb3ZpZGVyEi4KCnN0YXJ0ZWRfYXQYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhgKEGR1cmF0aW9uX3NlY29uZHMYCCABKAUSLwoHb3V0Y29tZRgJIAEoDjIeLmNybS5hc3NpZ25tZW50LnYxLkNhbGxPdXRjb21lEgwKBG5vdGUYCiABKAkSLwoLcmVjb3JkZWRfYXQYCyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIrgCChFSZWNvcmRDYWxsUmVxdWVzdBIPCgdjYWxsX2lkGAEgASgJEg8KB3Rhc2tfaWQYAiABKAMSEAoIYWdlbnRfaWQYAyABKAMSLgoJY2FsbF90eXBlGAQgASgOMhsuY3JtLmFzc2lnbm1lbnQudjEuQ2FsbFR5cGUSNgoIcHJvdmlkZXIYBSABKA4yJC5jcm0uYXNzaWdubWVudC52MS5UZWxlcGhvbnlQcm92aWRlchIuCgpzdGFydGVkX2F0GAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIYChBkdXJhdGlvbl9zZWNvbmRzGAcgASgFEi8KB291dGNvbWUYCCABKA4yHi5jcm0uYXNzaWdubWVudC52MS5DYWxsT3V0Y29tZRIMCgRub3RlGAkgASgJIlMKElJlY29yZENhbGxSZXNwb25zZRIrCgRjYWxsGAEgASgLMh0uY3JtLmFzc2lnbm1lbnQudjEuQ2FsbFJlY29yZBIQCghyZXBsYXllZBgCIAEoCCI2Cg1TaWduSW5SZXF1ZXN0EhAKCGFnZW50X2lkGAEgASgDEhMKC3R0bF9zZWNvbmRzGAIgASgFIngKDlNpZ25JblJlc3BvbnNlEg0KBXRva2VuGAEgASgJEi4KCmV4cGlyZXNfYXQYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEicKBWFnZW50GAMgASgLMhguY3JtLmFzc2lnbm1lbnQudjEuQWdlbnQqbAoIQ2F0ZWdvcnkSGAoUQ0FURUdPUllfVU5TUEVDSUZJRUQQABIVChFDQVRFR09SWV9ORVdfQ0xVRRABEhQKEENBVEVHT1JZX1JFVklTSVQQAhIZChVDQVRFR09SWV9GQUlMRURfT1JERVIQAyq4AQoGU3RhdHVzEhYKElNUQVRVU19VTlNQRUNJRklFRBAAEhUKEVNUQVRVU19VTkFTU0lHTkVEEAESEwoPU1RBVFVTX0FTU0lHTkVEEAISFgoSU1RBVFVTX0lOX1BST0dSRVNTEAMSFAoQU1RBVFVTX0NPTVBMRVRFRBAEEhEKDVNUQVRVU19GQUlMRUQQBRITCg9TVEFUVVNfUkVDWUNMRUQQBhIUChBTVEFUVVNfQ0FOQ0VMTEVEEAcqdAoIUHJlc2VuY2USGAoUUFJFU0VOQ0VfVU5TUEVDSUZJRUQQABIUChBQUkVTRU5DRV9PRkZMSU5FEAESEQoNUFJFU0VOQ0VfSURMRRACEhEKDVBSRVNFTkNFX0JVU1kQAxISCg5QUkVTRU5DRV9CUkVBSxAEKsABCgtDYWxsT3V0Y29tZRIcChhDQUxMX09VVENPTUVfVU5TUEVDSUZJRUQQABIaChZDQUxMX09VVENPTUVfQ09OTkVDVEVEEAESGgoWQ0FMTF9PVVRDT01FX05PX0FOU1dFUhACEhUKEUNBTExfT1VUQ09NRV9CVVNZEAMSJQohQ0FMTF9PVVRDT01FX1JFSkVDVEVEX0JZX0NVU1RPTUVSEAQSHQoZQ0FMTF9PVVRDT01FX1dST05HX05VTUJFUhAFKlIKCENhbGxUeXBlEhkKFUNBTExfVFlQRV9VTlNQRUNJRklFRBAAEhQKEENBTExfVFlQRV9DQUxMSU4QARIVChFDQUxMX1RZUEVfQ0FMTE9VVBACKogBChFUZWxlcGhvbnlQcm92aWRlchIiCh5URUxFUEhPTllfUFJPVklERVJfVU5TUEVDSUZJRUQQABIZChVURUxFUEhPTllfUFJPVklERVJfWlQQARIZChVURUxFUEhPTllfUFJPVklERVJfUkwQAhIZChVURUxFUEhPTllfUFJPVklERVJfVFIQAzL/DQoRQXNzaWdubWVudFNlcnZpY2USWwoKQ3JlYXRlQ2x1ZRIkLmNybS5hc3NpZ25tZW50LnYxLkNyZWF0ZUNsdWVSZXF1ZXN0GiUuY3JtLmFzc2lnbm1lbnQudjEuQ3JlYXRlQ2x1ZVJlc3BvbnNlIgASUgoHR2V0VGFzaxIhLmNybS5hc3NpZ25tZW50LnYxLkdldFRhc2tSZXF1ZXN0GiIuY3JtLmFzc2lnbm1lbnQudjEuR2V0VGFza1Jlc3BvbnNlIgASWAoJTGlzdFRhc2tzEiMuY3JtLmFzc2lnbm1lbnQudjEuTGlzdFRhc2tzUmVxdWVzdBokLmNybS5hc3NpZ25tZW50LnYxLkxpc3RUYXNrc1Jlc3BvbnNlIgASWwoKUXVldWVTdGF0cxIkLmNybS5hc3NpZ25tZW50LnYxLlF1ZXVlU3RhdHNSZXF1ZXN0GiUuY3JtLmFzc2lnbm1lbnQudjEuUXVldWVTdGF0c1Jlc3BvbnNlIgASXgoLVXBzZXJ0QWdlbnQSJS5jcm0uYXNzaWdubWVudC52MS5VcHNlcnRBZ2VudFJlcXVlc3QaJi5jcm0uYXNzaWdubWVudC52MS5VcHNlcnRBZ2VudFJlc3BvbnNlIgASVQoIR2V0QWdlbnQSIi5jcm0uYXNzaWdubWVudC52MS5HZXRBZ2VudFJlcXVlc3QaIy5jcm0uYXNzaWdubWVudC52MS5HZXRBZ2VudFJlc3BvbnNlIgASWwoKTGlzdEFnZW50cxIkLmNybS5hc3NpZ25tZW50LnYxLkxpc3RBZ2VudHNSZXF1ZXN0GiUuY3JtLmFzc2lnbm1lbnQudjEuTGlzdEFnZW50c1Jlc3BvbnNlIgASXgoLU2V0UHJlc2VuY2USJS5jcm0uYXNzaWdubWVudC52MS5TZXRQcmVzZW5jZVJlcXVlc3QaJi5jcm0uYXNzaWdubWVudC52MS5TZXRQcmVzZW5jZVJlc3BvbnNlIgASYwoMU3RyZWFtT2ZmZXJzEiYuY3JtLmFzc2lnbm1lbnQudjEuU3RyZWFtT2ZmZXJzUmVxdWVzdBonLmNybS5hc3NpZ25tZW50LnYxLlN0cmVhbU9mZmVyc1Jlc3BvbnNlIgAwARJbCgpBY2NlcHRUYXNrEiQuY3JtLmFzc2lnbm1lbnQudjEuQWNjZXB0VGFza1JlcXVlc3QaJS5jcm0uYXNzaWdubWVudC52MS5BY2NlcHRUYXNrUmVzcG9uc2UiABJbCgpSZWplY3RUYXNrEiQuY3JtLmFzc2lnbm1lbnQudjEuUmVqZWN0VGFza1JlcXVlc3QaJS5jcm0uYXNzaWdubWVudC52MS5SZWplY3RUYXNrUmVzcG9uc2UiABJhCgxDb21wbGV0ZVRhc2sSJi5jcm0uYXNzaWdubWVudC52MS5Db21wbGV0ZVRhc2tSZXF1ZXN0GicuY3JtLmFzc2lnbm1lbnQudjEuQ29tcGxldGVUYXNrUmVzcG9uc2UiABJVCghGYWlsVGFzaxIiLmNybS5hc3NpZ25tZW50LnYxLkZhaWxUYXNrUmVxdWVzdBojLmNybS5hc3NpZ25tZW50LnYxLkZhaWxUYXNrUmVzcG9uc2UiABJbCgpDYW5jZWxUYXNrEiQuY3JtLmFzc2lnbm1lbnQudjEuQ2FuY2VsVGFza1JlcXVlc3QaJS5jcm0uYXNzaWdubWVudC52MS5DYW5jZWxUYXNrUmVzcG9uc2UiABJqCg9TZXRDdXN0b21lclN0YXISKS5jcm0uYXNzaWdubWVudC52MS5TZXRDdXN0b21lclN0YXJSZXF1ZXN0GiouY3JtLmFzc2lnbm1lbnQudjEuU2V0Q3VzdG9tZXJTdGFyUmVzcG9uc2UiABJeCgtFeHBpcmVPZmZlchIlLmNybS5hc3NpZ25tZW50LnYxLkV4cGlyZU9mZmVyUmVxdWVzdBomLmNybS5hc3NpZ25tZW50LnYxLkV4cGlyZU9mZmVyUmVzcG9uc2UiABJeCgtXYWtlUmV2aXNpdBIlLmNybS5hc3NpZ25tZW50LnYxLldha2VSZXZpc2l0UmVxdWVzdBomLmNybS5hc3NpZ25tZW50LnYxLldha2VSZXZpc2l0UmVzcG9uc2UiABJbCgpSZWNvcmRDYWxsEiQuY3JtLmFzc2lnbm1lbnQudjEuUmVjb3JkQ2FsbFJlcXVlc3QaJS5jcm0uYXNzaWdubWVudC52MS5SZWNvcmRDYWxsUmVzcG9uc2UiABJPCgZTaWduSW4SIC5jcm0uYXNzaWdubWVudC52MS5TaWduSW5SZXF1ZXN0GiEuY3JtLmFzc2lnbm1lbnQudjEuU2lnbkluUmVzcG9uc2UiAGIGcHJvdG8z", [file_crm_common_v1_common, file_crm_recommendation_v1_recommendation, file_google_protobuf_timestamp]);
 
 /**
  * A customer as the platform shows it.
@@ -330,7 +330,7 @@ export type Agent = Message<"crm.assignment.v1.Agent"> & {
   name: string;
 
   /**
-   * Business line the agent works for.
+   * Business line the agent works for: a configured line's code (see BusinessLine).
    *
    * @generated from field: crm.common.v1.BusinessLine business_line = 3;
    */
@@ -408,7 +408,7 @@ export type CreateClueRequest = Message<"crm.assignment.v1.CreateClueRequest"> &
   phone: string;
 
   /**
-   * Business line the inquiry is for.
+   * Business line the inquiry is for: a configured line's code (see BusinessLine).
    *
    * @generated from field: crm.common.v1.BusinessLine business_line = 3;
    */
@@ -958,6 +958,70 @@ export const GetAgentResponseSchema: GenMessage<GetAgentResponse> = /*@__PURE__*
   messageDesc(file_crm_assignment_v1_assignment, 19);
 
 /**
+ * Request of ListAgents. Filters combine with AND.
+ *
+ * @generated from message crm.assignment.v1.ListAgentsRequest
+ */
+export type ListAgentsRequest = Message<"crm.assignment.v1.ListAgentsRequest"> & {
+  /**
+   * Only agents of this business line; unspecified means every line.
+   *
+   * @generated from field: crm.common.v1.BusinessLine business_line = 1;
+   */
+  businessLine: BusinessLine;
+
+  /**
+   * Only agents whose presence is one of these (at most 4, no PRESENCE_UNSPECIFIED);
+   * empty means any presence.
+   *
+   * @generated from field: repeated crm.assignment.v1.Presence presences = 2;
+   */
+  presences: Presence[];
+
+  /**
+   * Paging: page_size 0..500 (0: 50); a token is valid only with the same filters.
+   *
+   * @generated from field: crm.common.v1.PageRequest page = 3;
+   */
+  page?: PageRequest | undefined;
+};
+
+/**
+ * Describes the message crm.assignment.v1.ListAgentsRequest.
+ * Use `create(ListAgentsRequestSchema)` to create a new message.
+ */
+export const ListAgentsRequestSchema: GenMessage<ListAgentsRequest> = /*@__PURE__*/
+  messageDesc(file_crm_assignment_v1_assignment, 20);
+
+/**
+ * Response of ListAgents.
+ *
+ * @generated from message crm.assignment.v1.ListAgentsResponse
+ */
+export type ListAgentsResponse = Message<"crm.assignment.v1.ListAgentsResponse"> & {
+  /**
+   * Agents, by id ascending; active_tasks is counted now.
+   *
+   * @generated from field: repeated crm.assignment.v1.Agent agents = 1;
+   */
+  agents: Agent[];
+
+  /**
+   * Paging.
+   *
+   * @generated from field: crm.common.v1.PageResponse page = 2;
+   */
+  page?: PageResponse | undefined;
+};
+
+/**
+ * Describes the message crm.assignment.v1.ListAgentsResponse.
+ * Use `create(ListAgentsResponseSchema)` to create a new message.
+ */
+export const ListAgentsResponseSchema: GenMessage<ListAgentsResponse> = /*@__PURE__*/
+  messageDesc(file_crm_assignment_v1_assignment, 21);
+
+/**
  * Request of SetPresence.
  *
  * @generated from message crm.assignment.v1.SetPresenceRequest
@@ -983,7 +1047,7 @@ export type SetPresenceRequest = Message<"crm.assignment.v1.SetPresenceRequest">
  * Use `create(SetPresenceRequestSchema)` to create a new message.
  */
 export const SetPresenceRequestSchema: GenMessage<SetPresenceRequest> = /*@__PURE__*/
-  messageDesc(file_crm_assignment_v1_assignment, 20);
+  messageDesc(file_crm_assignment_v1_assignment, 22);
 
 /**
  * Response of SetPresence.
@@ -1004,7 +1068,7 @@ export type SetPresenceResponse = Message<"crm.assignment.v1.SetPresenceResponse
  * Use `create(SetPresenceResponseSchema)` to create a new message.
  */
 export const SetPresenceResponseSchema: GenMessage<SetPresenceResponse> = /*@__PURE__*/
-  messageDesc(file_crm_assignment_v1_assignment, 21);
+  messageDesc(file_crm_assignment_v1_assignment, 23);
 
 /**
  * Request of StreamOffers.
@@ -1025,7 +1089,7 @@ export type StreamOffersRequest = Message<"crm.assignment.v1.StreamOffersRequest
  * Use `create(StreamOffersRequestSchema)` to create a new message.
  */
 export const StreamOffersRequestSchema: GenMessage<StreamOffersRequest> = /*@__PURE__*/
-  messageDesc(file_crm_assignment_v1_assignment, 22);
+  messageDesc(file_crm_assignment_v1_assignment, 24);
 
 /**
  * One message of the offer stream.
@@ -1046,7 +1110,7 @@ export type StreamOffersResponse = Message<"crm.assignment.v1.StreamOffersRespon
  * Use `create(StreamOffersResponseSchema)` to create a new message.
  */
 export const StreamOffersResponseSchema: GenMessage<StreamOffersResponse> = /*@__PURE__*/
-  messageDesc(file_crm_assignment_v1_assignment, 23);
+  messageDesc(file_crm_assignment_v1_assignment, 25);
 
 /**
  * A task reserved for an agent, to accept before the deadline.
@@ -1081,7 +1145,7 @@ export type Offer = Message<"crm.assignment.v1.Offer"> & {
  * Use `create(OfferSchema)` to create a new message.
  */
 export const OfferSchema: GenMessage<Offer> = /*@__PURE__*/
-  messageDesc(file_crm_assignment_v1_assignment, 24);
+  messageDesc(file_crm_assignment_v1_assignment, 26);
 
 /**
  * Request of AcceptTask.
@@ -1109,7 +1173,7 @@ export type AcceptTaskRequest = Message<"crm.assignment.v1.AcceptTaskRequest"> &
  * Use `create(AcceptTaskRequestSchema)` to create a new message.
  */
 export const AcceptTaskRequestSchema: GenMessage<AcceptTaskRequest> = /*@__PURE__*/
-  messageDesc(file_crm_assignment_v1_assignment, 25);
+  messageDesc(file_crm_assignment_v1_assignment, 27);
 
 /**
  * Response of AcceptTask.
@@ -1130,7 +1194,7 @@ export type AcceptTaskResponse = Message<"crm.assignment.v1.AcceptTaskResponse">
  * Use `create(AcceptTaskResponseSchema)` to create a new message.
  */
 export const AcceptTaskResponseSchema: GenMessage<AcceptTaskResponse> = /*@__PURE__*/
-  messageDesc(file_crm_assignment_v1_assignment, 26);
+  messageDesc(file_crm_assignment_v1_assignment, 28);
 
 /**
  * Request of RejectTask.
@@ -1165,7 +1229,7 @@ export type RejectTaskRequest = Message<"crm.assignment.v1.RejectTaskRequest"> &
  * Use `create(RejectTaskRequestSchema)` to create a new message.
  */
 export const RejectTaskRequestSchema: GenMessage<RejectTaskRequest> = /*@__PURE__*/
-  messageDesc(file_crm_assignment_v1_assignment, 27);
+  messageDesc(file_crm_assignment_v1_assignment, 29);
 
 /**
  * Response of RejectTask.
@@ -1186,7 +1250,7 @@ export type RejectTaskResponse = Message<"crm.assignment.v1.RejectTaskResponse">
  * Use `create(RejectTaskResponseSchema)` to create a new message.
  */
 export const RejectTaskResponseSchema: GenMessage<RejectTaskResponse> = /*@__PURE__*/
-  messageDesc(file_crm_assignment_v1_assignment, 28);
+  messageDesc(file_crm_assignment_v1_assignment, 30);
 
 /**
  * Request of CompleteTask.
@@ -1229,7 +1293,7 @@ export type CompleteTaskRequest = Message<"crm.assignment.v1.CompleteTaskRequest
  * Use `create(CompleteTaskRequestSchema)` to create a new message.
  */
 export const CompleteTaskRequestSchema: GenMessage<CompleteTaskRequest> = /*@__PURE__*/
-  messageDesc(file_crm_assignment_v1_assignment, 29);
+  messageDesc(file_crm_assignment_v1_assignment, 31);
 
 /**
  * Response of CompleteTask.
@@ -1257,7 +1321,7 @@ export type CompleteTaskResponse = Message<"crm.assignment.v1.CompleteTaskRespon
  * Use `create(CompleteTaskResponseSchema)` to create a new message.
  */
 export const CompleteTaskResponseSchema: GenMessage<CompleteTaskResponse> = /*@__PURE__*/
-  messageDesc(file_crm_assignment_v1_assignment, 30);
+  messageDesc(file_crm_assignment_v1_assignment, 32);
 
 /**
  * Request of FailTask.
@@ -1292,7 +1356,7 @@ export type FailTaskRequest = Message<"crm.assignment.v1.FailTaskRequest"> & {
  * Use `create(FailTaskRequestSchema)` to create a new message.
  */
 export const FailTaskRequestSchema: GenMessage<FailTaskRequest> = /*@__PURE__*/
-  messageDesc(file_crm_assignment_v1_assignment, 31);
+  messageDesc(file_crm_assignment_v1_assignment, 33);
 
 /**
  * Response of FailTask.
@@ -1313,7 +1377,7 @@ export type FailTaskResponse = Message<"crm.assignment.v1.FailTaskResponse"> & {
  * Use `create(FailTaskResponseSchema)` to create a new message.
  */
 export const FailTaskResponseSchema: GenMessage<FailTaskResponse> = /*@__PURE__*/
-  messageDesc(file_crm_assignment_v1_assignment, 32);
+  messageDesc(file_crm_assignment_v1_assignment, 34);
 
 /**
  * Request of CancelTask.
@@ -1341,7 +1405,7 @@ export type CancelTaskRequest = Message<"crm.assignment.v1.CancelTaskRequest"> &
  * Use `create(CancelTaskRequestSchema)` to create a new message.
  */
 export const CancelTaskRequestSchema: GenMessage<CancelTaskRequest> = /*@__PURE__*/
-  messageDesc(file_crm_assignment_v1_assignment, 33);
+  messageDesc(file_crm_assignment_v1_assignment, 35);
 
 /**
  * Response of CancelTask.
@@ -1362,7 +1426,7 @@ export type CancelTaskResponse = Message<"crm.assignment.v1.CancelTaskResponse">
  * Use `create(CancelTaskResponseSchema)` to create a new message.
  */
 export const CancelTaskResponseSchema: GenMessage<CancelTaskResponse> = /*@__PURE__*/
-  messageDesc(file_crm_assignment_v1_assignment, 34);
+  messageDesc(file_crm_assignment_v1_assignment, 36);
 
 /**
  * Request of SetCustomerStar.
@@ -1390,7 +1454,7 @@ export type SetCustomerStarRequest = Message<"crm.assignment.v1.SetCustomerStarR
  * Use `create(SetCustomerStarRequestSchema)` to create a new message.
  */
 export const SetCustomerStarRequestSchema: GenMessage<SetCustomerStarRequest> = /*@__PURE__*/
-  messageDesc(file_crm_assignment_v1_assignment, 35);
+  messageDesc(file_crm_assignment_v1_assignment, 37);
 
 /**
  * Response of SetCustomerStar.
@@ -1411,7 +1475,7 @@ export type SetCustomerStarResponse = Message<"crm.assignment.v1.SetCustomerStar
  * Use `create(SetCustomerStarResponseSchema)` to create a new message.
  */
 export const SetCustomerStarResponseSchema: GenMessage<SetCustomerStarResponse> = /*@__PURE__*/
-  messageDesc(file_crm_assignment_v1_assignment, 36);
+  messageDesc(file_crm_assignment_v1_assignment, 38);
 
 /**
  * Request of ExpireOffer (sent by the scheduler).
@@ -1439,7 +1503,7 @@ export type ExpireOfferRequest = Message<"crm.assignment.v1.ExpireOfferRequest">
  * Use `create(ExpireOfferRequestSchema)` to create a new message.
  */
 export const ExpireOfferRequestSchema: GenMessage<ExpireOfferRequest> = /*@__PURE__*/
-  messageDesc(file_crm_assignment_v1_assignment, 37);
+  messageDesc(file_crm_assignment_v1_assignment, 39);
 
 /**
  * Response of ExpireOffer.
@@ -1460,7 +1524,7 @@ export type ExpireOfferResponse = Message<"crm.assignment.v1.ExpireOfferResponse
  * Use `create(ExpireOfferResponseSchema)` to create a new message.
  */
 export const ExpireOfferResponseSchema: GenMessage<ExpireOfferResponse> = /*@__PURE__*/
-  messageDesc(file_crm_assignment_v1_assignment, 38);
+  messageDesc(file_crm_assignment_v1_assignment, 40);
 
 /**
  * Request of WakeRevisit (sent by the scheduler).
@@ -1481,7 +1545,7 @@ export type WakeRevisitRequest = Message<"crm.assignment.v1.WakeRevisitRequest">
  * Use `create(WakeRevisitRequestSchema)` to create a new message.
  */
 export const WakeRevisitRequestSchema: GenMessage<WakeRevisitRequest> = /*@__PURE__*/
-  messageDesc(file_crm_assignment_v1_assignment, 39);
+  messageDesc(file_crm_assignment_v1_assignment, 41);
 
 /**
  * Response of WakeRevisit.
@@ -1502,7 +1566,7 @@ export type WakeRevisitResponse = Message<"crm.assignment.v1.WakeRevisitResponse
  * Use `create(WakeRevisitResponseSchema)` to create a new message.
  */
 export const WakeRevisitResponseSchema: GenMessage<WakeRevisitResponse> = /*@__PURE__*/
-  messageDesc(file_crm_assignment_v1_assignment, 40);
+  messageDesc(file_crm_assignment_v1_assignment, 42);
 
 /**
  * One call made while handling a task (the seed's FactCallRecord, without any phone).
@@ -1593,7 +1657,7 @@ export type CallRecord = Message<"crm.assignment.v1.CallRecord"> & {
  * Use `create(CallRecordSchema)` to create a new message.
  */
 export const CallRecordSchema: GenMessage<CallRecord> = /*@__PURE__*/
-  messageDesc(file_crm_assignment_v1_assignment, 41);
+  messageDesc(file_crm_assignment_v1_assignment, 43);
 
 /**
  * Request of RecordCall.
@@ -1638,8 +1702,8 @@ export type RecordCallRequest = Message<"crm.assignment.v1.RecordCallRequest"> &
   provider: TelephonyProvider;
 
   /**
-   * When the call started (required; not more than 5 minutes in the future, at most a
-   * year in the past).
+   * When the call started (required; not more than a minute in the future, nor more than
+   * a minute before the task was offered to this agent: INVALID_ARGUMENT otherwise).
    *
    * @generated from field: google.protobuf.Timestamp started_at = 6;
    */
@@ -1672,7 +1736,7 @@ export type RecordCallRequest = Message<"crm.assignment.v1.RecordCallRequest"> &
  * Use `create(RecordCallRequestSchema)` to create a new message.
  */
 export const RecordCallRequestSchema: GenMessage<RecordCallRequest> = /*@__PURE__*/
-  messageDesc(file_crm_assignment_v1_assignment, 42);
+  messageDesc(file_crm_assignment_v1_assignment, 44);
 
 /**
  * Response of RecordCall.
@@ -1700,7 +1764,7 @@ export type RecordCallResponse = Message<"crm.assignment.v1.RecordCallResponse">
  * Use `create(RecordCallResponseSchema)` to create a new message.
  */
 export const RecordCallResponseSchema: GenMessage<RecordCallResponse> = /*@__PURE__*/
-  messageDesc(file_crm_assignment_v1_assignment, 43);
+  messageDesc(file_crm_assignment_v1_assignment, 45);
 
 /**
  * Request of SignIn.
@@ -1729,7 +1793,7 @@ export type SignInRequest = Message<"crm.assignment.v1.SignInRequest"> & {
  * Use `create(SignInRequestSchema)` to create a new message.
  */
 export const SignInRequestSchema: GenMessage<SignInRequest> = /*@__PURE__*/
-  messageDesc(file_crm_assignment_v1_assignment, 44);
+  messageDesc(file_crm_assignment_v1_assignment, 46);
 
 /**
  * Response of SignIn.
@@ -1764,7 +1828,7 @@ export type SignInResponse = Message<"crm.assignment.v1.SignInResponse"> & {
  * Use `create(SignInResponseSchema)` to create a new message.
  */
 export const SignInResponseSchema: GenMessage<SignInResponse> = /*@__PURE__*/
-  messageDesc(file_crm_assignment_v1_assignment, 45);
+  messageDesc(file_crm_assignment_v1_assignment, 47);
 
 /**
  * Task category (the seed's numbering).
@@ -2125,6 +2189,17 @@ export const AssignmentService: GenService<{
     methodKind: "unary";
     input: typeof GetAgentRequestSchema;
     output: typeof GetAgentResponseSchema;
+  },
+  /**
+   * Lists agents by id (ascending), optionally of one business line and presences;
+   * keyset paging. Agents' consoles cannot call it (PERMISSION_DENIED): ops tools can.
+   *
+   * @generated from rpc crm.assignment.v1.AssignmentService.ListAgents
+   */
+  listAgents: {
+    methodKind: "unary";
+    input: typeof ListAgentsRequestSchema;
+    output: typeof ListAgentsResponseSchema;
   },
   /**
    * Changes an agent's presence. Only IDLE agents receive offers.

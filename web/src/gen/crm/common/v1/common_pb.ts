@@ -87,7 +87,13 @@ export const MaskedPhoneSchema: GenMessage<MaskedPhone> = /*@__PURE__*/
 
 /**
  * A business line: each department runs on the same platform with its own queues
- * and configuration.
+ * and configuration. A line is data, not code: its identity is its code (this enum's
+ * number) and its name is given by its configuration. The values below are the
+ * well-known lines; the enum is open, so any other positive code (4, 5, ...) is a valid
+ * line once it is configured (assignment: the config key `assignment/<NAME>` with
+ * `"code": N`), and clients must show a code they have no name for rather than fail.
+ * A request naming a code that is not configured is refused with INVALID_ARGUMENT
+ * naming the field and listing the configured lines; 0 and negative codes never are lines.
  *
  * @generated from enum crm.common.v1.BusinessLine
  */

@@ -340,7 +340,8 @@ export type RecommendRequest = Message<"crm.recommendation.v1.RecommendRequest">
   excludeCarIds: bigint[];
 
   /**
-   * Business line asking; selects its ranking weights when configured. Optional.
+   * Business line asking (any code >= 1; lines are data); selects its ranking weights
+   * when the ranking config has an entry for it, else the default weights. Optional.
    *
    * @generated from field: crm.common.v1.BusinessLine business_line = 8;
    */
