@@ -101,6 +101,10 @@ def echo_registrar(state: EchoState) -> Callable[[aio.Server], None]:
             await state.release.wait()
             state.slow_finished = True
             return b"done"
+        if command == b"stray":  # awaits a task that someone else cancels under it
+            inner = asyncio.ensure_future(asyncio.Event().wait())
+            asyncio.get_running_loop().call_later(0.05, inner.cancel)
+            await inner
         if command == b"hop":  # calls this server again, from inside a call
             async with insecure_channel(state.target) as channel:
                 response: bytes = await channel.unary_unary(UNARY)(b"rid")
@@ -356,6 +360,24 @@ async def test_unexpected_exception_is_internal_without_details(
     assert len(errors) == 1
     assert errors[0]["request_id"] == "rid-boom"
     assert "RuntimeError" in errors[0]["exc"]
+
+
+async def test_stray_cancellation_inside_a_handler_is_unavailable_not_silence(
+    running: Running, log_stream: io.StringIO
+) -> None:
+    """A CancelledError the call was not cancelled for (a channel closed under an awaited
+    call, say) must still answer: passed on, grpc sends no status and the caller waits out
+    its whole deadline (the config-admin server did that with etcd down)."""
+    with pytest.raises(aio.AioRpcError) as caught:
+        await running.unary()(b"stray", metadata=((REQUEST_ID_KEY, "rid-stray"),), timeout=60)
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "rid-stray" in (caught.value.details() or "")
+    assert trailer(caught.value.trailing_metadata()) == "rid-stray"
+    await eventually(lambda: running.counted("Echo", "UNAVAILABLE") >= 1)
+    errors = [line for line in log_lines(log_stream) if line["level"] == "ERROR"]
+    # UNAVAILABLE is retryable: the channel's retry policy may have tried again
+    assert len(errors) == running.counted("Echo", "UNAVAILABLE")
+    assert {e["request_id"] for e in errors} == {"rid-stray"}
 
 
 async def test_context_abort_passes_through(running: Running) -> None:

@@ -84,7 +84,8 @@ async def test_rollout_reaches_only_instances_inside_the_percentage(
     assert "_rollout/SALE" not in inside.snapshot.values  # reserved keys are never config
 
     rev = await put_json(etcd_endpoint, rk, {"percent": 100, "value": {"max_calls": 3}})
-    await outside.wait_for_revision(rev, WAIT)
+    for w in watchers.values():  # each watcher has its own watch stream: wait for both
+        await w.wait_for_revision(rev, WAIT)
     assert (calls(inside), calls(outside)) == (3, 3)
 
     rev = await put_json(etcd_endpoint, rk, {"percent": 70, "value": {"max_calls": 0}})

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from crm_devstack.stack import free_port
+from crm_devstack.stack import refusing_port
 from ctl_testlib import args, crmctl, table_rows
 
 FINANCE_DOCS = """\
@@ -192,7 +192,8 @@ def test_command_line_and_environment_errors(etcd_endpoint: str, config_prefix: 
     nofile = crmctl(*a, "config", "apply", "-f", "/nonexistent/x.yaml")
     assert nofile.code == 1
     assert "No such file" in nofile.err
-    down = crmctl("--etcd", f"127.0.0.1:{free_port()}", "config", "get", "assignment", "SALE")
+    with refusing_port() as dead:
+        down = crmctl("--etcd", f"127.0.0.1:{dead}", "config", "get", "assignment", "SALE")
     assert down.code == 6
     assert down.err.startswith("error: UNAVAILABLE: etcd d")
     bad_etcd = crmctl("--etcd", "nonsense", "config", "list")

@@ -20,7 +20,7 @@ from crm.scheduler.v1 import scheduler_pb2_grpc
 from crm_assignment.app import build_app as build_assignment
 from crm_assignment.settings import AssignmentSettings
 from crm_assignment.store.migrate import upgrade as upgrade_assignment
-from crm_devstack.stack import Stack, create_database, drop_database, free_port, wait_until
+from crm_devstack.stack import Stack, create_database, drop_database, refusing_port, wait_until
 from crm_scheduler.app import build_app as build_scheduler
 from crm_scheduler.settings import SchedulerSettings
 from crm_scheduler.store.migrate import upgrade as upgrade_scheduler
@@ -205,7 +205,8 @@ def test_grpc_failures_are_one_line_with_an_exit_code(platform: dict[str, Any]) 
     nojob = crmctl(*f, "jobs", "get", "no-such-job")
     assert nojob.code in (3, 4)  # a malformed id or an unknown one; never INTERNAL
     assert "INTERNAL" not in nojob.err
-    down = crmctl("--assignment", f"127.0.0.1:{free_port()}", "--timeout", "3", "queue", "stats")
+    with refusing_port() as dead:
+        down = crmctl("--assignment", f"127.0.0.1:{dead}", "--timeout", "3", "queue", "stats")
     assert down.code == 6
     assert down.err.startswith(("error: UNAVAILABLE: ", "error: DEADLINE_EXCEEDED: "))
     assert crmctl(*f, "tasks", "get", "0").code == 2  # refused before any call

@@ -358,3 +358,44 @@ async def test_ending_a_rollout_keeps_the_stable_versions_author(stub: Stub) -> 
     assert not rollout.HasField("candidate")
     hist = await stub.History(pb.HistoryRequest(service="assignment", key="FINANCE"))
     assert [v.author for v in hist.versions] == ["alice"]
+
+
+async def test_store_call_cut_by_a_closed_channel_retries_and_never_passes_cancellation_on(
+    etcd_endpoint: str, config_prefix: str
+) -> None:
+    """ConfigStore callers share one etcd client; one caller's failure closes it, and grpc
+    cancels every other call on that channel. Those callers were not cancelled: the store
+    retries them on a new client (then raises ConnectionFailedError), and a real cancel of
+    the caller still propagates. (Passed on as CancelledError, it left ConfigAdmin calls
+    unanswered until their deadline with etcd down.)"""
+    import aetcd
+
+    store = ConfigStore(etcd_endpoint, config_prefix)
+    seen: list[aetcd.Client] = []
+
+    async def cut_once(c: aetcd.Client) -> str:
+        seen.append(c)
+        if len(seen) == 1:
+            raise asyncio.CancelledError  # what a call on a channel closed under it raises
+        await c.status()
+        return "answered"
+
+    async def always_cut(c: aetcd.Client) -> str:
+        raise asyncio.CancelledError
+
+    async def hang(c: aetcd.Client) -> str:
+        await asyncio.Event().wait()
+        return "never"
+
+    try:
+        assert await store._call(cut_once) == "answered"
+        assert seen[0] is not seen[1]  # the cut client was dropped, the retry used a new one
+        with pytest.raises(aetcd.ConnectionFailedError):
+            await store._call(always_cut)
+        task = asyncio.ensure_future(store._call(hang))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        await store.close()

@@ -12,7 +12,9 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import grpc
 import pytest
 from crm.config.v1 import config_pb2 as pb
 from crm.config.v1 import config_pb2_grpc
-from crm_devstack.stack import free_port, wait_until
+from crm_devstack.stack import free_port, refusing_port, wait_until
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
@@ -89,22 +91,33 @@ def test_serve_config_admin_process(etcd_endpoint: str, config_prefix: str, tmp_
 
 
 def test_etcd_down_is_unavailable_not_internal(config_prefix: str, tmp_path: Path) -> None:
-    dead_etcd = f"127.0.0.1:{free_port()}"  # nothing listens there
-    with serve(dead_etcd, config_prefix, tmp_path / "config-admin.log") as (proc, ch):
+    with (
+        refusing_port() as dead,
+        serve(f"127.0.0.1:{dead}", config_prefix, tmp_path / "config-admin.log") as (proc, ch),
+    ):
         wait_until(
             lambda: health_status(ch) == health_pb2.HealthCheckResponse.NOT_SERVING,
             "the config-admin server to answer NOT_SERVING",
             timeout=30,
         )
         stub = config_pb2_grpc.ConfigAdminServiceStub(ch)
-        for call in (
+        calls = [
             lambda: stub.Get(pb.GetRequest(service="assignment", key="SALE"), timeout=90),
             lambda: stub.Set(pb.SetRequest(service="assignment", key="SALE", value_json="{}"),
                              timeout=90),
             lambda: stub.List(pb.ListRequest(), timeout=90),
-        ):  # fmt: skip
+        ]  # fmt: skip
+
+        def code(call: Callable[[], object]) -> grpc.StatusCode:
             with pytest.raises(grpc.RpcError) as info:
                 call()
-            assert info.value.code() == grpc.StatusCode.UNAVAILABLE, info.value.details()
+            return info.value.code()  # type: ignore[no-any-return]
+
+        assert [code(c) for c in calls] == [grpc.StatusCode.UNAVAILABLE] * 3
+        # Concurrent calls share the server's etcd client while each failure closes it:
+        # none may be left unanswered (DEADLINE_EXCEEDED) by a call cut under another.
+        with ThreadPoolExecutor(8) as pool:
+            codes = Counter(pool.map(lambda i: code(calls[i % 3]), range(48)))
+        assert codes == {grpc.StatusCode.UNAVAILABLE: 48}
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0

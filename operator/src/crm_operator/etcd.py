@@ -97,6 +97,12 @@ class Declared:
     """The uid of the CRMConfig that declares it."""
 
 
+async def _close(client: aetcd.Client | None) -> None:
+    if client is not None:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(client.close(), RPC_TIMEOUT)
+
+
 class ConfigStore:
     """Writes and reads the operator's keys; one client, re-created on failure."""
 
@@ -110,24 +116,38 @@ class ConfigStore:
 
     async def close(self) -> None:
         client, self._client = self._client, None
-        if client is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(client.close(), RPC_TIMEOUT)
+        await _close(client)
 
     async def _call(self, op: Callable[[aetcd.Client], Awaitable[Any]]) -> Any:
-        """Run ``op`` on the client; on a connection failure retry once on the next endpoint."""
+        """Run ``op`` on the shared client; on a connection failure retry once on the next
+        endpoint.
+
+        Callers share one client, and a failing call closes it, which cancels every other
+        call still on its channel: such a call sees a CancelledError its task was never
+        asked for. That is a connection failure too (retried, then raised as
+        ConnectionFailedError), never a cancellation to pass on: a gRPC handler that
+        raises CancelledError sends no status, and its caller waits out its deadline."""
         for attempt in range(2):
             if self._client is None:
                 host, port = self._endpoints[self._attempt % len(self._endpoints)]
                 self._client = aetcd.Client(host=host, port=port, timeout=RPC_TIMEOUT)
+            client = self._client
             try:
                 async with asyncio.timeout(RPC_TIMEOUT * 2):
-                    return await op(self._client)
-            except (aetcd.ConnectionFailedError, aetcd.ConnectionTimeoutError, TimeoutError):
+                    return await op(client)
+            except (aetcd.ConnectionFailedError, aetcd.ConnectionTimeoutError, TimeoutError) as exc:
+                failure: Exception = exc
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is None or task.cancelling():
+                    raise  # a real cancellation of this caller
+                failure = aetcd.ConnectionFailedError("the etcd channel was closed under this call")
+            if self._client is client:  # another caller may have replaced it already
                 self._attempt += 1
-                await self.close()
-                if attempt == 1:
-                    raise
+                self._client = None
+                await _close(client)
+            if attempt == 1:
+                raise failure
         raise AssertionError("unreachable")
 
     async def get(self, key: str) -> tuple[bytes, int] | None:

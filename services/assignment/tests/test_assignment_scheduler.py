@@ -29,7 +29,7 @@ from crm_assignment.clients.scheduler_timeouts import (
 from crm_assignment.domain.model import utc_now
 from crm_common.config_watch import put_json
 from crm_devstack import wait_until
-from crm_devstack.stack import Stack, create_database, drop_database, free_port
+from crm_devstack.stack import Stack, create_database, drop_database, refusing_port
 from crm_scheduler.store.migrate import upgrade as upgrade_scheduler
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -176,33 +176,34 @@ def test_expire_twice_recycles_once_and_early_call_retries(
 ) -> None:
     """Direct calls (the scheduler configured but unreachable, the sweep slow), so
     nothing else recycles the offer meanwhile."""
-    svc = _service(
-        migrated_db,
-        etcd_endpoint,
-        config_prefix,
-        1,
-        scheduler_target=f"127.0.0.1:{free_port()}",
-        scheduler_timeout_s=0.5,
-    )
-    try:
-        svc.agent(1)
-        task_id, event_id = _offer_once(svc, 1, "sch-3", "13800138702")
-        request = pb.ExpireOfferRequest(task_id=task_id, offer_event_id=event_id)
-        with pytest.raises(grpc.RpcError) as early:  # before the deadline: try later
-            svc.stub.ExpireOffer(request)
-        assert early.value.code() == grpc.StatusCode.UNAVAILABLE
-        stale = pb.ExpireOfferRequest(task_id=task_id, offer_event_id=event_id - 1)
-        time.sleep(1.2)
-        assert svc.stub.ExpireOffer(stale).recycled is False  # not the current offer
-        metadata = (("x-idempotency-key", expire_offer_key(task_id, event_id)),)
-        first = svc.stub.ExpireOffer(request, metadata=(*metadata, ("x-attempt", "1")))
-        second = svc.stub.ExpireOffer(request, metadata=(*metadata, ("x-attempt", "2")))
-        assert (first.recycled, second.recycled) == (True, False)
-        assert len(_events(svc, task_id, "TIMED_OUT")) == 1
-        assert svc.task(task_id).task.status == pb.STATUS_RECYCLED
-        assert _timeouts(svc).sweep.recycled_total == 0
-    finally:
-        svc.close()
+    with refusing_port() as dead:  # the scheduler is down
+        svc = _service(
+            migrated_db,
+            etcd_endpoint,
+            config_prefix,
+            1,
+            scheduler_target=f"127.0.0.1:{dead}",
+            scheduler_timeout_s=0.5,
+        )
+        try:
+            svc.agent(1)
+            task_id, event_id = _offer_once(svc, 1, "sch-3", "13800138702")
+            request = pb.ExpireOfferRequest(task_id=task_id, offer_event_id=event_id)
+            with pytest.raises(grpc.RpcError) as early:  # before the deadline: try later
+                svc.stub.ExpireOffer(request)
+            assert early.value.code() == grpc.StatusCode.UNAVAILABLE
+            stale = pb.ExpireOfferRequest(task_id=task_id, offer_event_id=event_id - 1)
+            time.sleep(1.2)
+            assert svc.stub.ExpireOffer(stale).recycled is False  # not the current offer
+            metadata = (("x-idempotency-key", expire_offer_key(task_id, event_id)),)
+            first = svc.stub.ExpireOffer(request, metadata=(*metadata, ("x-attempt", "1")))
+            second = svc.stub.ExpireOffer(request, metadata=(*metadata, ("x-attempt", "2")))
+            assert (first.recycled, second.recycled) == (True, False)
+            assert len(_events(svc, task_id, "TIMED_OUT")) == 1
+            assert svc.task(task_id).task.status == pb.STATUS_RECYCLED
+            assert _timeouts(svc).sweep.recycled_total == 0
+        finally:
+            svc.close()
 
 
 def test_due_revisit_offered_when_wake_job_fires(
@@ -251,22 +252,23 @@ def test_due_revisit_offered_when_wake_job_fires(
 def test_scheduler_down_safety_sweep_recycles(
     migrated_db: str, etcd_endpoint: str, config_prefix: str
 ) -> None:
-    svc = _service(
-        migrated_db,
-        etcd_endpoint,
-        config_prefix,
-        1,
-        scheduler_target=f"127.0.0.1:{free_port()}",  # nothing listens there
-        scheduler_timeout_s=0.5,
-        recycle_safety_sweep_s=0.3,
-    )
-    try:
-        svc.agent(1)
-        task_id, _ = _offer_once(svc, 1, "sch-5", "13800138704")
-        wait_until(lambda: _events(svc, task_id, "TIMED_OUT"), "TIMED_OUT by the sweep", 10)
-        timeouts = _timeouts(svc)
-        assert timeouts.sweep.recycled_total == 1
-        wait_until(lambda: timeouts.failed_total >= 1, "the failed Schedule counted", 5)
-        assert timeouts.scheduled_total == 0
-    finally:
-        svc.close()
+    with refusing_port() as dead:  # the scheduler is down
+        svc = _service(
+            migrated_db,
+            etcd_endpoint,
+            config_prefix,
+            1,
+            scheduler_target=f"127.0.0.1:{dead}",
+            scheduler_timeout_s=0.5,
+            recycle_safety_sweep_s=0.3,
+        )
+        try:
+            svc.agent(1)
+            task_id, _ = _offer_once(svc, 1, "sch-5", "13800138704")
+            wait_until(lambda: _events(svc, task_id, "TIMED_OUT"), "TIMED_OUT by the sweep", 10)
+            timeouts = _timeouts(svc)
+            assert timeouts.sweep.recycled_total == 1
+            wait_until(lambda: timeouts.failed_total >= 1, "the failed Schedule counted", 5)
+            assert timeouts.scheduled_total == 0
+        finally:
+            svc.close()

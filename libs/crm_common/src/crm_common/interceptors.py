@@ -209,8 +209,22 @@ class ServerInterceptor(_ServerInterceptorBase):
             code = _code_of(context, grpc.StatusCode.OK)
             return result
         except asyncio.CancelledError:
-            code = _cancelled_code(context)
-            raise
+            task = asyncio.current_task()
+            if task is None or task.cancelling() or context.done():
+                code = _cancelled_code(context)
+                raise
+            # A CancelledError nobody asked this call for (grpc cancels the handler's task on
+            # a client cancel, a deadline or a stop): a task or channel the handler awaited
+            # was cancelled under it. Passed on, grpc would send no status at all and the
+            # caller would wait out its deadline; it is a transient server-side failure.
+            error = "CancelledError"
+            self._log.error("%s was interrupted by a stray cancellation", method, exc_info=True)
+            code = grpc.StatusCode.UNAVAILABLE
+            await context.abort(
+                code,
+                f"the call was interrupted inside the server; retry (request id {request_id})",
+                ((REQUEST_ID_KEY, request_id),),
+            )
         except aio.BaseError:
             # context.abort (AbortError) and grpc's own state errors: grpc finishes the call.
             code = _code_of(context, grpc.StatusCode.UNKNOWN)

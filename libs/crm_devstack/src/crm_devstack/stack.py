@@ -58,6 +58,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@contextlib.contextmanager
+def refusing_port() -> Iterator[int]:
+    """A port on 127.0.0.1 that refuses connections for as long as the block runs: bound
+    (so nothing else can take it meanwhile) but never listening. Use it for "the
+    dependency is down" instead of a :func:`free_port`, which another process may bind
+    before the test is done with it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        yield int(s.getsockname()[1])
+
+
 def port_open(port: int, host: str = "127.0.0.1", timeout: float = 0.2) -> bool:
     """True when something accepts TCP connections on host:port."""
     with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=timeout):
