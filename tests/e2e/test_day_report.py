@@ -5,21 +5,15 @@ from a real Prometheus exposition of the KPI consumer's metrics."""
 from __future__ import annotations
 
 import asyncio
-import sys
 import threading
 from collections import Counter
 from collections.abc import Iterator
 from http.server import ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 from crm_bilog.kpi.domain import Count, WaitSample
 from crm_bilog.kpi.metrics import KpiMetrics
 from crm_devstack import free_port
-from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import MetricsHandler
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 from crm_tools.day import SALE, DayLog
 from crm_tools.day_report import (
     KPI_CHECKS,
@@ -28,6 +22,8 @@ from crm_tools.day_report import (
     _checks,
     wait_kpis,
 )
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import MetricsHandler
 
 KPI_NAMES = [name for name, _, _ in KPI_CHECKS]
 

@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from crm.recommendation.v1 import recommendation_pb2 as rpb
 from crm.recommendation.v1 import recommendation_pb2_grpc as rpb_grpc
 from crm_common.config_watch import put_json
 from crm_devstack import Stack, create_database, drop_database, free_port
+from crm_tools.procs import ServiceProc, start_service, wait_http, wait_serving
 
 ROOT = Path(__file__).resolve().parents[2]
 WEB = ROOT / "web"
@@ -40,9 +40,6 @@ ARTIFACTS = HERE / "artifacts"  # screenshots and logs (git-ignored)
 CHROMIUM = Path("/usr/bin/chromium")
 ASSIGNMENT_INSTANCE = "assignment-web-test-0"
 """The assignment process's instance name: the name it acknowledges config under."""
-
-sys.path.insert(0, str(ROOT / "tools"))
-from crm_tools.procs import ServiceProc, start_service, wait_http, wait_serving  # noqa: E402
 
 
 def browser_missing() -> str | None:

@@ -1,6 +1,6 @@
 """Helpers of the integration tests: the recommendation and bilog services (real, each in
-a thread with its own event loop), the dev schema registry, a Kafka reader, a stand-in
-slow recommendation server, free ports."""
+a thread with its own event loop), the dev schema registry and a Kafka reader (bilog's
+own, from its tests), a stand-in slow recommendation server."""
 
 from __future__ import annotations
 
@@ -12,18 +12,11 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import grpc
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from bilog_testlib import ServiceThread, read_topic
+from bilog_testlib import settings_for as bilog_settings
 from crm.recommendation.v1 import recommendation_pb2 as rpb
 from crm.recommendation.v1 import recommendation_pb2_grpc
-from crm_bilog.app import App as BilogApp
-from crm_bilog.app import build_app as build_bilog
-from crm_bilog.registry.server import RegistryServer
-from crm_bilog.schemas import topic_name
-from crm_bilog.settings import BilogSettings
-from crm_bilog.store import RegistryStore, make_engine
-from crm_bilog.store.migrate import upgrade as upgrade_bilog
-from crm_common.aio import BlockingExecutor
-from crm_devstack.apps import AppThread, LoopThread
+from crm_devstack.apps import AppThread
 from crm_devstack.stack import create_database, drop_database
 from crm_recommendation.app import App as RecommendationApp
 from crm_recommendation.app import build_app as build_recommendation
@@ -113,52 +106,19 @@ def slow_recommendation_standin(delay_s: float) -> Iterator[tuple[str, SlowRecom
 # --------------------------------------------------------------------------- bilog
 
 
-class Registry(LoopThread):
-    """The bilog service's dev schema registry (real aiohttp server, real MariaDB)."""
-
-    def __init__(self, database_url: str) -> None:
-        super().__init__()
-        upgrade_bilog(database_url)
-        self.engine = make_engine(database_url, 4)
-        self.executor = BlockingExecutor(4, name="test-registry-db")
-        self.server = RegistryServer(RegistryStore(self.engine), self.executor, "127.0.0.1", 0)
-        self.call(self.server.start())
-        self.url: str = self.server.url
-
-    def close(self) -> None:
-        try:
-            self.call(self.server.stop())
-            self.executor.shutdown()
-            self.engine.dispose()
-        finally:
-            super().close()
-
-
-class BilogService(AppThread[BilogApp]):
+class BilogService(ServiceThread):
     """The real bilog service (crm_bilog.app.build_app) against the shared Tansu broker,
     with topics of its own (``topic_prefix``)."""
 
     def __init__(self, kafka_bootstrap: str, registry_url: str, port: int = 0) -> None:
-        self.settings = BilogSettings(
-            host="127.0.0.1",
-            port=port,
-            metrics_port=-1,
-            kafka_bootstrap=kafka_bootstrap,
-            topic_prefix=f"t{uuid.uuid4().hex[:10]}.",
-            schema_registry_url=registry_url,
-            readiness_interval_s=0.2,
-            readiness_timeout_s=10,
-            shutdown_grace_s=1,
+        super().__init__(
+            bilog_settings(kafka_bootstrap, registry_url, port=port, shutdown_grace_s=1),
+            stop_grace=1,
         )
-        super().__init__(lambda: build_bilog(self.settings), stop_grace=1)
 
     @property
     def transition_topic(self) -> str:
         return self.topic("crm.bi.TaskTransition")
-
-    def topic(self, schema: str) -> str:
-        """The Kafka topic of a schema's events (with this instance's prefix)."""
-        return topic_name(schema, self.settings.topic_prefix)
 
 
 def read_avro_topic(
@@ -183,34 +143,8 @@ def read_avro_records(
     from confluent_kafka.serialization import MessageField, SerializationContext
 
     deserialize = AvroDeserializer(SchemaRegistryClient({"url": registry_url}))
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"reader-{uuid.uuid4().hex[:8]}",
-            "enable.auto.commit": False,
-        }
-    )
-    try:
-        meta = consumer.list_topics(topic, timeout=10).topics[topic]
-        consumer.assign(
-            [TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(meta.partitions)]
-        )
-        out: list[tuple[bytes, dict[str, Any], dict[str, bytes]]] = []
-        deadline = time.monotonic() + timeout
-        quiet_until: float | None = None
-        while time.monotonic() < deadline:
-            msg = consumer.poll(0.2)
-            if msg is None:
-                if len(out) >= expected:
-                    quiet_until = quiet_until or time.monotonic() + 0.5
-                    if time.monotonic() >= quiet_until:
-                        break
-                continue
-            if msg.error() is None:
-                ctx = SerializationContext(topic, MessageField.VALUE)
-                headers = dict(msg.headers() or ())
-                out.append((msg.key(), deserialize(msg.value(), ctx), headers))
-                quiet_until = None
-        return out
-    finally:
-        consumer.close()
+    ctx = SerializationContext(topic, MessageField.VALUE)
+    return [
+        (msg.key(), deserialize(msg.value(), ctx), dict(msg.headers() or ()))
+        for msg in read_topic(bootstrap, topic, expected, timeout)
+    ]

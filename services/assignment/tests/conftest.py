@@ -1,4 +1,5 @@
-"""Fixtures of the assignment tests: a migrated database and the service on port 0."""
+"""Fixtures of the assignment tests: a migrated database and the service on port 0; the
+dev schema registry (bilog's test helper) for the tests that read BI topics."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 from assignment_testlib import ManualClock, Service, settings_for
+from bilog_testlib import RegistryThread, scratch_registry
 from crm_assignment.store import AssignmentStore, make_engine
 from crm_assignment.store.migrate import upgrade
 from crm_devstack.stack import Stack, create_database, drop_database
@@ -74,3 +76,10 @@ def strict(migrated_db: str, etcd_endpoint: str, config_prefix: str) -> Iterator
     )
     yield svc
     svc.close()
+
+
+@pytest.fixture(scope="module")
+def registry(stack: Stack) -> Iterator[RegistryThread]:
+    """bilog's dev schema registry on a database of its own, for a whole module."""
+    with scratch_registry() as reg:
+        yield reg

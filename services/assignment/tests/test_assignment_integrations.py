@@ -14,7 +14,6 @@ import pytest
 from assignment_integration_lib import (
     BilogService,
     RecommendationService,
-    Registry,
     car,
     read_avro_records,
     read_avro_topic,
@@ -22,6 +21,7 @@ from assignment_integration_lib import (
     slow_recommendation_standin,
 )
 from assignment_testlib import SALE, ManualClock, OfferReader, Service, settings_for
+from bilog_testlib import RegistryThread
 from crm.assignment.v1 import assignment_pb2 as pb
 from crm.bilog.v1 import bilog_pb2 as bpb
 from crm.bilog.v1 import bilog_pb2_grpc
@@ -241,16 +241,6 @@ def test_task_detail_when_recommendation_is_slow(service_with: Any) -> None:
 # --------------------------------------------------------------------------- BI outbox
 
 
-@pytest.fixture(scope="module")
-def registry(stack: Stack) -> Iterator[Registry]:
-    with scratch_database() as url:
-        reg = Registry(url)
-        try:
-            yield reg
-        finally:
-            reg.close()
-
-
 def _events(database_url: str) -> list[TaskEventRow]:
     """Every task_event row (a fresh connection: what is committed now)."""
     engine = create_engine(database_url)
@@ -315,7 +305,7 @@ _FLOW = [
 
 
 def test_every_transition_reaches_kafka_through_bilog(
-    stack: Stack, registry: Registry, migrated_db: str, service_with: Any
+    stack: Stack, registry: RegistryThread, migrated_db: str, service_with: Any
 ) -> None:
     bilog = BilogService(stack.kafka_bootstrap, registry.url)
     try:
@@ -392,7 +382,7 @@ def test_every_transition_reaches_kafka_through_bilog(
 
 
 def test_events_wait_while_bilog_is_down_and_none_is_lost(
-    stack: Stack, registry: Registry, migrated_db: str, service_with: Any
+    stack: Stack, registry: RegistryThread, migrated_db: str, service_with: Any
 ) -> None:
     port = free_port()
     svc = service_with(

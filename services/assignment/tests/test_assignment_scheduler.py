@@ -5,20 +5,15 @@ in the scheduler-down test where a short sweep is the safety net."""
 
 from __future__ import annotations
 
-import sys
 import time
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 from assignment_testlib import OfferReader, Service, settings_for
 from crm.assignment.v1 import assignment_pb2 as pb
-from crm.scheduler.v1 import scheduler_pb2 as spb
 from crm_assignment.clients.scheduler_timeouts import (
     EXPIRE_OFFER_JOB,
     WAKE_REVISIT_JOB,
@@ -29,58 +24,15 @@ from crm_assignment.clients.scheduler_timeouts import (
 from crm_assignment.domain.model import utc_now
 from crm_common.config_watch import put_json
 from crm_devstack import wait_until
-from crm_devstack.stack import Stack, create_database, drop_database, refusing_port
-from crm_scheduler.store.migrate import upgrade as upgrade_scheduler
+from crm_devstack.stack import Stack, refusing_port
 from google.protobuf.timestamp_pb2 import Timestamp
-
-# The scheduler's own test helpers (redis-server, processes, the API in-process).
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scheduler" / "tests"))
-from scheduler_testlib import ApiService, Procs, RedisServer, api_settings
-
-
-@dataclass
-class Scheduler:
-    api: ApiService
-    procs: Procs
-
-    @property
-    def target(self) -> str:
-        return self.api.app.target
-
-    def job(self, key: str) -> spb.Job | None:
-        try:
-            return self.api.stub.Get(spb.GetRequest(idempotency_key=key), timeout=5).job
-        except grpc.RpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                return None
-            raise
-
-    def succeeded(self, key: str) -> spb.Job | None:
-        job = self.job(key)
-        return job if job is not None and job.state == spb.JOB_STATE_SUCCEEDED else None
+from scheduler_testlib import RealScheduler, real_scheduler
 
 
 @pytest.fixture(scope="module")
-def scheduler(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scheduler]:
-    name = f"crm_t_{uuid.uuid4().hex[:12]}"
-    url = create_database(name)
-    redis_server = RedisServer(tmp_path_factory.mktemp("redis"))
-    api: ApiService | None = None
-    procs = Procs(url, redis_server.url, tmp_path_factory.mktemp("sched-logs"))
-    try:
-        upgrade_scheduler(url)
-        api = ApiService(api_settings(url))
-        procs.start("pump", wait=False)
-        procs.start("worker", wait=False)
-        for proc in procs.started:
-            wait_until(proc.serving, f"{proc.command} SERVING", timeout=30, interval=0.1)
-        yield Scheduler(api, procs)
-    finally:
-        procs.close()
-        if api is not None:
-            api.close()
-        redis_server.stop()
-        drop_database(name)
+def scheduler(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealScheduler]:
+    with real_scheduler(tmp_path_factory.mktemp("scheduler")) as running:
+        yield running
 
 
 def _service(
@@ -124,7 +76,7 @@ def _offer_once(svc: Service, agent_id: int, key: str, phone: str) -> tuple[int,
 
 
 def test_unaccepted_offer_recycled_by_scheduler_job(
-    scheduler: Scheduler, migrated_db: str, etcd_endpoint: str, config_prefix: str
+    scheduler: RealScheduler, migrated_db: str, etcd_endpoint: str, config_prefix: str
 ) -> None:
     svc = _service(migrated_db, etcd_endpoint, config_prefix, 1, scheduler_target=scheduler.target)
     try:
@@ -149,7 +101,7 @@ def test_unaccepted_offer_recycled_by_scheduler_job(
 
 
 def test_accepted_offer_expire_is_a_noop(
-    scheduler: Scheduler, migrated_db: str, etcd_endpoint: str, config_prefix: str
+    scheduler: RealScheduler, migrated_db: str, etcd_endpoint: str, config_prefix: str
 ) -> None:
     svc = _service(migrated_db, etcd_endpoint, config_prefix, 2, scheduler_target=scheduler.target)
     try:
@@ -207,7 +159,7 @@ def test_expire_twice_recycles_once_and_early_call_retries(
 
 
 def test_due_revisit_offered_when_wake_job_fires(
-    scheduler: Scheduler, migrated_db: str, etcd_endpoint: str, config_prefix: str
+    scheduler: RealScheduler, migrated_db: str, etcd_endpoint: str, config_prefix: str
 ) -> None:
     svc = _service(
         migrated_db,

@@ -18,24 +18,20 @@ from __future__ import annotations
 import io
 import json
 import logging
-import sys
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 from assignment_integration_lib import (
     BilogService,
     RecommendationService,
-    Registry,
     car,
     read_avro_records,
     read_avro_topic,
     scratch_database,
 )
 from assignment_testlib import OfferReader, Service, settings_for
+from bilog_testlib import RegistryThread
 from crm.assignment.v1 import assignment_pb2 as pb
 from crm.recommendation.v1 import recommendation_pb2 as rpb
 from crm.scheduler.v1 import scheduler_pb2 as spb
@@ -45,15 +41,12 @@ from crm_assignment.domain.model import utc_now
 from crm_common.config_watch import put_json
 from crm_common.logs import JsonFormatter
 from crm_devstack import wait_until
-from crm_devstack.stack import Stack, create_database, drop_database
+from crm_devstack.stack import Stack
 from crm_scheduler.domain.model import job_uuid
-from crm_scheduler.store.migrate import upgrade as upgrade_scheduler
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "scheduler" / "tests"))
-from scheduler_testlib import ApiService, Procs, RedisServer, SchedProc, api_settings
+from scheduler_testlib import RealScheduler, real_scheduler
 
 PHONES = ("13800005555", "13800005556")  # two customers: two tasks
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
@@ -68,50 +61,16 @@ SCHEDULE = "crm.scheduler.v1.SchedulerService/Schedule"
 EXPIRE_OFFER = f"{ASSIGNMENT}/ExpireOffer"
 
 
-@dataclass
-class Scheduler:
-    api: ApiService
-    worker: SchedProc
-
-
 @pytest.fixture(scope="module")
-def scheduler(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scheduler]:
+def scheduler(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealScheduler]:
     """The real scheduler: API in-process, pump and worker processes (the worker tracing
     to its console, exported every 50 ms)."""
-    name = f"crm_t_{uuid.uuid4().hex[:12]}"
-    url = create_database(name)
-    redis_server = RedisServer(tmp_path_factory.mktemp("redis"))
-    api: ApiService | None = None
-    procs = Procs(url, redis_server.url, tmp_path_factory.mktemp("sched-logs"))
-    try:
-        upgrade_scheduler(url)
-        api = ApiService(api_settings(url))
-        procs.start("pump", wait=False)
-        worker = procs.start(
-            "worker",
-            wait=False,
-            CRM_SCHEDULER_TRACING_EXPORTER="console",
-            OTEL_BSP_SCHEDULE_DELAY="50",
-        )
-        for proc in procs.started:
-            wait_until(proc.serving, f"{proc.command} SERVING", timeout=30, interval=0.1)
-        yield Scheduler(api, worker)
-    finally:
-        procs.close()
-        if api is not None:
-            api.close()
-        redis_server.stop()
-        drop_database(name)
-
-
-@pytest.fixture(scope="module")
-def registry(stack: Stack) -> Iterator[Registry]:
-    with scratch_database() as url:
-        reg = Registry(url)
-        try:
-            yield reg
-        finally:
-            reg.close()
+    with real_scheduler(
+        tmp_path_factory.mktemp("scheduler"),
+        CRM_SCHEDULER_TRACING_EXPORTER="console",
+        OTEL_BSP_SCHEDULE_DELAY="50",
+    ) as running:
+        yield running
 
 
 @pytest.fixture
@@ -182,8 +141,8 @@ def _server_spans(session: list[ReadableSpan], name: str) -> list[ReadableSpan]:
 
 def test_one_request_id_and_one_trace_across_the_services(
     stack: Stack,
-    scheduler: Scheduler,
-    registry: Registry,
+    scheduler: RealScheduler,
+    registry: RegistryThread,
     migrated_db: str,
     etcd_endpoint: str,
     config_prefix: str,
@@ -246,7 +205,7 @@ def test_one_request_id_and_one_trace_across_the_services(
             key = expire_offer_key(second, offered.id)
 
             def expired() -> spb.Job | None:
-                job = scheduler.api.stub.Get(spb.GetRequest(idempotency_key=key), timeout=5).job
+                job = scheduler.job(key)
                 return job if job.state == spb.JOB_STATE_SUCCEEDED else None
 
             wait_until(expired, "the expire-offer job SUCCEEDED", 30)

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any, TypeVar
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from crm_bilog.app import App, build_app
 from crm_bilog.registry.server import RegistryServer
+from crm_bilog.schemas import topic_name
 from crm_bilog.settings import BilogSettings
 from crm_bilog.store import RegistryStore, make_engine
+from crm_bilog.store.migrate import upgrade
 from crm_common.aio import BlockingExecutor
 from crm_devstack.apps import AppThread, LoopThread
+from crm_devstack.stack import create_database, drop_database
 
 T = TypeVar("T")
 
@@ -40,6 +45,23 @@ class RegistryThread(LoopThread):
         self.executor.shutdown()
         self.engine.dispose()
         super().close()
+
+
+@contextlib.contextmanager
+def scratch_registry() -> Iterator[RegistryThread]:
+    """The dev registry on a fresh MariaDB database of its own (schema at head), dropped
+    afterwards; bilog's tests and other services' tests that read BI topics use it."""
+    name = f"crm_t_{uuid.uuid4().hex[:12]}"
+    url = create_database(name)
+    try:
+        upgrade(url)
+        reg = RegistryThread(url)
+        try:
+            yield reg
+        finally:
+            reg.close()
+    finally:
+        drop_database(name)
 
 
 def settings_for(bootstrap: str, registry_url: str, **overrides: Any) -> BilogSettings:
@@ -115,5 +137,10 @@ def read_topic(bootstrap: str, topic: str, expected: int, timeout: float = 30.0)
 class ServiceThread(AppThread[App]):
     """The bilog app served from a thread with its own event loop (for sync tests)."""
 
-    def __init__(self, settings: BilogSettings) -> None:
-        super().__init__(lambda: build_app(settings))
+    def __init__(self, settings: BilogSettings, stop_grace: float = 2.0) -> None:
+        self.settings = settings
+        super().__init__(lambda: build_app(settings), stop_grace=stop_grace)
+
+    def topic(self, schema: str) -> str:
+        """The Kafka topic of a schema's events (with this instance's prefix)."""
+        return topic_name(schema, self.settings.topic_prefix)

@@ -3,31 +3,20 @@ against the shared Tansu broker (each test has topics of its own)."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-from bilog_testlib import RegistryThread, settings_for
+from bilog_testlib import RegistryThread, scratch_registry, settings_for
 from crm_bilog.app import App, build_app
 from crm_bilog.settings import BilogSettings
-from crm_bilog.store.migrate import upgrade
-from crm_devstack.stack import Stack, create_database, drop_database
+from crm_devstack.stack import Stack
 
 
 @pytest.fixture(scope="module")
 def registry(stack: Stack) -> Iterator[RegistryThread]:
     """The dev schema registry with a database of its own, for a whole module."""
-    name = f"crm_t_{uuid.uuid4().hex[:12]}"
-    url = create_database(name)
-    try:
-        upgrade(url)
-        reg = RegistryThread(url)
-        try:
-            yield reg
-        finally:
-            reg.close()
-    finally:
-        drop_database(name)
+    with scratch_registry() as reg:
+        yield reg
 
 
 @pytest.fixture

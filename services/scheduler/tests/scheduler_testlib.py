@@ -12,7 +12,9 @@ import sys
 import threading
 import time
 import urllib.request
+import uuid
 from collections import defaultdict
+from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -24,12 +26,20 @@ import redis
 from crm.scheduler.v1 import scheduler_pb2 as pb
 from crm.scheduler.v1 import scheduler_pb2_grpc
 from crm_devstack.apps import AppThread
-from crm_devstack.stack import free_port, pid_alive, port_open, wait_until
+from crm_devstack.stack import (
+    create_database,
+    drop_database,
+    free_port,
+    pid_alive,
+    port_open,
+    wait_until,
+)
 from crm_scheduler.app import App, build_app
 from crm_scheduler.client import target_call
 from crm_scheduler.domain.model import JobSpec, Target, default_idempotency_key
 from crm_scheduler.settings import SchedulerSettings
 from crm_scheduler.store import SchedulerStore
+from crm_scheduler.store.migrate import upgrade
 from crm_scheduler.store.schema import JobRow
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import func, select
@@ -410,3 +420,58 @@ def api_settings(db_url: str, **kw: Any) -> SchedulerSettings:
         allowed_target_services="crm.",
         **kw,
     )
+
+
+# --------------------------------------------------------------------------- the whole scheduler
+
+
+@dataclass
+class RealScheduler:
+    """The scheduler as other services' tests meet it: API in-process, one pump and one
+    worker as processes, its own database and redis-server (see :func:`real_scheduler`)."""
+
+    api: ApiService
+    procs: Procs
+    worker: SchedProc
+
+    @property
+    def target(self) -> str:
+        """Where to send Schedule calls."""
+        return self.api.app.target
+
+    def job(self, key: str) -> pb.Job | None:
+        try:
+            return self.api.stub.Get(pb.GetRequest(idempotency_key=key), timeout=5).job
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise
+
+    def succeeded(self, key: str) -> pb.Job | None:
+        job = self.job(key)
+        return job if job is not None and job.state == pb.JOB_STATE_SUCCEEDED else None
+
+
+@contextlib.contextmanager
+def real_scheduler(tmp_dir: Path, **worker_env: str) -> Iterator[RealScheduler]:
+    """A whole scheduler for a test module (a scratch MariaDB database and redis-server
+    under ``tmp_dir``; ``worker_env`` goes to the worker process only), torn down after."""
+    name = f"crm_t_{uuid.uuid4().hex[:12]}"
+    url = create_database(name)
+    redis_server = RedisServer(tmp_dir / "redis")
+    api: ApiService | None = None
+    procs = Procs(url, redis_server.url, tmp_dir / "logs")
+    try:
+        upgrade(url)
+        api = ApiService(api_settings(url))
+        procs.start("pump", wait=False)
+        worker = procs.start("worker", wait=False, **worker_env)
+        for proc in procs.started:
+            wait_until(proc.serving, f"{proc.command} SERVING", timeout=30, interval=0.1)
+        yield RealScheduler(api, procs, worker)
+    finally:
+        procs.close()
+        if api is not None:
+            api.close()
+        redis_server.stop()
+        drop_database(name)
