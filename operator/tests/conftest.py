@@ -29,6 +29,11 @@ async def kube() -> AsyncIterator[Kube]:
         namespaced=False,
     )
     server.declare("apps/v1/deployments", kind="Deployment", namespaced=True, status=True)
+    server.declare(  # only touched in kopf's managed webhook mode (webhook_managed)
+        "admissionregistration.k8s.io/v1/validatingwebhookconfigurations",
+        kind="ValidatingWebhookConfiguration",
+        namespaced=False,
+    )
     server.declare(f"{GROUP_VERSION}/crmconfigs", kind="CRMConfig", namespaced=True, status=True)
     server.declare(f"{GROUP_VERSION}/bilogsinks", kind="BILogSink", namespaced=True, status=True)
     async with server, kmock.Server(server) as srv, aiohttp.ClientSession() as session:
