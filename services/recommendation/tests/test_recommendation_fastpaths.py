@@ -23,6 +23,8 @@ from crm_recommendation.domain.model import (
     CarStatus,
     Interaction,
     InteractionKind,
+    Reason,
+    ReasonKind,
     Recommendations,
     RecommendQuery,
 )
@@ -292,6 +294,19 @@ def test_response_encoder_equals_the_plain_messages(index: CarIndex, data: Synth
     for value in [*range(0, 300), 16_383, 16_384, 2**21 - 1, 2**21, 2**35]:
         varint = convert._varint(value)
         assert _decode_varint(varint) == value
+
+
+def test_reason_bytes_equal_protobufs() -> None:
+    """A reason written directly is byte for byte what protobuf serializes, defaults
+    (0, "") left out, non-ASCII text, long text and large ids included."""
+    texts = ["", "popular in 上海", "x" * 200, "within budget (1-2 yuan)"]
+    for kind in ReasonKind:
+        for text in texts:
+            for related in (0, 1, 127, 128, 2**35, 2**63 - 1):
+                reason = Reason(kind, text, related)
+                body = convert.reason_pb(reason).SerializeToString()
+                expected = b"\x1a" + convert._varint(len(body)) + body
+                assert convert._reason_field(reason) == expected
 
 
 def _decode_varint(data: bytes) -> int:

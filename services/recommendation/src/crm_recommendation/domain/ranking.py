@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import functools
 import math
-import operator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -558,6 +557,11 @@ def _top(ids: I64, score: F64, pool: I64 | None, m: int, rounded: bool = True) -
     """The best ``m`` positions of ``pool`` (every position when None) in rank order
     (score desc, car id asc); ``rounded``: the scores are an answer's (see
     :func:`_rank_order`)."""
+    if pool is None and rounded and len(score) > m:
+        key = _packed_key(ids, score)
+        if key is not None:  # one int64 key per car, all distinct: no tie at the cut
+            picked = np.argpartition(key, m - 1)[:m]
+            return picked[np.argsort(key[picked])]
     values = score if pool is None else score[pool]
     if len(values) > m:
         kth = np.partition(values, len(values) - m)[len(values) - m]
@@ -569,23 +573,30 @@ def _top(ids: I64, score: F64, pool: I64 | None, m: int, rounded: bool = True) -
     return picked[_rank_order(ids[picked], score[picked], rounded)[:m]]
 
 
+def _packed_key(ids: I64, score: F64) -> I64 | None:
+    """For rounded scores (multiples of 1e-6 in [0, 1], or -inf) and ids in [0, 2**43):
+    one int64 per car ordering as (score desc, car id asc), -inf last; None for other
+    ids."""
+    if len(ids) == 0 or ids.min() < 0 or ids.max() >= _MAX_PACKED_ID:
+        return None
+    ticks = np.rint(score * _SCORE_SCALE)
+    np.maximum(ticks, -1.0, out=ticks)  # -inf: one tick below 0, after every score
+    key = (_SCORE_SCALE - ticks.astype(np.int64)) << _ID_BITS
+    key |= ids
+    return key
+
+
 def _rank_order(ids: I64, score: F64, rounded: bool) -> I64:
     """The order of these cars by score desc, then car id asc. ``rounded``: the scores
     are an answer's, multiples of 1e-6 in [0, 1] (or -inf): with ids below 2**43, score
     ticks and id then make one int64 key, one sort instead of a two-key lexsort."""
-    if len(ids) <= _SMALL_SORT:
-        return np.lexsort((ids, -score))
-    if rounded and ids.min() >= 0 and ids.max() < _MAX_PACKED_ID:
-        ticks = np.rint(score * _SCORE_SCALE)
-        if ticks.min() >= 0:  # (no -inf)
-            key = (_SCORE_SCALE - ticks.astype(np.int64)) << _ID_BITS
-            key |= ids
+    if rounded:
+        key = _packed_key(ids, score)
+        if key is not None:
             return np.argsort(key)
     return np.lexsort((ids, -score))
 
 
-_SMALL_SORT = 512
-"""Up to this many cars, the two-key lexsort is cheaper than building the one key."""
 _SCORE_SCALE = 10**SCORE_DECIMALS
 _ID_BITS = 43
 _MAX_PACKED_ID = 1 << _ID_BITS
@@ -629,9 +640,9 @@ def _select_capped(
         last = len(prefix)
         if score[prefix[-1]] == -np.inf:  # the candidates end inside the prefix
             last = int(np.argmax(score[prefix] == -np.inf))
-        walked = brands[prefix[:last]].tolist()  # brand codes: small ints >= 0
-        per = [0] * (max(walked, default=0) + 1)  # cars taken per brand code
-        for pos, brand in zip(prefix[:last].tolist(), walked, strict=True):
+        codes = brands[prefix[:last]]  # brand codes: small ints >= 0
+        per = [0] * (int(codes.max()) + 1 if last else 1)  # cars taken per brand code
+        for pos, brand in zip(prefix[:last].tolist(), codes.tolist(), strict=True):
             if per[brand] < per_brand:
                 per[brand] += 1
                 chosen.append(pos)
@@ -748,51 +759,82 @@ def _explain(
                 if seed.car.body_type == car.body_type and content[i] >= _SIMILAR_MIN * seed.weight:
                     content_keys[i] = (_SIMILAR_CAR, best, _BODY_NAMES[car.body_type])
     cooc_seeds = _cooc_seeds(sig, rows) if w_cooc > 0 else [-1] * k
-    cooc = sig.cooccurrence[at].tolist() if w_cooc > 0 else [0.0] * k
+    cooc = (w_cooc * sig.cooccurrence[at]).tolist() if w_cooc > 0 else [0.0] * k
     pop = sig.popularity[at].tolist() if w_pop > 0 else [0.0] * k
     popular = cfg.popular_threshold
     budget_min, budget_max = budget
     has_budget = budget_min > 0 or budget_max > 0
-    within = (_WITHIN_BUDGET, 0, "")
+    within: Reason | None = None
+    # the reasons an answer shares, made on first use: per seed, per city, per budget text
+    by_seed: dict[int, Reason] = {}
+    by_city: dict[str, Reason] = {}
+    last: Reason | None
     out = []
     for i, car in enumerate(answer):
         assert car is not None
-        scored: list[tuple[float, Reason]] = []
+        # (strength, reason) of content, co-interest, popularity, strongest first; equal
+        # strengths keep this order (as a stable sort)
         key = content_keys[i]
-        if key is not None:
-            scored.append((w_content * content[i], made.get(key) or reason(key)))
-        if cooc_seeds[i] >= 0:
-            key = (_ALSO_INTERESTED, cooc_seeds[i], "")
-            scored.append((w_cooc * cooc[i], made.get(key) or reason(key)))
-        if pop[i] >= popular and pop[i] > 0:
-            key = (_POPULAR, 0, car.city)
-            scored.append((w_pop * pop[i], made.get(key) or reason(key)))
-        if len(scored) > 1:
-            scored.sort(key=_STRENGTH, reverse=True)  # stable: equal ones keep this order
+        first = None if key is None else made.get(key) or reason(key)
+        s1 = w_content * content[i]
+        second: Reason | None = None
+        s2 = 0.0
+        seed = cooc_seeds[i]
+        if seed >= 0:
+            found = by_seed.get(seed)
+            if found is None:
+                found = by_seed[seed] = reason((_ALSO_INTERESTED, seed, ""))
+            s2 = cooc[i]
+            if first is None:
+                first, s1 = found, s2
+            elif s2 > s1:
+                first, second, s1, s2 = found, first, s2, s1
+            else:
+                second = found
+        third: Reason | None = None
+        p = pop[i]
+        if p >= popular and p > 0:
+            city = car.city
+            found = by_city.get(city)
+            if found is None:
+                found = by_city[city] = reason((_POPULAR, 0, city))
+            s3 = w_pop * p
+            if first is None:
+                first = found
+            elif second is None:
+                if s3 > s1:
+                    first, second = found, first
+                else:
+                    second = found
+            elif s3 > s1:
+                first, second, third = found, first, second
+            elif s3 > s2:
+                second, third = found, second
+            else:
+                third = found
         if has_budget:
             price = car.price_yuan
             if (budget_max > 0 and price > budget_max) or (budget_min > 0 and price < budget_min):
                 key = _budget_reason_key(price, budget)
+                last = made.get(key) or reason(key)
             else:
-                key = within
-            last = made.get(key) or reason(key)
-        elif not scored:
-            key = (_ON_SALE, 0, car.city)
-            last = made.get(key) or reason(key)
+                if within is None:
+                    within = reason((_WITHIN_BUDGET, 0, ""))
+                last = within
+        elif first is None:
+            last = reason((_ON_SALE, 0, car.city))
         else:
-            out.append(_recommendation(car, scores[i], tuple([r for _, r in scored])))
-            continue
-        if not scored:
-            reasons: tuple[Reason, ...] = (last,)
-        elif len(scored) == 1:
-            reasons = (scored[0][1], last)
+            last = None
+        if first is None:
+            reasons: tuple[Reason, ...] = () if last is None else (last,)
+        elif second is None:
+            reasons = (first,) if last is None else (first, last)
+        elif third is None:
+            reasons = (first, second) if last is None else (first, second, last)
         else:
-            reasons = (*[r for _, r in scored], last)
+            reasons = (first, second, third) if last is None else (first, second, third, last)
         out.append(_recommendation(car, scores[i], reasons))
     return tuple(out)
-
-
-_STRENGTH = operator.itemgetter(0)
 
 
 _ReasonKey = tuple[ReasonKind, int, str]
