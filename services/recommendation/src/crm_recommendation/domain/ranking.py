@@ -439,7 +439,10 @@ class _Content:
     weight x (categorical similarity + every numeric block's weight), a per-variant table.
     Exact: a seed skipped for a candidate could not have been its max."""
 
-    __slots__ = ("_c", "_categorical", "_last", "_seed_x", "_table", "_variant", "_weight", "_x")
+    __slots__ = (
+        "_c", "_categorical", "_last", "_lead", "_lead_ones", "_seed_x", "_table", "_variant",
+        "_weight", "_x",
+    )  # fmt: skip
 
     def __init__(
         self, index: CarIndex, cw: ContentWeights, sa: _SeedArrays, cols: OnSaleColumns
@@ -462,7 +465,10 @@ class _Content:
         self._x = cols.derive(c.scaled_key, c.scaled)  # (blocks, n)
         seed_x = (sa.features if len(c.rows) == 3 else sa.features[c.rows]) * c.scale
         self._seed_x = np.ascontiguousarray(seed_x.T)[:, :, None]  # (seeds, blocks, 1)
-        self._weight = sa.weight.astype(np.float32)
+        weight = self._weight = sa.weight.astype(np.float32)
+        same = weight == weight[0]
+        self._lead = len(weight) if same.all() else int(np.argmin(same))  # the leading seeds
+        self._lead_ones = bool(weight[0] == 1.0)
         self._last: tuple[I64 | None, int, F32, I64 | None, F32 | None] | None = None
 
     def sims(self, at: I64 | None, first: int = 0, last: int | None = None) -> F32:
@@ -485,6 +491,8 @@ class _Content:
             np.exp(d, out=d)
             for b in range(blocks):
                 sims += d[:, b]
+        if first == 0 and self._lead_ones and (last is None or last <= self._lead):
+            return sims  # seeds of weight 1 (times 1 changes nothing)
         seed_weight = self._weight[seeds]
         if not (seed_weight == 1.0).all():  # (times 1 changes nothing)
             sims *= seed_weight[:, None]
@@ -494,8 +502,7 @@ class _Content:
         """Each candidate's (``at``; None: all) max over seeds of weighted similarity (see
         the class doc); :meth:`best_seed` then tells which seed gave it."""
         weight = self._weight
-        same = weight == weight[0]
-        lead = len(weight) if same.all() else int(np.argmin(same))  # the leading seeds
+        lead = self._lead
         if lead < len(weight) and self._table is None:  # few candidates: all in one pass
             lead = len(weight)
         sims = self.sims(at, 0, lead)
