@@ -61,6 +61,19 @@ I64 = npt.NDArray[np.int64]
 I32 = npt.NDArray[np.int32]
 
 SCORE_DECIMALS = 6
+# the reductions as ufunc methods, called directly: ``a.max()`` / ``np.flatnonzero(a)`` go
+# through Python wrappers (~1 us a call, tens of calls per answer); the same C functions
+_max = np.maximum.reduce
+_min = np.minimum.reduce
+_all = np.logical_and.reduce
+_any = np.logical_or.reduce
+
+
+def _nonzero(a: npt.NDArray[np.bool_]) -> I64:
+    """``np.flatnonzero`` of a 1-d array, without its wrappers."""
+    return a.nonzero()[0]
+
+
 _MAX_KIND_WEIGHT = 4.0
 _SIMILAR_MIN = 0.5  # content similarity from which "similar car" is said
 _MASK_WEIGHT = tuple(
@@ -156,7 +169,7 @@ def candidates(
     found = index.on_sale_slots(city, lo, hi)
     if excluded and len(found):
         gone = np.fromiter(excluded, np.int64, len(excluded))
-        at = np.minimum(np.searchsorted(found, gone), len(found) - 1)
+        at = np.minimum(found.searchsorted(gone), len(found) - 1)
         at = at[found[at] == gone]
         if len(at):
             found = np.delete(found, at)
@@ -227,7 +240,7 @@ def _signals(
     if sa is not None and w_cooc > 0:
         which, nbr, weight = index.pairs.rows(sa.slots)
         row = cols.rows_of(nbr)
-        hit = np.flatnonzero(row >= 0)  # the neighbours that are candidates
+        hit = _nonzero(row >= 0)  # the neighbours that are candidates
         if len(hit):
             row, which = row[hit], which[hit]
             cos = index.cosines(sa.slots[which], nbr[hit], weight[hit])
@@ -237,7 +250,7 @@ def _signals(
             summed = np.bincount(row, weights=contrib, minlength=n)
             if len(excluded):
                 summed[excluded] = 0.0
-            top = float(summed.max())
+            top = float(_max(summed))
             if top > 0:
                 cooc = summed / top
                 rest = w_cooc * cooc
@@ -245,7 +258,7 @@ def _signals(
         logpop = index.logpop[cols.slots]
         if len(excluded):
             logpop[excluded] = -np.inf
-        top = float(logpop.max())
+        top = float(_max(logpop))
         if np.isfinite(top):
             logpop -= top
             logpop *= 0.5
@@ -257,8 +270,8 @@ def _signals(
     if cfg.outside_budget_penalty > 0 and (budget_min > 0 or budget_max > 0):
         # the rows are sorted by price: the ones outside the budget are a prefix and a suffix
         price = cols.price
-        below = int(np.searchsorted(price, budget_min)) if budget_min > 0 else 0
-        above = int(np.searchsorted(price, budget_max, "right")) if budget_max > 0 else n
+        below = int(price.searchsorted(budget_min)) if budget_min > 0 else 0
+        above = int(price.searchsorted(budget_max, "right")) if budget_max > 0 else n
         if below > 0 or above < n:
             factor = np.ones(n)
             factor[:below] = 1.0 - cfg.outside_budget_penalty
@@ -272,7 +285,7 @@ def _signals(
             raw += rest if at is None else rest[at]
         if factor is not None:
             raw *= factor if at is None else factor[at]
-        return np.round(raw, SCORE_DECIMALS, out=raw)
+        return raw.round(SCORE_DECIMALS, out=raw)
 
     if sa is None or w_content <= 0:
         score = scored(None, None)
@@ -298,7 +311,7 @@ def _signals(
         chosen, capped = _select_capped(cols.ids[at], cols.brand[at], score, count, per_brand)
         if capped:  # else: no cut (every candidate may be needed)
             cut = float(score[chosen[-1]])
-            keep = np.flatnonzero(bound + _BOUND_MARGIN >= cut)
+            keep = _nonzero(bound + _BOUND_MARGIN >= cut)
     if keep is None:
         content = model.content(None)
         score = scored(content, None)
@@ -399,7 +412,7 @@ def _content_bound(
     for row, weight, width in _numeric_blocks(cw):
         values = np.unique(sa.features[row]).astype(np.float64)
         x = cols.features[row].astype(np.float64)
-        at = np.searchsorted(values, x)
+        at = values.searchsorted(x)
         below = x - values[np.maximum(at - 1, 0)]
         above = values[np.minimum(at, len(values) - 1)] - x
         d = np.minimum(np.abs(below), np.abs(above)) * (1.0 / width)
@@ -465,10 +478,10 @@ class _Content:
         self._x = cols.derive(c.scaled_key, c.scaled)  # (blocks, n)
         seed_x = (sa.features if len(c.rows) == 3 else sa.features[c.rows]) * c.scale
         self._seed_x = np.ascontiguousarray(seed_x.T)[:, :, None]  # (seeds, blocks, 1)
-        weight = self._weight = sa.weight.astype(np.float32)
-        same = weight == weight[0]
-        self._lead = len(weight) if same.all() else int(np.argmin(same))  # the leading seeds
-        self._lead_ones = bool(weight[0] == 1.0)
+        w = self._weight = sa.weight.astype(np.float32)
+        same = w == w[0]
+        self._lead = len(w) if _all(same) else int(same.argmin())  # the leading seeds
+        self._lead_ones = bool(w[0] == 1.0)
         self._last: tuple[I64 | None, int, F32, I64 | None, F32 | None] | None = None
 
     def sims(self, at: I64 | None, first: int = 0, last: int | None = None) -> F32:
@@ -477,7 +490,7 @@ class _Content:
         seeds = slice(first, last)
         variant = self._variant if at is None else self._variant[at]
         if self._table is not None:
-            sims = np.take(self._table[seeds], variant, axis=1)
+            sims = self._table[seeds].take(variant, axis=1)
         else:  # compare directly (the same sums as the table's)
             sims = np.zeros((len(self._weight[seeds]), len(variant)), np.float32)
             for weight, seed_codes, of_variant in self._categorical:
@@ -494,7 +507,7 @@ class _Content:
         if first == 0 and self._lead_ones and (last is None or last <= self._lead):
             return sims  # seeds of weight 1 (times 1 changes nothing)
         seed_weight = self._weight[seeds]
-        if not (seed_weight == 1.0).all():  # (times 1 changes nothing)
+        if not _all(seed_weight == 1.0):  # (times 1 changes nothing)
             sims *= seed_weight[:, None]
         return sims
 
@@ -512,10 +525,10 @@ class _Content:
         if lead < len(weight) and self._table is not None:
             variant = self._variant if at is None else self._variant[at]
             reach = (self._table[lead:] + self._c.numeric_max) * weight[lead:, None]
-            need = np.flatnonzero(reach.max(axis=0)[variant] + _SEED_MARGIN >= best)
+            need = _nonzero(_max(reach, axis=0)[variant] + _SEED_MARGIN >= best)
             if len(need):
                 rest = self.sims(need if at is None else at[need], lead)
-                best[need] = np.maximum(best[need], rest.max(axis=0))
+                best[need] = np.maximum(best[need], _max(rest, axis=0))
         self._last = (at, lead, sims, need, rest)
         out: F64 = best.astype(np.float64)
         return out
@@ -527,15 +540,15 @@ class _Content:
             raise RuntimeError("best_seed before content")
         _, lead, sims, need, rest = self._last
         sub = sims[:, positions]
-        best = sub.max(axis=0)
+        best = _max(sub, axis=0)
         seed = sub.argmax(axis=0)
         if need is not None and rest is not None and len(need):
-            at = np.minimum(np.searchsorted(need, positions), len(need) - 1)
+            at = np.minimum(need.searchsorted(positions), len(need) - 1)
             there = need[at] == positions
-            if there.any():
+            if _any(there):
                 other = rest[:, at[there]]
-                better = other.max(axis=0) > best[there]
-                seed[np.flatnonzero(there)[better]] = other.argmax(axis=0)[better] + lead
+                better = _max(other, axis=0) > best[there]
+                seed[_nonzero(there)[better]] = other.argmax(axis=0)[better] + lead
         return seed.tolist()  # type: ignore[no-any-return]
 
 
@@ -567,12 +580,12 @@ def _top(ids: I64, score: F64, pool: I64 | None, m: int, rounded: bool = True) -
     if pool is None and rounded and len(score) > m:
         key = _packed_key(ids, score)
         if key is not None:  # one int64 key per car, all distinct: no tie at the cut
-            picked = np.argpartition(key, m - 1)[:m]
-            return picked[np.argsort(key[picked])]
+            picked = key.argpartition(m - 1)[:m]
+            return picked[key[picked].argsort()]
     values = score if pool is None else score[pool]
     if len(values) > m:
         kth = np.partition(values, len(values) - m)[len(values) - m]
-        picked = np.flatnonzero(values >= kth)  # every tie at the cut, then ordered by id
+        picked = _nonzero(values >= kth)  # every tie at the cut, then ordered by id
         if pool is not None:
             picked = pool[picked]
     else:
@@ -584,11 +597,11 @@ def _packed_key(ids: I64, score: F64) -> I64 | None:
     """For rounded scores (multiples of 1e-6 in [0, 1], or -inf) and ids in [0, 2**43):
     one int64 per car ordering as (score desc, car id asc), -inf last; None for other
     ids."""
-    if len(ids) == 0 or ids.min() < 0 or ids.max() >= _MAX_PACKED_ID:
+    if len(ids) == 0 or _min(ids) < 0 or _max(ids) >= _MAX_PACKED_ID:
         return None
     ticks = np.rint(score * _SCORE_SCALE)
     np.maximum(ticks, -1.0, out=ticks)  # -inf: one tick below 0, after every score
-    key = (_SCORE_SCALE - ticks.astype(np.int64)) << _ID_BITS
+    key: I64 = (_SCORE_SCALE - ticks.astype(np.int64)) << _ID_BITS
     key |= ids
     return key
 
@@ -600,7 +613,7 @@ def _rank_order(ids: I64, score: F64, rounded: bool) -> I64:
     if rounded:
         key = _packed_key(ids, score)
         if key is not None:
-            return np.argsort(key)
+            return key.argsort()
     return np.lexsort((ids, -score))
 
 
@@ -620,7 +633,7 @@ def _select(ids: I64, brands: I32, score: F64, count: int, per_brand: int) -> li
     # every candidate walked or of a full brand: fill up with the passed-over cars
     rest = score > -np.inf
     rest[np.array(chosen, dtype=np.intp)] = False
-    pool = np.flatnonzero(rest)
+    pool = _nonzero(rest)
     if len(pool) == 0:
         return chosen
     fill: list[int] = _top(ids, score, pool, count - len(chosen)).tolist()
@@ -646,9 +659,9 @@ def _select_capped(
         chosen: list[int] = []
         last = len(prefix)
         if score[prefix[-1]] == -np.inf:  # the candidates end inside the prefix
-            last = int(np.argmax(score[prefix] == -np.inf))
+            last = int((score[prefix] == -np.inf).argmax())
         codes = brands[prefix[:last]]  # brand codes: small ints >= 0
-        per = [0] * (int(codes.max()) + 1 if last else 1)  # cars taken per brand code
+        per = [0] * (int(_max(codes)) + 1 if last else 1)  # cars taken per brand code
         for pos, brand in zip(prefix[:last].tolist(), codes.tolist(), strict=True):
             if per[brand] < per_brand:
                 per[brand] += 1
@@ -668,10 +681,10 @@ def _cooc_seeds(sig: _Signals, rows: I64) -> list[int]:
     if sig.cooc_entries is None or k == 0 or len(sig.cooc_entries[0]) == 0:
         return picked
     row, which, contrib = sig.cooc_entries
-    order = np.argsort(rows)
+    order = rows.argsort()
     ordered = rows[order]
-    at = np.minimum(np.searchsorted(ordered, row), k - 1)
-    hit = np.flatnonzero(ordered[at] == row)  # the entries of answer cars, in seed order
+    at = np.minimum(ordered.searchsorted(row), k - 1)
+    hit = _nonzero(ordered[at] == row)  # the entries of answer cars, in seed order
     best = [0.0] * k
     for i, seed, value in zip(
         order[at[hit]].tolist(), which[hit].tolist(), contrib[hit].tolist(), strict=True
@@ -786,39 +799,39 @@ def _explain(
         s1 = w_content * content[i]
         second: Reason | None = None
         s2 = 0.0
-        seed = cooc_seeds[i]
-        if seed >= 0:
-            found = by_seed.get(seed)
-            if found is None:
-                found = by_seed[seed] = reason((_ALSO_INTERESTED, seed, ""))
+        cooc_seed = cooc_seeds[i]
+        if cooc_seed >= 0:
+            shared = by_seed.get(cooc_seed)
+            if shared is None:
+                shared = by_seed[cooc_seed] = reason((_ALSO_INTERESTED, cooc_seed, ""))
             s2 = cooc[i]
             if first is None:
-                first, s1 = found, s2
+                first, s1 = shared, s2
             elif s2 > s1:
-                first, second, s1, s2 = found, first, s2, s1
+                first, second, s1, s2 = shared, first, s2, s1
             else:
-                second = found
+                second = shared
         third: Reason | None = None
         p = pop[i]
         if p >= popular and p > 0:
             city = car.city
-            found = by_city.get(city)
-            if found is None:
-                found = by_city[city] = reason((_POPULAR, 0, city))
+            shared = by_city.get(city)
+            if shared is None:
+                shared = by_city[city] = reason((_POPULAR, 0, city))
             s3 = w_pop * p
             if first is None:
-                first = found
+                first = shared
             elif second is None:
                 if s3 > s1:
-                    first, second = found, first
+                    first, second = shared, first
                 else:
-                    second = found
+                    second = shared
             elif s3 > s1:
-                first, second, third = found, first, second
+                first, second, third = shared, first, second
             elif s3 > s2:
-                second, third = found, second
+                second, third = shared, second
             else:
-                third = found
+                third = shared
         if has_budget:
             price = car.price_yuan
             if (budget_max > 0 and price > budget_max) or (budget_min > 0 and price < budget_min):

@@ -113,7 +113,7 @@ def _bound(keys: I64, price: int) -> int:
         return 0
     if price > MAX_PRICE_KEY:
         return len(keys)
-    return int(np.searchsorted(keys, np.int64(price << _SLOT_BITS)))
+    return int(keys.searchsorted(np.int64(price << _SLOT_BITS)))
 
 
 class OnSaleLists:
