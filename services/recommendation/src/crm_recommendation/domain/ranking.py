@@ -120,7 +120,7 @@ class _SeedArrays:
     @classmethod
     def of(cls, index: CarIndex, seeds: list[Seed]) -> _SeedArrays:
         slots = np.array([sd.slot for sd in seeds], np.int64)
-        return cls(
+        return _seed_arrays(
             slots,
             np.array([sd.weight for sd in seeds], np.float64),
             index.features[:, slots],
@@ -147,6 +147,10 @@ class _Signals:
     cooc_entries: tuple[I64, I64, F64] | None
     """The seeds' co-occurrence entries that are candidates, in seed order: (candidate
     row, seed position, seed weight x cosine); None when co-interest is not used."""
+
+
+_signals_of = fast_constructor(_Signals)
+_seed_arrays = fast_constructor(_SeedArrays)
 
 
 def budget_bounds(
@@ -291,7 +295,7 @@ def _signals(
         score = scored(None, None)
         if len(excluded):
             score[excluded] = -np.inf
-        return _Signals(None, np.zeros(n), None, cooc, pop, score, entries)
+        return _signals_of(None, np.zeros(n), None, cooc, pop, score, entries)
     model = _Content(index, cfg.content, sa, cols)
     keep: I64 | None = None
     if len(seeds) * n > _PRUNE_FROM:
@@ -317,10 +321,10 @@ def _signals(
         score = scored(content, None)
         if len(excluded):
             score[excluded] = -np.inf
-        return _Signals(None, content, model, cooc, pop, score, entries)
+        return _signals_of(None, content, model, cooc, pop, score, entries)
     # the kept rows hold no excluded one (their bound is -inf)
     content = model.content(keep)
-    return _Signals(keep, content, model, cooc[keep], pop[keep], scored(content, keep), entries)
+    return _signals_of(keep, content, model, cooc[keep], pop[keep], scored(content, keep), entries)
 
 
 _PRUNE_FROM = 200_000
@@ -357,8 +361,24 @@ class _ContentConstants:
         return np.ascontiguousarray(features[self.rows] * self.scale)
 
 
-@functools.lru_cache(maxsize=16)
 def _constants(cw: ContentWeights) -> _ContentConstants:
+    """The constants of ``cw``: found by the object first (the live config is one object
+    until it changes; hashing a pydantic model hashes every field, ~10 us), then by value."""
+    found = _CONSTANTS_OF.get(id(cw))
+    if found is not None and found[0] is cw:
+        return found[1]
+    if len(_CONSTANTS_OF) >= 16:
+        _CONSTANTS_OF.clear()
+    made = _constants_by_value(cw)
+    _CONSTANTS_OF[id(cw)] = (cw, made)  # (holding cw: its id is not reused meanwhile)
+    return made
+
+
+_CONSTANTS_OF: dict[int, tuple[ContentWeights, _ContentConstants]] = {}
+
+
+@functools.lru_cache(maxsize=16)
+def _constants_by_value(cw: ContentWeights) -> _ContentConstants:
     total = cw.price + cw.year + cw.mileage + cw.brand + cw.series + cw.body_type
     blocks = [
         b for b in ((0, cw.price, cw.price_width), (1, cw.year, cw.year_width),
