@@ -152,6 +152,26 @@ _ITEM = b"\x0a"  # RecommendResponse / SimilarCarsResponse.recommendations = 1, 
 _CAR = b"\x0a"  # Recommendation.car = 1, LEN
 _SCORE = b"\x11"  # Recommendation.score = 2, I64
 _REASON = b"\x1a"  # Recommendation.reasons = 3, LEN
+_KIND = b"\x08"  # Reason.kind = 1, VARINT
+_TEXT = b"\x12"  # Reason.text = 2, LEN
+_RELATED = b"\x18"  # Reason.related_car_id = 3, VARINT
+
+
+def _reason_field(reason: Reason) -> bytes:
+    """The ``reasons`` field of a Recommendation holding ``reason`` (tag, length, message):
+    the bytes ``reason_pb(reason).SerializeToString()`` gives, written directly (fields in
+    number order, defaults left out)."""
+    kind, related = int(reason.kind), reason.related_car_id
+    if kind < 0 or related < 0:  # negative varints: left to protobuf
+        body = reason_pb(reason).SerializeToString()
+    else:
+        text = reason.text.encode()
+        body = b"".join((
+            _KIND + _varint(kind) if kind else b"",
+            _TEXT + _varint(len(text)) + text if text else b"",
+            _RELATED + _varint(related) if related else b"",
+        ))  # fmt: skip
+    return _REASON + _varint(len(body)) + body
 
 
 class ResponseEncoder:
@@ -197,8 +217,7 @@ class ResponseEncoder:
             for reason in rec.reasons:
                 data = reasons.get(id(reason))
                 if data is None:
-                    body = reason_pb(reason).SerializeToString()
-                    data = reasons[id(reason)] = _REASON + _varint(len(body)) + body
+                    data = reasons[id(reason)] = _reason_field(reason)
                 parts.append(data)
             item = b"".join(parts)
             size = len(item)

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import functools
 import math
-import operator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -62,6 +61,19 @@ I64 = npt.NDArray[np.int64]
 I32 = npt.NDArray[np.int32]
 
 SCORE_DECIMALS = 6
+# the reductions as ufunc methods, called directly: ``a.max()`` / ``np.flatnonzero(a)`` go
+# through Python wrappers (~1 us a call, tens of calls per answer); the same C functions
+_max = np.maximum.reduce
+_min = np.minimum.reduce
+_all = np.logical_and.reduce
+_any = np.logical_or.reduce
+
+
+def _nonzero(a: npt.NDArray[np.bool_]) -> I64:
+    """``np.flatnonzero`` of a 1-d array, without its wrappers."""
+    return a.nonzero()[0]
+
+
 _MAX_KIND_WEIGHT = 4.0
 _SIMILAR_MIN = 0.5  # content similarity from which "similar car" is said
 _MASK_WEIGHT = tuple(
@@ -108,7 +120,7 @@ class _SeedArrays:
     @classmethod
     def of(cls, index: CarIndex, seeds: list[Seed]) -> _SeedArrays:
         slots = np.array([sd.slot for sd in seeds], np.int64)
-        return cls(
+        return _seed_arrays(
             slots,
             np.array([sd.weight for sd in seeds], np.float64),
             index.features[:, slots],
@@ -137,6 +149,10 @@ class _Signals:
     row, seed position, seed weight x cosine); None when co-interest is not used."""
 
 
+_signals_of = fast_constructor(_Signals)
+_seed_arrays = fast_constructor(_SeedArrays)
+
+
 def budget_bounds(
     budget_min: int, budget_max: int, tolerance: float
 ) -> tuple[float | None, float | None]:
@@ -157,7 +173,7 @@ def candidates(
     found = index.on_sale_slots(city, lo, hi)
     if excluded and len(found):
         gone = np.fromiter(excluded, np.int64, len(excluded))
-        at = np.minimum(np.searchsorted(found, gone), len(found) - 1)
+        at = np.minimum(found.searchsorted(gone), len(found) - 1)
         at = at[found[at] == gone]
         if len(at):
             found = np.delete(found, at)
@@ -228,7 +244,7 @@ def _signals(
     if sa is not None and w_cooc > 0:
         which, nbr, weight = index.pairs.rows(sa.slots)
         row = cols.rows_of(nbr)
-        hit = np.flatnonzero(row >= 0)  # the neighbours that are candidates
+        hit = _nonzero(row >= 0)  # the neighbours that are candidates
         if len(hit):
             row, which = row[hit], which[hit]
             cos = index.cosines(sa.slots[which], nbr[hit], weight[hit])
@@ -238,7 +254,7 @@ def _signals(
             summed = np.bincount(row, weights=contrib, minlength=n)
             if len(excluded):
                 summed[excluded] = 0.0
-            top = float(summed.max())
+            top = float(_max(summed))
             if top > 0:
                 cooc = summed / top
                 rest = w_cooc * cooc
@@ -246,7 +262,7 @@ def _signals(
         logpop = index.logpop[cols.slots]
         if len(excluded):
             logpop[excluded] = -np.inf
-        top = float(logpop.max())
+        top = float(_max(logpop))
         if np.isfinite(top):
             logpop -= top
             logpop *= 0.5
@@ -258,8 +274,8 @@ def _signals(
     if cfg.outside_budget_penalty > 0 and (budget_min > 0 or budget_max > 0):
         # the rows are sorted by price: the ones outside the budget are a prefix and a suffix
         price = cols.price
-        below = int(np.searchsorted(price, budget_min)) if budget_min > 0 else 0
-        above = int(np.searchsorted(price, budget_max, "right")) if budget_max > 0 else n
+        below = int(price.searchsorted(budget_min)) if budget_min > 0 else 0
+        above = int(price.searchsorted(budget_max, "right")) if budget_max > 0 else n
         if below > 0 or above < n:
             factor = np.ones(n)
             factor[:below] = 1.0 - cfg.outside_budget_penalty
@@ -273,13 +289,13 @@ def _signals(
             raw += rest if at is None else rest[at]
         if factor is not None:
             raw *= factor if at is None else factor[at]
-        return np.round(raw, SCORE_DECIMALS, out=raw)
+        return raw.round(SCORE_DECIMALS, out=raw)
 
     if sa is None or w_content <= 0:
         score = scored(None, None)
         if len(excluded):
             score[excluded] = -np.inf
-        return _Signals(None, np.zeros(n), None, cooc, pop, score, entries)
+        return _signals_of(None, np.zeros(n), None, cooc, pop, score, entries)
     model = _Content(index, cfg.content, sa, cols)
     keep: I64 | None = None
     if len(seeds) * n > _PRUNE_FROM:
@@ -299,16 +315,16 @@ def _signals(
         chosen, capped = _select_capped(cols.ids[at], cols.brand[at], score, count, per_brand)
         if capped:  # else: no cut (every candidate may be needed)
             cut = float(score[chosen[-1]])
-            keep = np.flatnonzero(bound + _BOUND_MARGIN >= cut)
+            keep = _nonzero(bound + _BOUND_MARGIN >= cut)
     if keep is None:
         content = model.content(None)
         score = scored(content, None)
         if len(excluded):
             score[excluded] = -np.inf
-        return _Signals(None, content, model, cooc, pop, score, entries)
+        return _signals_of(None, content, model, cooc, pop, score, entries)
     # the kept rows hold no excluded one (their bound is -inf)
     content = model.content(keep)
-    return _Signals(keep, content, model, cooc[keep], pop[keep], scored(content, keep), entries)
+    return _signals_of(keep, content, model, cooc[keep], pop[keep], scored(content, keep), entries)
 
 
 _PRUNE_FROM = 200_000
@@ -345,8 +361,24 @@ class _ContentConstants:
         return np.ascontiguousarray(features[self.rows] * self.scale)
 
 
-@functools.lru_cache(maxsize=16)
 def _constants(cw: ContentWeights) -> _ContentConstants:
+    """The constants of ``cw``: found by the object first (the live config is one object
+    until it changes; hashing a pydantic model hashes every field, ~10 us), then by value."""
+    found = _CONSTANTS_OF.get(id(cw))
+    if found is not None and found[0] is cw:
+        return found[1]
+    if len(_CONSTANTS_OF) >= 16:
+        _CONSTANTS_OF.clear()
+    made = _constants_by_value(cw)
+    _CONSTANTS_OF[id(cw)] = (cw, made)  # (holding cw: its id is not reused meanwhile)
+    return made
+
+
+_CONSTANTS_OF: dict[int, tuple[ContentWeights, _ContentConstants]] = {}
+
+
+@functools.lru_cache(maxsize=16)
+def _constants_by_value(cw: ContentWeights) -> _ContentConstants:
     total = cw.price + cw.year + cw.mileage + cw.brand + cw.series + cw.body_type
     blocks = [
         b for b in ((0, cw.price, cw.price_width), (1, cw.year, cw.year_width),
@@ -400,7 +432,7 @@ def _content_bound(
     for row, weight, width in _numeric_blocks(cw):
         values = np.unique(sa.features[row]).astype(np.float64)
         x = cols.features[row].astype(np.float64)
-        at = np.searchsorted(values, x)
+        at = values.searchsorted(x)
         below = x - values[np.maximum(at - 1, 0)]
         above = values[np.minimum(at, len(values) - 1)] - x
         d = np.minimum(np.abs(below), np.abs(above)) * (1.0 / width)
@@ -440,7 +472,10 @@ class _Content:
     weight x (categorical similarity + every numeric block's weight), a per-variant table.
     Exact: a seed skipped for a candidate could not have been its max."""
 
-    __slots__ = ("_c", "_categorical", "_last", "_seed_x", "_table", "_variant", "_weight", "_x")
+    __slots__ = (
+        "_c", "_categorical", "_last", "_lead", "_lead_ones", "_seed_x", "_table", "_variant",
+        "_weight", "_x",
+    )  # fmt: skip
 
     def __init__(
         self, index: CarIndex, cw: ContentWeights, sa: _SeedArrays, cols: OnSaleColumns
@@ -463,7 +498,10 @@ class _Content:
         self._x = cols.derive(c.scaled_key, c.scaled)  # (blocks, n)
         seed_x = (sa.features if len(c.rows) == 3 else sa.features[c.rows]) * c.scale
         self._seed_x = np.ascontiguousarray(seed_x.T)[:, :, None]  # (seeds, blocks, 1)
-        self._weight = sa.weight.astype(np.float32)
+        w = self._weight = sa.weight.astype(np.float32)
+        same = w == w[0]
+        self._lead = len(w) if _all(same) else int(same.argmin())  # the leading seeds
+        self._lead_ones = bool(w[0] == 1.0)
         self._last: tuple[I64 | None, int, F32, I64 | None, F32 | None] | None = None
 
     def sims(self, at: I64 | None, first: int = 0, last: int | None = None) -> F32:
@@ -472,7 +510,7 @@ class _Content:
         seeds = slice(first, last)
         variant = self._variant if at is None else self._variant[at]
         if self._table is not None:
-            sims = np.take(self._table[seeds], variant, axis=1)
+            sims = self._table[seeds].take(variant, axis=1)
         else:  # compare directly (the same sums as the table's)
             sims = np.zeros((len(self._weight[seeds]), len(variant)), np.float32)
             for weight, seed_codes, of_variant in self._categorical:
@@ -486,8 +524,10 @@ class _Content:
             np.exp(d, out=d)
             for b in range(blocks):
                 sims += d[:, b]
+        if first == 0 and self._lead_ones and (last is None or last <= self._lead):
+            return sims  # seeds of weight 1 (times 1 changes nothing)
         seed_weight = self._weight[seeds]
-        if not (seed_weight == 1.0).all():  # (times 1 changes nothing)
+        if not _all(seed_weight == 1.0):  # (times 1 changes nothing)
             sims *= seed_weight[:, None]
         return sims
 
@@ -495,8 +535,7 @@ class _Content:
         """Each candidate's (``at``; None: all) max over seeds of weighted similarity (see
         the class doc); :meth:`best_seed` then tells which seed gave it."""
         weight = self._weight
-        same = weight == weight[0]
-        lead = len(weight) if same.all() else int(np.argmin(same))  # the leading seeds
+        lead = self._lead
         if lead < len(weight) and self._table is None:  # few candidates: all in one pass
             lead = len(weight)
         sims = self.sims(at, 0, lead)
@@ -506,10 +545,10 @@ class _Content:
         if lead < len(weight) and self._table is not None:
             variant = self._variant if at is None else self._variant[at]
             reach = (self._table[lead:] + self._c.numeric_max) * weight[lead:, None]
-            need = np.flatnonzero(reach.max(axis=0)[variant] + _SEED_MARGIN >= best)
+            need = _nonzero(_max(reach, axis=0)[variant] + _SEED_MARGIN >= best)
             if len(need):
                 rest = self.sims(need if at is None else at[need], lead)
-                best[need] = np.maximum(best[need], rest.max(axis=0))
+                best[need] = np.maximum(best[need], _max(rest, axis=0))
         self._last = (at, lead, sims, need, rest)
         out: F64 = best.astype(np.float64)
         return out
@@ -521,15 +560,15 @@ class _Content:
             raise RuntimeError("best_seed before content")
         _, lead, sims, need, rest = self._last
         sub = sims[:, positions]
-        best = sub.max(axis=0)
+        best = _max(sub, axis=0)
         seed = sub.argmax(axis=0)
         if need is not None and rest is not None and len(need):
-            at = np.minimum(np.searchsorted(need, positions), len(need) - 1)
+            at = np.minimum(need.searchsorted(positions), len(need) - 1)
             there = need[at] == positions
-            if there.any():
+            if _any(there):
                 other = rest[:, at[there]]
-                better = other.max(axis=0) > best[there]
-                seed[np.flatnonzero(there)[better]] = other.argmax(axis=0)[better] + lead
+                better = _max(other, axis=0) > best[there]
+                seed[_nonzero(there)[better]] = other.argmax(axis=0)[better] + lead
         return seed.tolist()  # type: ignore[no-any-return]
 
 
@@ -558,10 +597,15 @@ def _top(ids: I64, score: F64, pool: I64 | None, m: int, rounded: bool = True) -
     """The best ``m`` positions of ``pool`` (every position when None) in rank order
     (score desc, car id asc); ``rounded``: the scores are an answer's (see
     :func:`_rank_order`)."""
+    if pool is None and rounded and len(score) > m:
+        key = _packed_key(ids, score)
+        if key is not None:  # one int64 key per car, all distinct: no tie at the cut
+            picked = key.argpartition(m - 1)[:m]
+            return picked[key[picked].argsort()]
     values = score if pool is None else score[pool]
     if len(values) > m:
         kth = np.partition(values, len(values) - m)[len(values) - m]
-        picked = np.flatnonzero(values >= kth)  # every tie at the cut, then ordered by id
+        picked = _nonzero(values >= kth)  # every tie at the cut, then ordered by id
         if pool is not None:
             picked = pool[picked]
     else:
@@ -569,23 +613,30 @@ def _top(ids: I64, score: F64, pool: I64 | None, m: int, rounded: bool = True) -
     return picked[_rank_order(ids[picked], score[picked], rounded)[:m]]
 
 
+def _packed_key(ids: I64, score: F64) -> I64 | None:
+    """For rounded scores (multiples of 1e-6 in [0, 1], or -inf) and ids in [0, 2**43):
+    one int64 per car ordering as (score desc, car id asc), -inf last; None for other
+    ids."""
+    if len(ids) == 0 or _min(ids) < 0 or _max(ids) >= _MAX_PACKED_ID:
+        return None
+    ticks = np.rint(score * _SCORE_SCALE)
+    np.maximum(ticks, -1.0, out=ticks)  # -inf: one tick below 0, after every score
+    key: I64 = (_SCORE_SCALE - ticks.astype(np.int64)) << _ID_BITS
+    key |= ids
+    return key
+
+
 def _rank_order(ids: I64, score: F64, rounded: bool) -> I64:
     """The order of these cars by score desc, then car id asc. ``rounded``: the scores
     are an answer's, multiples of 1e-6 in [0, 1] (or -inf): with ids below 2**43, score
     ticks and id then make one int64 key, one sort instead of a two-key lexsort."""
-    if len(ids) <= _SMALL_SORT:
-        return np.lexsort((ids, -score))
-    if rounded and ids.min() >= 0 and ids.max() < _MAX_PACKED_ID:
-        ticks = np.rint(score * _SCORE_SCALE)
-        if ticks.min() >= 0:  # (no -inf)
-            key = (_SCORE_SCALE - ticks.astype(np.int64)) << _ID_BITS
-            key |= ids
-            return np.argsort(key)
+    if rounded:
+        key = _packed_key(ids, score)
+        if key is not None:
+            return key.argsort()
     return np.lexsort((ids, -score))
 
 
-_SMALL_SORT = 512
-"""Up to this many cars, the two-key lexsort is cheaper than building the one key."""
 _SCORE_SCALE = 10**SCORE_DECIMALS
 _ID_BITS = 43
 _MAX_PACKED_ID = 1 << _ID_BITS
@@ -602,7 +653,7 @@ def _select(ids: I64, brands: I32, score: F64, count: int, per_brand: int) -> li
     # every candidate walked or of a full brand: fill up with the passed-over cars
     rest = score > -np.inf
     rest[np.array(chosen, dtype=np.intp)] = False
-    pool = np.flatnonzero(rest)
+    pool = _nonzero(rest)
     if len(pool) == 0:
         return chosen
     fill: list[int] = _top(ids, score, pool, count - len(chosen)).tolist()
@@ -628,10 +679,10 @@ def _select_capped(
         chosen: list[int] = []
         last = len(prefix)
         if score[prefix[-1]] == -np.inf:  # the candidates end inside the prefix
-            last = int(np.argmax(score[prefix] == -np.inf))
-        walked = brands[prefix[:last]].tolist()  # brand codes: small ints >= 0
-        per = [0] * (max(walked, default=0) + 1)  # cars taken per brand code
-        for pos, brand in zip(prefix[:last].tolist(), walked, strict=True):
+            last = int((score[prefix] == -np.inf).argmax())
+        codes = brands[prefix[:last]]  # brand codes: small ints >= 0
+        per = [0] * (int(_max(codes)) + 1 if last else 1)  # cars taken per brand code
+        for pos, brand in zip(prefix[:last].tolist(), codes.tolist(), strict=True):
             if per[brand] < per_brand:
                 per[brand] += 1
                 chosen.append(pos)
@@ -650,10 +701,10 @@ def _cooc_seeds(sig: _Signals, rows: I64) -> list[int]:
     if sig.cooc_entries is None or k == 0 or len(sig.cooc_entries[0]) == 0:
         return picked
     row, which, contrib = sig.cooc_entries
-    order = np.argsort(rows)
+    order = rows.argsort()
     ordered = rows[order]
-    at = np.minimum(np.searchsorted(ordered, row), k - 1)
-    hit = np.flatnonzero(ordered[at] == row)  # the entries of answer cars, in seed order
+    at = np.minimum(ordered.searchsorted(row), k - 1)
+    hit = _nonzero(ordered[at] == row)  # the entries of answer cars, in seed order
     best = [0.0] * k
     for i, seed, value in zip(
         order[at[hit]].tolist(), which[hit].tolist(), contrib[hit].tolist(), strict=True
@@ -748,51 +799,82 @@ def _explain(
                 if seed.car.body_type == car.body_type and content[i] >= _SIMILAR_MIN * seed.weight:
                     content_keys[i] = (_SIMILAR_CAR, best, _BODY_NAMES[car.body_type])
     cooc_seeds = _cooc_seeds(sig, rows) if w_cooc > 0 else [-1] * k
-    cooc = sig.cooccurrence[at].tolist() if w_cooc > 0 else [0.0] * k
+    cooc = (w_cooc * sig.cooccurrence[at]).tolist() if w_cooc > 0 else [0.0] * k
     pop = sig.popularity[at].tolist() if w_pop > 0 else [0.0] * k
     popular = cfg.popular_threshold
     budget_min, budget_max = budget
     has_budget = budget_min > 0 or budget_max > 0
-    within = (_WITHIN_BUDGET, 0, "")
+    within: Reason | None = None
+    # the reasons an answer shares, made on first use: per seed, per city, per budget text
+    by_seed: dict[int, Reason] = {}
+    by_city: dict[str, Reason] = {}
+    last: Reason | None
     out = []
     for i, car in enumerate(answer):
         assert car is not None
-        scored: list[tuple[float, Reason]] = []
+        # (strength, reason) of content, co-interest, popularity, strongest first; equal
+        # strengths keep this order (as a stable sort)
         key = content_keys[i]
-        if key is not None:
-            scored.append((w_content * content[i], made.get(key) or reason(key)))
-        if cooc_seeds[i] >= 0:
-            key = (_ALSO_INTERESTED, cooc_seeds[i], "")
-            scored.append((w_cooc * cooc[i], made.get(key) or reason(key)))
-        if pop[i] >= popular and pop[i] > 0:
-            key = (_POPULAR, 0, car.city)
-            scored.append((w_pop * pop[i], made.get(key) or reason(key)))
-        if len(scored) > 1:
-            scored.sort(key=_STRENGTH, reverse=True)  # stable: equal ones keep this order
+        first = None if key is None else made.get(key) or reason(key)
+        s1 = w_content * content[i]
+        second: Reason | None = None
+        s2 = 0.0
+        cooc_seed = cooc_seeds[i]
+        if cooc_seed >= 0:
+            shared = by_seed.get(cooc_seed)
+            if shared is None:
+                shared = by_seed[cooc_seed] = reason((_ALSO_INTERESTED, cooc_seed, ""))
+            s2 = cooc[i]
+            if first is None:
+                first, s1 = shared, s2
+            elif s2 > s1:
+                first, second, s1, s2 = shared, first, s2, s1
+            else:
+                second = shared
+        third: Reason | None = None
+        p = pop[i]
+        if p >= popular and p > 0:
+            city = car.city
+            shared = by_city.get(city)
+            if shared is None:
+                shared = by_city[city] = reason((_POPULAR, 0, city))
+            s3 = w_pop * p
+            if first is None:
+                first = shared
+            elif second is None:
+                if s3 > s1:
+                    first, second = shared, first
+                else:
+                    second = shared
+            elif s3 > s1:
+                first, second, third = shared, first, second
+            elif s3 > s2:
+                second, third = shared, second
+            else:
+                third = shared
         if has_budget:
             price = car.price_yuan
             if (budget_max > 0 and price > budget_max) or (budget_min > 0 and price < budget_min):
                 key = _budget_reason_key(price, budget)
+                last = made.get(key) or reason(key)
             else:
-                key = within
-            last = made.get(key) or reason(key)
-        elif not scored:
-            key = (_ON_SALE, 0, car.city)
-            last = made.get(key) or reason(key)
+                if within is None:
+                    within = reason((_WITHIN_BUDGET, 0, ""))
+                last = within
+        elif first is None:
+            last = reason((_ON_SALE, 0, car.city))
         else:
-            out.append(_recommendation(car, scores[i], tuple([r for _, r in scored])))
-            continue
-        if not scored:
-            reasons: tuple[Reason, ...] = (last,)
-        elif len(scored) == 1:
-            reasons = (scored[0][1], last)
+            last = None
+        if first is None:
+            reasons: tuple[Reason, ...] = () if last is None else (last,)
+        elif second is None:
+            reasons = (first,) if last is None else (first, last)
+        elif third is None:
+            reasons = (first, second) if last is None else (first, second, last)
         else:
-            reasons = (*[r for _, r in scored], last)
+            reasons = (first, second, third) if last is None else (first, second, third, last)
         out.append(_recommendation(car, scores[i], reasons))
     return tuple(out)
-
-
-_STRENGTH = operator.itemgetter(0)
 
 
 _ReasonKey = tuple[ReasonKind, int, str]

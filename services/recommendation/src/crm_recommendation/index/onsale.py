@@ -113,7 +113,7 @@ def _bound(keys: I64, price: int) -> int:
         return 0
     if price > MAX_PRICE_KEY:
         return len(keys)
-    return int(np.searchsorted(keys, np.int64(price << _SLOT_BITS)))
+    return int(keys.searchsorted(np.int64(price << _SLOT_BITS)))
 
 
 class OnSaleLists:
@@ -229,7 +229,9 @@ class OnSaleColumns:
             return np.full(len(slots), -1, np.int64)
         at = self.row_of[slots]
         at -= self.offset
-        # one unsigned compare checks 0 <= at < n (a negative row wraps to a huge one)
-        at[at.view(np.uint64) >= n] = 0
+        # rows outside 0..n-1 clamped to n-1 in one unsigned minimum (a negative row wraps
+        # to a huge one); the slot check then rejects them: row n-1 holding this very slot
+        # would mean it is in the range, at that row
+        np.minimum(at.view(np.uint64), np.uint64(n - 1), out=at.view(np.uint64))
         at[self.slots[at] != slots] = -1
         return at
