@@ -416,6 +416,8 @@ _OPERATOR = _objs(
     "crm-operator", kinds=["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment"]
 ) | _objs("crm-operator", kinds=["Service"])
 _WEBHOOK = frozenset({"ValidatingWebhookConfiguration/crm-operator.crm-system"})
+_CERT_MANAGER = frozenset({"Issuer/crm-operator-selfsigned", "Certificate/crm-operator-webhook"})
+_OPERATOR_DEFAULTS = _OPERATOR | _WEBHOOK | _CERT_MANAGER
 _OPERATOR_SINKS_NETPOL = frozenset({"NetworkPolicy/crm-operator-bilog-sinks"})
 
 VARIANTS: tuple[Variant, ...] = (
@@ -522,9 +524,7 @@ VARIANTS: tuple[Variant, ...] = (
     Variant(
         "default",
         chart="crm-operator",
-        expect=_OPERATOR
-        | _WEBHOOK
-        | {"Issuer/crm-operator-selfsigned", "Certificate/crm-operator-webhook"},
+        expect=_OPERATOR_DEFAULTS,
     ),
     Variant(
         "production",
@@ -540,18 +540,14 @@ VARIANTS: tuple[Variant, ...] = (
         "sink-netpol",
         chart="crm-operator",
         sets=("sinkNetworkPolicy.enabled=true",),
-        expect=_OPERATOR
-        | _WEBHOOK
-        | {"Issuer/crm-operator-selfsigned", "Certificate/crm-operator-webhook"},
+        expect=_OPERATOR_DEFAULTS,
     ),
     Variant(
         "sink-netpol+namespaced",
         chart="crm-operator",
         sets=("sinkNetworkPolicy.enabled=true,watchNamespaces={crm,bi}",),
-        expect=_OPERATOR
-        | _WEBHOOK
-        | _objs("crm-operator@crm", "crm-operator@bi", kinds=["Role", "RoleBinding"])
-        | {"Issuer/crm-operator-selfsigned", "Certificate/crm-operator-webhook"},
+        expect=_OPERATOR_DEFAULTS
+        | _objs("crm-operator@crm", "crm-operator@bi", kinds=["Role", "RoleBinding"]),
     ),
     Variant(
         "managed-webhook+namespaced",
@@ -559,7 +555,7 @@ VARIANTS: tuple[Variant, ...] = (
         sets=("webhook.managed=true,watchNamespaces={crm,bi}",),
         expect=_OPERATOR
         | _objs("crm-operator@crm", "crm-operator@bi", kinds=["Role", "RoleBinding"])
-        | {"Issuer/crm-operator-selfsigned", "Certificate/crm-operator-webhook"},
+        | _CERT_MANAGER,
     ),
 )
 
@@ -1855,6 +1851,16 @@ def _normalized_rules(rules: Iterable[Mapping[str, Any]]) -> list[tuple[tuple[st
     return sorted(out)
 
 
+def _deployments_env(docs: list[Manifest]) -> dict[str, str]:
+    """The plain environment of the rendered Deployments' containers (the operator's)."""
+    env: dict[str, str] = {}
+    for doc in docs:
+        if doc.get("kind") == "Deployment":
+            for c in doc["spec"]["template"]["spec"]["containers"]:
+                env.update({e["name"]: str(e.get("value", "")) for e in c.get("env") or []})
+    return env
+
+
 def operator_rbac_problems(
     docs: list[Manifest], values: Mapping[str, Any], operator_dir: Path = OPERATOR_DIR
 ) -> list[str]:
@@ -1925,11 +1931,7 @@ def operator_rbac_problems(
             "name": role["metadata"]["name"],
         }:
             p.append(f"{ref(binding)} ({ns or 'cluster'}) binds {binding['roleRef']}")
-    env: dict[str, str] = {}
-    for doc in docs:
-        if doc.get("kind") == "Deployment":
-            for c in doc["spec"]["template"]["spec"]["containers"]:
-                env.update({e["name"]: str(e.get("value", "")) for e in c.get("env") or []})
+    env = _deployments_env(docs)
     configs = [d for d in docs if d.get("kind") == "ValidatingWebhookConfiguration"]
     if managed:
         if not env.get("CRM_OPERATOR_WEBHOOK_MANAGED"):
@@ -2099,11 +2101,7 @@ def operator_sink_policy_problems(docs: list[Manifest]) -> list[str]:
     from crm_operator.builtin import render_network_policy
     from crm_operator.settings import parse_sink_network_policy
 
-    env: dict[str, str] = {}
-    for doc in docs:
-        if doc.get("kind") == "Deployment":
-            for c in doc["spec"]["template"]["spec"]["containers"]:
-                env.update({e["name"]: str(e.get("value", "")) for e in c.get("env") or []})
+    env = _deployments_env(docs)
     raw = env.get("CRM_OPERATOR_SINK_NETWORK_POLICY", "")
     try:
         spec = parse_sink_network_policy(raw)
