@@ -66,6 +66,16 @@ async def test_builtin_sink_gets_its_own_network_policy(operator: Operator, kube
         sink["metadata"]["uid"],
     )
 
+    # deleted behind the operator's back: the monitor puts it back
+    await kube.delete("networkpolicies", NS, NAME)
+
+    def recreated() -> Any:
+        p = kube.get("networkpolicies", NS, NAME)
+        return p if p and p["metadata"]["uid"] != policy["metadata"]["uid"] else None
+
+    policy = await eventually(recreated, "policy recreated")
+    assert _without_selector(policy) == POLICY
+
     # edited behind the operator's back, then the sink's spec changes: patched back
     await kube.patch("networkpolicies", NS, NAME, {"spec": {"egress": [{}]}})
     await kube.patch("bilogsinks", NS, "files", {"spec": {"flushSize": 42}})
@@ -80,11 +90,6 @@ async def test_builtin_sink_gets_its_own_network_policy(operator: Operator, kube
     assert policy is not None
     assert _without_selector(policy) == POLICY
     assert policy["spec"]["podSelector"]["matchLabels"] == selector
-
-    # deleted behind the operator's back: the monitor puts it back
-    await kube.delete("networkpolicies", NS, NAME)
-    policy = await eventually(lambda: kube.get("networkpolicies", NS, NAME), "policy recreated")
-    assert _without_selector(policy) == POLICY
 
     await kube.delete("bilogsinks", NS, "files")
     await eventually(lambda: kube.get("bilogsinks", NS, "files") is None, "finalizer released")
