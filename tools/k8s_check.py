@@ -416,6 +416,8 @@ _OPERATOR = _objs(
     "crm-operator", kinds=["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment"]
 ) | _objs("crm-operator", kinds=["Service"])
 _WEBHOOK = frozenset({"ValidatingWebhookConfiguration/crm-operator.crm-system"})
+_CERT_MANAGER = frozenset({"Issuer/crm-operator-selfsigned", "Certificate/crm-operator-webhook"})
+_OPERATOR_DEFAULTS = _OPERATOR | _WEBHOOK | _CERT_MANAGER
 _OPERATOR_SINKS_NETPOL = frozenset({"NetworkPolicy/crm-operator-bilog-sinks"})
 
 VARIANTS: tuple[Variant, ...] = (
@@ -522,9 +524,7 @@ VARIANTS: tuple[Variant, ...] = (
     Variant(
         "default",
         chart="crm-operator",
-        expect=_OPERATOR
-        | _WEBHOOK
-        | {"Issuer/crm-operator-selfsigned", "Certificate/crm-operator-webhook"},
+        expect=_OPERATOR_DEFAULTS,
     ),
     Variant(
         "production",
@@ -537,12 +537,25 @@ VARIANTS: tuple[Variant, ...] = (
     ),
     Variant("dev", chart="crm-operator", files=("values-dev.yaml",), expect=_OPERATOR),
     Variant(
+        "sink-netpol",
+        chart="crm-operator",
+        sets=("sinkNetworkPolicy.enabled=true",),
+        expect=_OPERATOR_DEFAULTS,
+    ),
+    Variant(
+        "sink-netpol+namespaced",
+        chart="crm-operator",
+        sets=("sinkNetworkPolicy.enabled=true,watchNamespaces={crm,bi}",),
+        expect=_OPERATOR_DEFAULTS
+        | _objs("crm-operator@crm", "crm-operator@bi", kinds=["Role", "RoleBinding"]),
+    ),
+    Variant(
         "managed-webhook+namespaced",
         chart="crm-operator",
         sets=("webhook.managed=true,watchNamespaces={crm,bi}",),
         expect=_OPERATOR
         | _objs("crm-operator@crm", "crm-operator@bi", kinds=["Role", "RoleBinding"])
-        | {"Issuer/crm-operator-selfsigned", "Certificate/crm-operator-webhook"},
+        | _CERT_MANAGER,
     ),
 )
 
@@ -1838,6 +1851,16 @@ def _normalized_rules(rules: Iterable[Mapping[str, Any]]) -> list[tuple[tuple[st
     return sorted(out)
 
 
+def _deployments_env(docs: list[Manifest]) -> dict[str, str]:
+    """The plain environment of the rendered Deployments' containers (the operator's)."""
+    env: dict[str, str] = {}
+    for doc in docs:
+        if doc.get("kind") == "Deployment":
+            for c in doc["spec"]["template"]["spec"]["containers"]:
+                env.update({e["name"]: str(e.get("value", "")) for e in c.get("env") or []})
+    return env
+
+
 def operator_rbac_problems(
     docs: list[Manifest], values: Mapping[str, Any], operator_dir: Path = OPERATOR_DIR
 ) -> list[str]:
@@ -1845,7 +1868,9 @@ def operator_rbac_problems(
     ``crm_operator.manifests.rbac()`` for the mode the values select (least privilege):
     the sink Deployments' rules namespaced (a Role per ``watchNamespaces`` entry) unless
     the operator watches every namespace, the webhook-configuration rule only in kopf's
-    managed mode (``webhook.managed``), which the operator is then told about; and
+    managed mode (``webhook.managed``), which the operator is then told about, the sinks'
+    NetworkPolicy rule beside the Deployments' only with ``sinkNetworkPolicy.enabled``,
+    which the operator is then given (CRM_OPERATOR_SINK_NETWORK_POLICY); and
     operator/rbac.yaml is the generated default mode (``make manifests``)."""
     from crm_operator import manifests
 
@@ -1856,6 +1881,7 @@ def operator_rbac_problems(
     webhook = values.get("webhook") or {}
     managed = bool(webhook.get("enabled") and webhook.get("managed"))
     namespaces = list(values.get("watchNamespaces") or [])
+    sink_policy = bool(dig(values, ("sinkNetworkPolicy", "enabled")))
     roles = {
         (d["kind"], d["metadata"].get("namespace", "")): d
         for d in docs
@@ -1869,13 +1895,17 @@ def operator_rbac_problems(
         account["metadata"]["name"],
         webhook_managed=managed,
         namespaces=namespaces,
+        sink_network_policy=sink_policy,
     )
     want = {
         (d["kind"], d["metadata"].get("namespace", "")): d
         for d in want_docs
         if d["kind"] in ("ClusterRole", "Role")
     }
-    mode = f"(webhook.managed={managed}, watchNamespaces={namespaces})"
+    mode = (
+        f"(webhook.managed={managed}, watchNamespaces={namespaces}, "
+        f"sinkNetworkPolicy.enabled={sink_policy})"
+    )
     for key in sorted(set(want) - set(roles)):
         p.append(f"{key[0]} in namespace {key[1] or '(cluster)'} is missing {mode}")
     for key in sorted(set(roles) - set(want)):
@@ -1901,11 +1931,7 @@ def operator_rbac_problems(
             "name": role["metadata"]["name"],
         }:
             p.append(f"{ref(binding)} ({ns or 'cluster'}) binds {binding['roleRef']}")
-    env: dict[str, str] = {}
-    for doc in docs:
-        if doc.get("kind") == "Deployment":
-            for c in doc["spec"]["template"]["spec"]["containers"]:
-                env.update({e["name"]: str(e.get("value", "")) for e in c.get("env") or []})
+    env = _deployments_env(docs)
     configs = [d for d in docs if d.get("kind") == "ValidatingWebhookConfiguration"]
     if managed:
         if not env.get("CRM_OPERATOR_WEBHOOK_MANAGED"):
@@ -1913,6 +1939,13 @@ def operator_rbac_problems(
         p += [f"{ref(c)}: rendered although kopf manages it (webhook.managed)" for c in configs]
     elif "CRM_OPERATOR_WEBHOOK_MANAGED" in env:
         p.append("CRM_OPERATOR_WEBHOOK_MANAGED is set but the ClusterRole may not manage it")
+    if sink_policy and not env.get("CRM_OPERATOR_SINK_NETWORK_POLICY"):
+        p.append("sinkNetworkPolicy.enabled but CRM_OPERATOR_SINK_NETWORK_POLICY is not set")
+    elif not sink_policy and env.get("CRM_OPERATOR_SINK_NETWORK_POLICY"):
+        p.append(
+            "CRM_OPERATOR_SINK_NETWORK_POLICY is set but the operator may not manage "
+            "NetworkPolicies (sinkNetworkPolicy.enabled is false)"
+        )
     if env.get("CRM_OPERATOR_NAMESPACES", "") != ",".join(namespaces):
         p.append(
             f"CRM_OPERATOR_NAMESPACES is {env.get('CRM_OPERATOR_NAMESPACES')!r}, not the "
@@ -1931,8 +1964,9 @@ def operator_chart_problems(
     """charts/crm-operator agrees with operator/: its crds/ are byte-equal copies of
     operator/crds (the generated source), its RBAC is crm_operator.manifests' for the
     values' mode (least privilege, :func:`operator_rbac_problems`), its ServiceAccount
-    is the one bound, and its webhook calls the operator's validating handlers on the
-    CRDs' resources."""
+    is the one bound, its webhook calls the operator's validating handlers on the
+    CRDs' resources, and the sinks' NetworkPolicy it configures lets them reach their
+    endpoints (:func:`operator_sink_policy_problems`)."""
     values = chart_defaults(chart_dir) if values is None else values
     p: list[str] = []
     source = {f.name: f for f in (operator_dir / "crds").glob("*.yaml")}
@@ -1950,6 +1984,7 @@ def operator_chart_problems(
         crds.append(load_yaml(copies[name]))
         p += crd_structural_problems(crds[-1])
     p += operator_rbac_problems(docs, values, operator_dir)
+    p += operator_sink_policy_problems(docs)
     deployments = [d for d in docs if d.get("kind") == "Deployment"]
     accounts = {d["metadata"]["name"] for d in docs if d.get("kind") == "ServiceAccount"}
     for binding in (d for d in docs if d.get("kind") in ("ClusterRoleBinding", "RoleBinding")):
@@ -2055,6 +2090,42 @@ def operator_sink_deployments(
             )
         )
     return docs
+
+
+def operator_sink_policy_problems(docs: list[Manifest]) -> list[str]:
+    """With the operator chart's CRM_OPERATOR_SINK_NETWORK_POLICY, the NetworkPolicy the
+    operator gives each built-in sink (crm_operator.builtin.render_network_policy) is a
+    valid NetworkPolicy that selects the sink's pods, isolates them both ways and lets
+    them reach the Kafka and schema registry the chart hands the operator (its
+    CRM_OPERATOR_BILOG_SINK_* endpoints, on their ports)."""
+    from crm_operator.builtin import render_network_policy
+    from crm_operator.settings import parse_sink_network_policy
+
+    env = _deployments_env(docs)
+    raw = env.get("CRM_OPERATOR_SINK_NETWORK_POLICY", "")
+    try:
+        spec = parse_sink_network_policy(raw)
+    except ValueError as exc:
+        return [f"CRM_OPERATOR_SINK_NETWORK_POLICY: {exc}"]
+    if spec is None:
+        return []
+    sinks = operator_sink_deployments(
+        kafka_bootstrap=env.get("CRM_OPERATOR_BILOG_SINK_KAFKA_BOOTSTRAP"),
+        schema_registry_url=env.get("CRM_OPERATOR_BILOG_SINK_SCHEMA_REGISTRY_URL"),
+    )
+    policy = render_network_policy("files", NAMESPACE, spec)
+    p = [f"sink NetworkPolicy: {x}" for x in kube_schema_problems([policy], kube_versions())]
+    for sink in sinks:
+        template = pod_template(sink)
+        assert template is not None
+        selector = policy["spec"]["podSelector"]["matchLabels"]
+        if selector != template[0].get("labels"):
+            p.append(f"sink NetworkPolicy selects {selector}, not the pods of {ref(sink)}")
+    p += [
+        f"sink NetworkPolicy: {x}"
+        for x in network_policy_problems([*sinks, policy], operator_sinks=False)
+    ]
+    return p
 
 
 def operator_sink_problems(docs: list[Manifest] | None = None) -> list[str]:

@@ -29,6 +29,9 @@ async def kube() -> AsyncIterator[Kube]:
         namespaced=False,
     )
     server.declare("apps/v1/deployments", kind="Deployment", namespaced=True, status=True)
+    server.declare(  # only touched with CRM_OPERATOR_SINK_NETWORK_POLICY set
+        "networking.k8s.io/v1/networkpolicies", kind="NetworkPolicy", namespaced=True
+    )
     server.declare(  # only touched in kopf's managed webhook mode (webhook_managed)
         "admissionregistration.k8s.io/v1/validatingwebhookconfigurations",
         kind="ValidatingWebhookConfiguration",

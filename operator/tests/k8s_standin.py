@@ -5,7 +5,9 @@ apiserver does and the emulator leaves out (the operator relies on it):
   answers 409 Conflict when stale (kopf patches with such a test);
 - ``metadata.generation`` starts at 1 and moves when ``spec`` changes, never on status or
   metadata writes (observedGeneration depends on it);
-- ``metadata.uid`` and ``metadata.creationTimestamp`` are set on create.
+- ``metadata.uid`` and ``metadata.creationTimestamp`` are set on create;
+- writes to a resource listed in ``forbidden`` answer 403 Forbidden, as the API server
+  does for a verb the caller's RBAC lacks (tests of the operator's failure paths).
 
 It is a stand-in, not Kubernetes: no admission chain, no garbage collection by owner
 references, no field managers, lists are replaced (not merged) by merge patches.
@@ -60,6 +62,8 @@ class KubernetesStandIn(kmock.KubernetesEmulator):  # type: ignore[misc]
     """kmock.KubernetesEmulator with resourceVersion/generation/uid bookkeeping (see module)."""
 
     _versions: Any = attrs.field(factory=lambda: itertools.count(1), init=False)
+    forbidden: set[str] = attrs.field(factory=set, init=False)
+    """Resources ("group/version/plural") whose create/patch/delete answer 403."""
 
     def declare(self, resource: str, *, kind: str, namespaced: bool, status: bool = False) -> None:
         """Declare a resource for discovery (kopf needs namespaces, events and CRDs too)."""
@@ -81,6 +85,16 @@ class KubernetesStandIn(kmock.KubernetesEmulator):  # type: ignore[misc]
 
     async def _handle(self, request: rendering.Request) -> aiohttp.web.StreamResponse:
         if request.resource is not None:
+            if request.action in (
+                enums.action.CREATE,
+                enums.action.UPDATE,
+                enums.action.DELETE,
+            ) and any(kmock.resource(r) == request.resource for r in self.forbidden):
+                return await self._render_error(
+                    kmock.KubernetesError(
+                        status=403, reason="Forbidden", message=f"{request.action} is forbidden"
+                    )
+                )
             try:
                 request = await self._bookkeep(request)
             except kmock.KubernetesError as exc:

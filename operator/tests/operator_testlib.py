@@ -16,6 +16,8 @@ from kopf.testing import KopfRunner
 ENTRY = str(Path(__file__).with_name("kopf_entry.py"))
 GROUP_VERSION = "crm.platform.io/v1alpha1"
 WAIT = 20.0
+# plural -> group/version of the built-in kinds the operator manages (else: ours)
+BUILTIN_GROUPS = {"deployments": "apps/v1", "networkpolicies": "networking.k8s.io/v1"}
 
 
 async def eventually(
@@ -46,7 +48,7 @@ class Kube:
         self.session = session
 
     def _path(self, plural: str, ns: str, name: str = "") -> str:
-        group = "apis/apps/v1" if plural == "deployments" else f"apis/{GROUP_VERSION}"
+        group = f"apis/{BUILTIN_GROUPS.get(plural, GROUP_VERSION)}"
         return f"{self.url}/{group}/namespaces/{ns}/{plural}" + (f"/{name}" if name else "")
 
     async def create(
@@ -79,7 +81,7 @@ class Kube:
             assert r.status < 300, await r.text()
 
     def get(self, plural: str, ns: str, name: str) -> dict[str, Any] | None:
-        group = "apps/v1" if plural == "deployments" else GROUP_VERSION
+        group = BUILTIN_GROUPS.get(plural, GROUP_VERSION)
         return self.server.object(f"{group}/{plural}", ns, name)
 
     def events(self, name: str, reason: str | None = None) -> list[dict[str, Any]]:

@@ -159,6 +159,9 @@ async def test_builtin_sink_is_a_deployment(operator: Operator, kube: Kube) -> N
     assert pod["securityContext"]["runAsUser"] == 10001
     assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
     assert dep["metadata"]["ownerReferences"][0]["kind"] == "BILogSink"
+    # CRM_OPERATOR_SINK_NETWORK_POLICY unset: no policy (and no RBAC for one); it would
+    # exist by now, the operator applies it before the Deployment
+    assert kube.get("networkpolicies", NS, "bilog-sink-local") is None
 
     await kube.patch("bilogsinks", NS, "local", {"spec": {"state": "paused"}})
     await eventually(

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 from crm_operator import conditions, manifests, schemas
+from crm_operator.builtin import render_deployment, render_network_policy
 from crm_operator.connect import connector_config
+from crm_operator.settings import OperatorSettings
 from crm_operator.statuses import merge_patch
+from pydantic import ValidationError
+
+_BUILTIN: dict[str, Any] = {"topics": ["bi.x"], "target": {"builtin": {}}}
 
 
 def test_registry_imports_the_services_own_parsers() -> None:
@@ -82,3 +89,63 @@ def test_committed_manifests_are_generated() -> None:
     data = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
     props = data["properties"]["data"]["properties"]
     assert props["accept_timeout_s"] == {"type": "integer", "maximum": 3600, "minimum": 1}
+
+
+def test_sink_network_policy_setting_is_checked_at_start_up(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    env = "CRM_OPERATOR_SINK_NETWORK_POLICY"
+    monkeypatch.delenv(env, raising=False)
+    assert OperatorSettings().sink_network_policy_spec is None  # default: no policies
+    cases = {
+        "{not json": "not JSON",
+        '["Ingress"]': "must be a JSON object",
+        '{"podSelector": {}, "egress": []}': "unknown key(s) podSelector",
+        '{"policyTypes": ["Ingress", "Sideways"]}': "policyTypes: must be a non-empty subset",
+        '{"policyTypes": []}': "policyTypes: must be a non-empty subset",
+        '{"ingress": {"from": []}}': "ingress: must be a list",
+        '{"egress": ["port 53"]}': "egress: must be a list",
+    }
+    for raw, message in cases.items():
+        monkeypatch.setenv(env, raw)
+        with pytest.raises(ValidationError) as err:
+            OperatorSettings()
+        assert "sink_network_policy" in str(err.value), raw
+        assert message in str(err.value), (raw, str(err.value))
+    # normalised like the API server defaults it, so a patch replaces the whole spec
+    egress = [{"ports": [{"port": 53, "protocol": "UDP"}]}]
+    monkeypatch.setenv(env, json.dumps({"egress": egress}))
+    assert OperatorSettings().sink_network_policy_spec == {
+        "policyTypes": ["Ingress", "Egress"],
+        "ingress": [],
+        "egress": egress,
+    }
+    monkeypatch.setenv(env, '{"policyTypes": ["Egress", "Ingress"]}')
+    assert OperatorSettings().sink_network_policy_spec == {
+        "policyTypes": ["Ingress", "Egress"],
+        "ingress": [],
+        "egress": [],
+    }
+
+
+def test_sink_network_policy_selects_exactly_the_sinks_pods() -> None:
+    spec = {"policyTypes": ["Ingress"], "ingress": [], "egress": []}
+    deployment = render_deployment("files", "bi", _BUILTIN, "crm-bilog:1")
+    policy = render_network_policy("files", "bi", spec)
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"] == {"matchLabels": labels}
+    assert deployment["spec"]["selector"] == {"matchLabels": labels}
+    assert policy["metadata"]["name"] == deployment["metadata"]["name"]
+    assert policy["metadata"]["namespace"] == "bi"
+    other = render_network_policy("other", "bi", spec)
+    assert other["spec"]["podSelector"] != policy["spec"]["podSelector"]
+
+
+def test_rbac_gets_the_policy_rule_only_when_enabled() -> None:
+    rule = manifests.SINK_POLICY_RULES[0]
+    assert rule not in manifests.cluster_rules()
+    assert rule in manifests.cluster_rules(sink_network_policy=True)
+    scoped = manifests.rbac(namespaces=["bi"], sink_network_policy=True)
+    (role,) = [d for d in scoped if d["kind"] == "Role"]
+    assert rule in role["rules"]
+    assert rule not in next(d for d in scoped if d["kind"] == "ClusterRole")["rules"]

@@ -752,6 +752,61 @@ def test_operator_rbac_follows_the_webhook_mode_and_the_watched_namespaces(
     assert any("misses rule" in p and "deployments" in p for p in problems)
 
 
+@pytest.mark.parametrize("name", ["sink-netpol", "sink-netpol+namespaced"])
+def test_operator_rbac_covers_the_sink_policies_only_when_enabled(
+    renders: dict[str, Docs], operator_docs: Docs, name: str
+) -> None:
+    variant = _variant("crm-operator", name)
+    values = kc.deep_merge(kc.chart_defaults(kc.CHARTS["crm-operator"]), variant.values())
+    docs = renders[f"crm-operator/{name}"]
+    assert kc.operator_chart_problems(docs, values=values) == []
+    # the rule sits beside the Deployments' (ClusterRole or each watched namespace's Role)
+    where = [d for d in docs if d["kind"] in ("ClusterRole", "Role")]
+    for role in where:
+        kinds = {r for rule in role["rules"] for r in rule["resources"]}
+        assert ("deployments" in kinds) == ("networkpolicies" in kinds), kc.ref(role)
+    assert any("networkpolicies" in str(r["rules"]) for r in where)
+    env = {
+        e["name"]: e.get("value")
+        for e in _one(docs, "Deployment/crm-operator")["spec"]["template"]["spec"]["containers"][0][
+            "env"
+        ]
+    }
+    assert env["CRM_OPERATOR_SINK_NETWORK_POLICY"]
+    # the default render judged with the policy on: the missing rule and setting named
+    problems = kc.operator_chart_problems(operator_docs, values=values)
+    if name == "sink-netpol":
+        assert any("misses rule" in p and "networkpolicies" in p for p in problems)
+    else:
+        assert any("Role in namespace bi is missing" in p for p in problems)
+    assert any("CRM_OPERATOR_SINK_NETWORK_POLICY is not set" in p for p in problems)
+    # and the enabled render judged with it off: the rule and the setting are too much
+    defaults = kc.chart_defaults(kc.CHARTS["crm-operator"])
+    problems = kc.operator_chart_problems(docs, values={**defaults, "watchNamespaces": []})
+    if name == "sink-netpol":
+        assert any("networkpolicies" in p and "is not needed" in p for p in problems)
+    assert any("may not manage NetworkPolicies" in p for p in problems)
+
+
+def test_operator_check_catches_a_sink_policy_that_blocks_the_sink(
+    renders: dict[str, Docs],
+) -> None:
+    docs = copy.deepcopy(renders["crm-operator/sink-netpol"])
+    assert kc.operator_sink_policy_problems(docs) == []
+    env = _one(docs, "Deployment/crm-operator")["spec"]["template"]["spec"]["containers"][0]["env"]
+    setting = next(e for e in env if e["name"] == "CRM_OPERATOR_SINK_NETWORK_POLICY")
+    only_dns = {"egress": [{"ports": [{"port": 53, "protocol": "UDP"}]}]}
+    setting["value"] = yaml.safe_dump(only_dns)  # YAML, not JSON
+    assert any("not JSON" in p for p in kc.operator_sink_policy_problems(docs))
+    setting["value"] = '{"egress": [{"ports": [{"port": 53, "protocol": "UDP"}]}]}'
+    problems = kc.operator_sink_policy_problems(docs)
+    assert any("egress to kafka.crm.svc:9092" in p for p in problems), problems
+    assert any("CRM_BILOG_SCHEMA_REGISTRY_URL) is not allowed" in p for p in problems)
+    setting["value"] = '{"policyTypes": ["Egress"], "egress": [{}]}'
+    problems = kc.operator_sink_policy_problems(docs)
+    assert any("no NetworkPolicy restricts its ingress" in p for p in problems), problems
+
+
 def test_operator_check_catches_a_webhook_to_no_handler(operator_docs: Docs) -> None:
     docs = copy.deepcopy(operator_docs)
     config = _one(docs, "ValidatingWebhookConfiguration/crm-operator.crm-system")

@@ -74,9 +74,14 @@ while :; do
 done
 {{- end -}}
 
-{{/* The sink Deployments' rules (crm_operator.manifests.SINK_RULES). */}}
+{{/* The built-in sinks' rules (crm_operator.manifests.sink_rules): their Deployments, and their NetworkPolicies with sinkNetworkPolicy.enabled (SINK_POLICY_RULES). */}}
 {{- define "crm-operator.sinkRules" -}}
 - apiGroups: [apps]
   resources: [deployments]
   verbs: [get, create, patch, delete]
+{{- if .Values.sinkNetworkPolicy.enabled }}
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
+  verbs: [get, create, patch, delete]
+{{- end }}
 {{- end -}}

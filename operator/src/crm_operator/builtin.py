@@ -35,6 +35,11 @@ is stuck), so a hung sink is restarted and a broker outage is not a restart.
 :func:`builtin_spec_problems` names the spec fields the built-in sink cannot honour (the
 admission webhook refuses them; the handler reports them as ``Ready=False InvalidSpec``).
 
+With ``CRM_OPERATOR_SINK_NETWORK_POLICY`` set, a NetworkPolicy of the same name selects
+exactly that sink's pods (:func:`sink_labels`) in its namespace: the configured ``spec``
+(policyTypes, ingress, egress) with ``podSelector`` added (:func:`render_network_policy`).
+The crm chart's own policy (``crm.operatorSinkPolicy``) covers only the release's namespace.
+
 The pod runs like every pod of the charts: uid 10001, read-only root filesystem, all
 capabilities dropped, seccomp RuntimeDefault, no service-account token, requests and
 limits, ``/tmp`` an emptyDir; the files go to ``target.builtin.claimName`` (an existing
@@ -58,11 +63,14 @@ __all__ = [
     "SINK_ARGS",
     "SINK_HEALTH_NAME",
     "DeploymentClient",
+    "NetworkPolicyClient",
     "builtin_spec_problems",
     "deployment_name",
     "probes",
     "render_deployment",
+    "render_network_policy",
     "sink_environment",
+    "sink_labels",
 ]
 
 _TIMEOUT = 10.0
@@ -108,6 +116,16 @@ def probes() -> dict[str, dict[str, Any]]:
 
 def deployment_name(name: str) -> str:
     return f"bilog-sink-{name}"[:63]
+
+
+def sink_labels(name: str) -> dict[str, str]:
+    """The labels of a sink's Deployment and pods (its selector, and its NetworkPolicy's
+    podSelector); name and managed-by are the crm chart's ``crm.operatorSinkLabels``."""
+    return {
+        "app.kubernetes.io/name": "crm-bilog-sink",
+        "app.kubernetes.io/instance": name,
+        "app.kubernetes.io/managed-by": "crm-operator",
+    }
 
 
 def builtin_spec_problems(spec: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -174,11 +192,7 @@ def render_deployment(
     builtin = spec["target"]["builtin"] or {}
     running = spec.get("state", "running") == "running"
     claim = str(builtin.get("claimName") or "")
-    labels = {
-        "app.kubernetes.io/name": "crm-bilog-sink",
-        "app.kubernetes.io/instance": name,
-        "app.kubernetes.io/managed-by": "crm-operator",
-    }
+    labels = sink_labels(name)
     env = sink_environment(
         name,
         namespace,
@@ -259,8 +273,33 @@ def render_deployment(
     }
 
 
-class DeploymentClient:
-    """Create/patch/read/delete Deployments; raw JSON in and out (no model classes)."""
+def render_network_policy(
+    name: str, namespace: str, policy_spec: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The NetworkPolicy of a BILogSink's built-in sink: named like its Deployment,
+    selecting exactly its pods, with ``policy_spec`` (policyTypes, ingress, egress: the
+    operator's ``sink_network_policy`` setting)."""
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {
+            "name": deployment_name(name),
+            "namespace": namespace,
+            "labels": sink_labels(name),
+        },
+        "spec": {
+            "podSelector": {"matchLabels": sink_labels(name)},
+            **json.loads(json.dumps(dict(policy_spec))),
+        },
+    }
+
+
+class _NamespacedClient:
+    """Create/patch/read/delete one namespaced kind by name; raw JSON in and out (no model
+    classes). Subclasses name the API class and the kind's snake_case name."""
+
+    _API = ""
+    _KIND = ""
 
     def __init__(self, api_server: str = "") -> None:
         k8s: Any = kubernetes  # raw JSON in and out: the model types do not apply
@@ -275,7 +314,11 @@ class DeploymentClient:
             except k8s.config.ConfigException:
                 k8s.config.load_kube_config()
             self._api = k8s.client.ApiClient()
-        self._apps: Any = k8s.client.AppsV1Api(self._api)
+        group: Any = getattr(k8s.client, self._API)(self._api)
+        self._read = getattr(group, f"read_namespaced_{self._KIND}")
+        self._create = getattr(group, f"create_namespaced_{self._KIND}")
+        self._patch = getattr(group, f"patch_namespaced_{self._KIND}")
+        self._delete = getattr(group, f"delete_namespaced_{self._KIND}")
 
     def close(self) -> None:
         self._api.close()
@@ -283,9 +326,7 @@ class DeploymentClient:
     async def get(self, namespace: str, name: str) -> dict[str, Any] | None:
         def call() -> dict[str, Any] | None:
             try:
-                r = self._apps.read_namespaced_deployment(
-                    name, namespace, _preload_content=False, _request_timeout=_TIMEOUT
-                )
+                r = self._read(name, namespace, _preload_content=False, _request_timeout=_TIMEOUT)
             except kubernetes.client.ApiException as exc:
                 if exc.status == 404:
                     return None
@@ -296,18 +337,16 @@ class DeploymentClient:
         return await asyncio.to_thread(call)
 
     async def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
-        """Create the Deployment, or patch it to the manifest when it exists."""
+        """Create the object, or patch it to the manifest when it exists."""
         ns, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
 
         def call() -> dict[str, Any]:
             try:
-                r = self._apps.create_namespaced_deployment(
-                    ns, manifest, _preload_content=False, _request_timeout=_TIMEOUT
-                )
+                r = self._create(ns, manifest, _preload_content=False, _request_timeout=_TIMEOUT)
             except kubernetes.client.ApiException as exc:
                 if exc.status != 409:
                     raise
-                r = self._apps.patch_namespaced_deployment(
+                r = self._patch(
                     name, ns, {"metadata": manifest["metadata"], "spec": manifest["spec"]},
                     _preload_content=False, _request_timeout=_TIMEOUT,
                 )  # fmt: skip
@@ -319,11 +358,23 @@ class DeploymentClient:
     async def delete(self, namespace: str, name: str) -> None:
         def call() -> None:
             try:
-                self._apps.delete_namespaced_deployment(
-                    name, namespace, _preload_content=False, _request_timeout=_TIMEOUT
-                )
+                self._delete(name, namespace, _preload_content=False, _request_timeout=_TIMEOUT)
             except kubernetes.client.ApiException as exc:
                 if exc.status != 404:
                     raise
 
         await asyncio.to_thread(call)
+
+
+class DeploymentClient(_NamespacedClient):
+    """The sinks' Deployments (apps/v1)."""
+
+    _API = "AppsV1Api"
+    _KIND = "deployment"
+
+
+class NetworkPolicyClient(_NamespacedClient):
+    """The sinks' NetworkPolicies (networking.k8s.io/v1)."""
+
+    _API = "NetworkingV1Api"
+    _KIND = "network_policy"

@@ -22,9 +22,11 @@ from crm_common.config_watch import config_key, rollout_key
 from crm_operator import schemas, statuses
 from crm_operator.builtin import (
     DeploymentClient,
+    NetworkPolicyClient,
     builtin_spec_problems,
     deployment_name,
     render_deployment,
+    render_network_policy,
 )
 from crm_operator.conditions import condition
 from crm_operator.connect import (
@@ -81,6 +83,7 @@ class Runtime:
     connect: ConnectClient
     metrics: OperatorMetrics
     deployments: DeploymentClient | None
+    policies: NetworkPolicyClient | None = None
     configs: dict[str, statuses.ConfigState] = field(default_factory=dict)
     drift_events: dict[str, asyncio.Queue[str]] = field(default_factory=dict)
     backoffs: dict[str, dict[int, TaskBackoff]] = field(default_factory=dict)
@@ -94,6 +97,11 @@ class Runtime:
         if self.deployments is None:
             self.deployments = DeploymentClient(self.settings.kube_api_server)
         return self.deployments
+
+    def policy_client(self) -> NetworkPolicyClient:
+        if self.policies is None:
+            self.policies = NetworkPolicyClient(self.settings.kube_api_server)
+        return self.policies
 
 
 def _normal(body: kopf.Body, *, reason: str, message: str) -> None:
@@ -204,6 +212,8 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     await rt.session.close()
     if rt.deployments is not None:
         rt.deployments.close()
+    if rt.policies is not None:
+        rt.policies.close()
     rt.metrics.close()
 
 
@@ -542,6 +552,18 @@ async def _reconcile_builtin(
             condition("Ready", "False", "InvalidSpec", message, gen),
         ])  # fmt: skip
         return
+    policy_spec = rt.settings.sink_network_policy_spec
+    if policy_spec is not None:  # first: the sink's pods never run without it
+        policy = render_network_policy(name, namespace, policy_spec)
+        kopf.adopt(policy, owner=body)
+        try:
+            await rt.policy_client().apply(policy)
+        except Exception as exc:
+            msg = f"NetworkPolicy {policy['metadata']['name']}: {type(exc).__name__}: {exc}"
+            statuses.patch_status(patch, status, {}, [
+                condition("Ready", "False", "NetworkPolicyError", msg, gen),
+            ])  # fmt: skip
+            raise kopf.TemporaryError(msg, delay=10) from exc
     manifest = render_deployment(
         name, namespace, spec, rt.settings.bilog_sink_image,
         kafka_bootstrap=rt.settings.bilog_sink_kafka_bootstrap,
@@ -577,7 +599,11 @@ async def monitor_sink(
     gen = _gen(meta)
     if (spec.get("target") or {}).get("builtin") is not None:
         deployment = await rt.deployment_client().get(str(namespace), deployment_name(name))
-        if deployment is None or builtin_spec_problems(spec):
+        policy_gone = (
+            rt.settings.sink_network_policy_spec is not None
+            and await rt.policy_client().get(str(namespace), deployment_name(name)) is None
+        )
+        if deployment is None or policy_gone or builtin_spec_problems(spec):
             await _reconcile_builtin(rt, body, spec, str(namespace), name, gen, patch, status)
             return
         fields, conds = statuses.builtin_status(spec, deployment, gen)
@@ -645,6 +671,8 @@ async def delete_sink(
     rt.backoffs.pop(uid, None)
     if (spec.get("target") or {}).get("builtin") is not None:
         await rt.deployment_client().delete(str(namespace), deployment_name(name))
+        if rt.settings.sink_network_policy_spec is not None:  # after its pods' Deployment
+            await rt.policy_client().delete(str(namespace), deployment_name(name))
         return
     url = str(spec["target"]["kafkaConnect"]["url"])
     cname = connector_name(str(namespace), name)

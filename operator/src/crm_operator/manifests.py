@@ -22,12 +22,14 @@ from crm_operator.connect import RESERVED_CONFIG
 
 __all__ = [
     "CLUSTER_RULES",
+    "SINK_POLICY_RULES",
     "SINK_RULES",
     "WEBHOOK_RULES",
     "bilogsink_crd",
     "cluster_rules",
     "crmconfig_crd",
     "rbac",
+    "sink_rules",
     "write_all",
 ]
 
@@ -394,6 +396,17 @@ SINK_RULES: list[dict[str, Any]] = [
 """What the operator calls in the namespaces it serves: a Role per watched namespace
 (CRM_OPERATOR_NAMESPACES), in the ClusterRole only when it serves all of them."""
 
+SINK_POLICY_RULES: list[dict[str, Any]] = [
+    # each builtin sink's NetworkPolicy (CRM_OPERATOR_SINK_NETWORK_POLICY):
+    # crm_operator.builtin.NetworkPolicyClient, by name like the Deployment
+    {
+        "apiGroups": ["networking.k8s.io"],
+        "resources": ["networkpolicies"],
+        "verbs": ["get", "create", "patch", "delete"],
+    },
+]
+"""Beside SINK_RULES (same place), only when the sinks get a NetworkPolicy."""
+
 WEBHOOK_RULES: list[dict[str, Any]] = [
     # kopf keeps its ValidatingWebhookConfiguration current (CRM_OPERATOR_WEBHOOK_MANAGED)
     {
@@ -405,13 +418,21 @@ WEBHOOK_RULES: list[dict[str, Any]] = [
 """Only in kopf's managed webhook mode; otherwise the chart installs the configuration."""
 
 
+def sink_rules(*, sink_network_policy: bool = False) -> list[dict[str, Any]]:
+    """The rules of the built-in sinks' objects (ClusterRole or a Role per namespace)."""
+    return [*SINK_RULES, *(SINK_POLICY_RULES if sink_network_policy else [])]
+
+
 def cluster_rules(
-    *, webhook_managed: bool = False, namespaces: Sequence[str] = ()
+    *,
+    webhook_managed: bool = False,
+    namespaces: Sequence[str] = (),
+    sink_network_policy: bool = False,
 ) -> list[dict[str, Any]]:
     """The ClusterRole's rules for a mode: everything the operator calls on the API."""
     rules = list(CLUSTER_RULES)
     if not namespaces:
-        rules += SINK_RULES
+        rules += sink_rules(sink_network_policy=sink_network_policy)
     if webhook_managed:
         rules += WEBHOOK_RULES
     return rules
@@ -423,9 +444,11 @@ def rbac(
     *,
     webhook_managed: bool = False,
     namespaces: Sequence[str] = (),
+    sink_network_policy: bool = False,
 ) -> list[dict[str, Any]]:
     """ServiceAccount, ClusterRole and its binding, and a Role + RoleBinding (the sink
-    Deployments) in each of ``namespaces`` (none: the ClusterRole has those rules).
+    Deployments, and their NetworkPolicies with ``sink_network_policy``) in each of
+    ``namespaces`` (none: the ClusterRole has those rules).
     Peering (several replicas) needs kopf's peering CRDs and get/list/watch/patch on
     them in addition."""
     meta = {"name": name, "labels": {"app.kubernetes.io/name": name}}
@@ -440,7 +463,11 @@ def rbac(
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "ClusterRole",
             "metadata": meta,
-            "rules": cluster_rules(webhook_managed=webhook_managed, namespaces=namespaces),
+            "rules": cluster_rules(
+                webhook_managed=webhook_managed,
+                namespaces=namespaces,
+                sink_network_policy=sink_network_policy,
+            ),
         },
         {
             "apiVersion": "rbac.authorization.k8s.io/v1",
@@ -460,7 +487,7 @@ def rbac(
                 "apiVersion": "rbac.authorization.k8s.io/v1",
                 "kind": "Role",
                 "metadata": {**meta, "namespace": ns},
-                "rules": SINK_RULES,
+                "rules": sink_rules(sink_network_policy=sink_network_policy),
             },
             {
                 "apiVersion": "rbac.authorization.k8s.io/v1",

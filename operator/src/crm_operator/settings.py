@@ -2,11 +2,58 @@
 
 from __future__ import annotations
 
+import json
+from functools import cached_property
+from typing import Any
+
 from crm_common.settings import ServiceSettings
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
-__all__ = ["OperatorSettings"]
+__all__ = ["SINK_POLICY_KEYS", "OperatorSettings", "parse_sink_network_policy"]
+
+SINK_POLICY_KEYS = ("policyTypes", "ingress", "egress")
+"""What ``sink_network_policy`` may hold: a NetworkPolicy spec without its podSelector."""
+_POLICY_TYPES = ("Ingress", "Egress")
+
+
+def parse_sink_network_policy(raw: str) -> dict[str, Any] | None:
+    """``CRM_OPERATOR_SINK_NETWORK_POLICY`` -> the NetworkPolicy spec of every built-in
+    sink (without podSelector), or None when empty. Normalised so that a patch replaces
+    the whole spec: ``ingress`` and ``egress`` are always present (empty: nothing allowed
+    for a listed policy type) and ``policyTypes`` defaults like the API server's (Ingress,
+    plus Egress when egress rules are given). Raises ValueError naming what is wrong."""
+    if not raw.strip():
+        return None
+    try:
+        spec = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not JSON: {exc}") from exc
+    if not isinstance(spec, dict):
+        raise ValueError(
+            f"must be a JSON object (a NetworkPolicy spec without podSelector: "
+            f"{', '.join(SINK_POLICY_KEYS)}), got {type(spec).__name__}"
+        )
+    unknown = sorted(set(spec) - set(SINK_POLICY_KEYS))
+    if unknown:
+        raise ValueError(
+            f"unknown key(s) {', '.join(unknown)}: only {', '.join(SINK_POLICY_KEYS)} "
+            "(the operator sets podSelector to the sink's pods)"
+        )
+    for key in ("ingress", "egress"):
+        rules = spec.get(key, [])
+        if not isinstance(rules, list) or not all(isinstance(r, dict) for r in rules):
+            raise ValueError(f"{key}: must be a list of NetworkPolicy rules (objects)")
+    types = spec.get("policyTypes")
+    if types is None:
+        types = ["Ingress", *(["Egress"] if spec.get("egress") else [])]
+    if not isinstance(types, list) or not types or not set(types) <= set(_POLICY_TYPES):
+        raise ValueError(f"policyTypes: must be a non-empty subset of {list(_POLICY_TYPES)}")
+    return {
+        "policyTypes": [t for t in _POLICY_TYPES if t in types],
+        "ingress": spec.get("ingress", []),
+        "egress": spec.get("egress", []),
+    }
 
 
 class OperatorSettings(ServiceSettings):
@@ -85,11 +132,29 @@ class OperatorSettings(ServiceSettings):
         description="Schema registry of the built-in sinks (their CRM_BILOG_SCHEMA_REGISTRY_URL); "
         "the default is the crm chart's dev registry of release crm in namespace crm.",
     )
+    sink_network_policy: str = Field(
+        default="",
+        description="JSON NetworkPolicy spec without podSelector (policyTypes, ingress, "
+        "egress): each built-in sink gets a NetworkPolicy with it that selects its pods, in "
+        "its namespace; empty: none (and no RBAC on networkpolicies needed).",
+    )
     kube_api_server: str = Field(
         default="",
-        description="Kubernetes API URL for the operator's own API calls (Deployments); empty: "
+        description="Kubernetes API URL for the operator's own API calls (Deployments, "
+        "NetworkPolicies); empty: "
         "in-cluster config, else ~/.kube/config. Only for local runs and tests.",
     )
+
+    @field_validator("sink_network_policy")
+    @classmethod
+    def _check_sink_network_policy(cls, value: str) -> str:
+        parse_sink_network_policy(value)
+        return value
+
+    @cached_property
+    def sink_network_policy_spec(self) -> dict[str, Any] | None:
+        """The validated, normalised ``sink_network_policy`` (None: no policies)."""
+        return parse_sink_network_policy(self.sink_network_policy)
 
     @property
     def namespace_list(self) -> list[str]:
