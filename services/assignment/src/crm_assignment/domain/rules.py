@@ -31,6 +31,9 @@ __all__ = [
     "visible_to_agent",
 ]
 
+_REQUEST_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+"""The encoder of request hashes (``json.dumps`` with arguments builds one per call)."""
+
 TRANSITIONS: Mapping[Status, frozenset[Status]] = {
     Status.UNASSIGNED: frozenset({Status.ASSIGNED, Status.CANCELLED}),
     Status.ASSIGNED: frozenset({Status.IN_PROGRESS, Status.RECYCLED, Status.CANCELLED}),
@@ -168,17 +171,19 @@ def clue_request_hash(
 ) -> str:
     """SHA-256 of a normalized CreateClue request (the phone only as its keyed hash): equal
     for a retry, different when an idempotency key is reused for another request."""
+    # Keys written in sorted order (the stored hashes were made with sort_keys=True; the
+    # text must stay byte for byte the same): no sort on every call.
     body = {
-        "phone": phone_hash,
-        "line": business_line,
-        "source": source,
-        "city": city,
-        "cars": list(intent_car_ids),
         "brands": list(brands),
         "budget": [budget_min_yuan, budget_max_yuan],
+        "cars": list(intent_car_ids),
+        "city": city,
+        "line": business_line,
+        "phone": phone_hash,
         "priority": priority,
+        "source": source,
     }
-    raw = json.dumps(body, separators=(",", ":"), sort_keys=True, ensure_ascii=False)
+    raw = _REQUEST_JSON.encode(body)
     return hashlib.sha256(raw.encode("utf-8")).hexdigest()
 
 
