@@ -6,8 +6,10 @@ time-stamped copy).
 
 assignment (issue #3): target >= 0.33x the no-op RPC throughput
   baseline  a bare grpc.aio no-op unary RPC (own process, no interceptors, no database),
-            measured before, between and after the two figures; each figure's ratio is
-            to the mean of the baseline right before and right after it
+            measured before, between and after every figure; each figure's ratio is to
+            the mean of the baseline right before and right after it
+  rounds    --rounds (3) rounds of clue then flow; each row is the median round, with
+            every round's ratio printed under it (one round swings +-0.06 here)
   clue      CreateClue alone (new customer each time: customer upsert + task + audit)
   flow      one task through the platform: CreateClue -> dispatched to a streaming agent
             -> AcceptTask -> CompleteTask (4 RPCs/stream messages; 16 agents, 4 concurrent
@@ -41,6 +43,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -210,21 +213,30 @@ def clue(
 
 
 async def bench_clue(
-    stub: pb_grpc.AssignmentServiceAsyncStub, concurrency: int, seconds: float
+    stub: pb_grpc.AssignmentServiceAsyncStub, concurrency: int, seconds: float, run: str
 ) -> Measure:
+    """New clues only: ``run`` makes the idempotency keys of a round its own (a repeated key
+    would be answered from the stored task, a much cheaper call)."""
+
     async def call(i: int) -> None:
-        await stub.CreateClue(clue(i, "clue"))
+        await stub.CreateClue(clue(i, run))
 
     return await closed_loop("CreateClue", call, concurrency, seconds)
 
 
 async def bench_flow(
-    stub: pb_grpc.AssignmentServiceAsyncStub, agents: int, seconds: float, producers: int = 4
+    stub: pb_grpc.AssignmentServiceAsyncStub,
+    agents: int,
+    seconds: float,
+    run: str,
+    producers: int = 4,
 ) -> Measure:
     """Agents stream offers and accept+complete at once; ``producers`` concurrent
     CreateClue callers keep up to ``2 * agents`` clues in flight (one serial producer
     capped the flow at one CreateClue round trip per flow). A flow's latency runs from
-    CreateClue to Complete."""
+    CreateClue to Complete. ``run`` keeps a round's idempotency keys its own; an offer
+    left over from an earlier round (at most one per agent: its stream was cancelled) is
+    handled but not counted."""
     base = 5000
     for a in range(agents):
         await stub.UpsertAgent(
@@ -253,7 +265,7 @@ async def bench_flow(
             await slots.acquire()
             counter += 1
             t = time.perf_counter()
-            resp = await stub.CreateClue(clue(counter, "flow", FLOW_LINE))
+            resp = await stub.CreateClue(clue(counter, run, FLOW_LINE))
             sent[resp.task.id] = t
 
     async def agent(aid: int) -> None:
@@ -316,43 +328,72 @@ def row(
 
 
 async def section_assignment(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """no-op, CreateClue, no-op, flow, no-op: each figure's ratio is to the mean of the
-    no-op measured right before and right after it."""
+    """``--rounds`` rounds of CreateClue then flow, with the no-op measured before, between
+    and after every figure (no-op, clue, no-op, flow, no-op, clue, ...): each figure's
+    ratio is to the mean of the no-op right before and right after it, and each row shows
+    the median round (its ratio, rate and latencies) with every round's ratio. One figure
+    of a few seconds on this shared machine swings by +-0.06 from run to run; the median of
+    rounds, each against its own neighbouring baseline, is the steady figure."""
     stack = await asyncio.to_thread(up)
+    noops: list[Measure] = []
+    clues: list[tuple[Measure, float]] = []
+    flows: list[tuple[Measure, float]] = []
     async with NoopBaseline(args.concurrency, args.seconds) as noop:
         svc = await start_assignment(stack.etcd_endpoint)
         try:
             async with grpc.aio.insecure_channel(svc.target) as ch:
                 stub = pb_grpc.AssignmentServiceStub(ch)
-                noop_1 = await noop.measure()
-                clue_m = await bench_clue(stub, args.concurrency, args.seconds)
-                noop_2 = await noop.measure()
-                flow_m = await bench_flow(stub, args.agents, args.seconds)
-                noop_3 = await noop.measure()
+                noops.append(await noop.measure())
+                for r in range(args.rounds):
+                    clue_m = await bench_clue(stub, args.concurrency, args.seconds, f"clue{r}")
+                    noops.append(await noop.measure())
+                    clues.append((clue_m, clue_m.rate / (bracketing(*noops[-2:]).rate or 1.0)))
+                    flow_m = await bench_flow(stub, args.agents, args.seconds, f"flow{r}")
+                    noops.append(await noop.measure())
+                    flows.append((flow_m, flow_m.rate / (bracketing(*noops[-2:]).rate or 1.0)))
         finally:
             svc.stop()
-    clue_base = bracketing(noop_1, noop_2).rate or 1.0
-    flow_base = bracketing(noop_2, noop_3).rate or 1.0
-    every = bracketing(bracketing(noop_1, noop_2), noop_3)
+    every = Measure(
+        "no-op RPC (baseline)",
+        sum(m.ops for m in noops),
+        sum(m.seconds for m in noops),
+        statistics.median(m.p50_ms for m in noops),
+        statistics.median(m.p99_ms for m in noops),
+    )
+    clue_m, clue_ratio = median_round(clues)
+    flow_m, flow_ratio = median_round(flows)
     return [
-        row("no-op RPC (baseline, mean of 3)", every, every.rate, "RPC/s", 1.0),
-        row("CreateClue", clue_m, clue_m.rate, "RPC/s", clue_m.rate / clue_base, 0.33),
+        row(f"no-op RPC (baseline, {len(noops)} runs)", every, every.rate, "RPC/s", 1.0),
+        row("CreateClue", clue_m, clue_m.rate, "RPC/s", clue_ratio, 0.33) | spread(clues),
         row(
             "flow (clue+offer+accept+complete)",
             flow_m,
             flow_m.rate,
             "flows/s",
-            flow_m.rate / flow_base,
-        ),
+            flow_ratio,
+        )
+        | spread(flows),
         row(
             "flow, as gRPC messages",
             flow_m,
             flow_m.rate * 4,
             "msg/s",
-            flow_m.rate * 4 / flow_base,
+            flow_ratio,
             0.33,
-        ),
+        )
+        | spread(flows),
     ]
+
+
+def median_round(rounds: list[tuple[Measure, float]]) -> tuple[Measure, float]:
+    """The round with the median ratio (the lower middle one of an even count)."""
+    ordered = sorted(rounds, key=lambda mr: mr[1])
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def spread(rounds: list[tuple[Measure, float]]) -> dict[str, Any]:
+    """Every round's ratio, in the order measured (printed under the row, kept in JSON)."""
+    return {"round_ratios": [round(ratio, 3) for _, ratio in rounds]}
 
 
 async def section_bilog(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -435,6 +476,9 @@ def print_table(section: str, rows: list[dict[str, Any]]) -> bool:
             f"{r['measure']:<38}{r['rate']:>10.0f} {r['unit']:<9}{r['p50_ms']:>8.2f}"
             f"{r['p99_ms']:>8.2f}{r['ratio']:>7.2f}{mark:>12}"
         )
+        if r.get("round_ratios"):
+            rounds = " ".join(f"{x:.2f}" for x in r["round_ratios"])
+            print(f"{'':<4}median of {len(r['round_ratios'])} rounds; ratio per round: {rounds}")
     return ok
 
 
@@ -467,6 +511,9 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=8.0, help="measured window per measure")
     ap.add_argument("--concurrency", type=int, default=16, help="calls in flight")
     ap.add_argument("--agents", type=int, default=16, help="streaming agents in the flow")
+    ap.add_argument(
+        "--rounds", type=int, default=3, help="assignment: rounds of CreateClue + flow (median)"
+    )
     ap.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     ap.add_argument(
         "--only", action="append", choices=list(SECTIONS), help="run only these sections"
