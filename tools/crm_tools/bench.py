@@ -378,10 +378,10 @@ async def section_assignment(args: argparse.Namespace) -> list[dict[str, Any]]:
             flow_m,
             flow_m.rate * 4,
             "msg/s",
-            flow_ratio,
+            flow_ratio * 4,
             0.33,
         )
-        | spread(flows),
+        | spread([(m, ratio * 4) for m, ratio in flows]),
     ]
 
 

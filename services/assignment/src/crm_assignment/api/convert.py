@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
-
 from crm.assignment.v1 import assignment_pb2 as pb
 from crm.common.v1 import common_pb2
-from google.protobuf.timestamp_pb2 import Timestamp
+from crm_common.timestamps import from_timestamp, timestamp
 
 from crm_assignment.domain.model import (
     Agent,
@@ -31,21 +29,6 @@ __all__ = [
     "task_pb",
     "timestamp",
 ]
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def timestamp(dt: datetime) -> Timestamp:
-    """An aware datetime as a Timestamp (microsecond precision)."""
-    delta = dt - _EPOCH
-    micros = (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
-    seconds, rest = divmod(micros, 1_000_000)
-    return Timestamp(seconds=seconds, nanos=rest * 1000)
-
-
-def from_timestamp(ts: Timestamp) -> datetime:
-    """A Timestamp (validated to be in range) as an aware UTC datetime, truncated to µs."""
-    return _EPOCH + timedelta(seconds=ts.seconds, microseconds=ts.nanos // 1000)
 
 
 def task_pb(t: Task) -> pb.Task:

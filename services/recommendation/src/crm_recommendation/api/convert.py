@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterable
-from datetime import UTC, datetime, timedelta
 
 from crm.recommendation.v1 import recommendation_pb2 as pb
+from crm_common.timestamps import from_timestamp, timestamp
 from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from crm_recommendation.domain.model import (
     BodyType,
@@ -31,21 +30,6 @@ __all__ = [
     "recommendation_pb",
     "timestamp",
 ]
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def timestamp(dt: datetime) -> Timestamp:
-    """An aware datetime as a Timestamp (microsecond precision)."""
-    delta = dt - _EPOCH
-    micros = (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
-    seconds, rest = divmod(micros, 1_000_000)
-    return Timestamp(seconds=seconds, nanos=rest * 1000)
-
-
-def from_timestamp(ts: Timestamp) -> datetime:
-    """A Timestamp (validated to be in range) as an aware UTC datetime, truncated to µs."""
-    return _EPOCH + timedelta(seconds=ts.seconds, microseconds=ts.nanos // 1000)
 
 
 def car_pb(car: Car) -> pb.Car:

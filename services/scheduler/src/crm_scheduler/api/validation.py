@@ -12,10 +12,11 @@ from __future__ import annotations
 import re
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from crm.scheduler.v1 import scheduler_pb2 as pb
 from crm_common.errors import Validator
+from crm_common.timestamps import from_timestamp
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from crm_scheduler.domain.model import (
@@ -94,9 +95,7 @@ def _timestamp(v: Validator, field: str, ts: timestamp_pb2.Timestamp) -> datetim
     if not _MIN_TS_S <= ts.seconds <= _MAX_TS_S or not 0 <= ts.nanos <= 999_999_999:
         v.add(field, "is not a valid timestamp")
         return None
-    return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(
-        seconds=ts.seconds, microseconds=ts.nanos // 1000
-    )
+    return from_timestamp(ts)
 
 
 def _check_target(v: Validator, req: pb.ScheduleRequest, limits: Limits) -> Target | None:
