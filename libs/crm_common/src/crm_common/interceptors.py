@@ -44,6 +44,7 @@ from grpc import aio
 from crm_common import tracing
 from crm_common.channels import DEFAULT_RETRY, RetryPolicy, channel_options
 from crm_common.errors import CrmError, to_rpc_status
+from crm_common.handlers import handler_parts
 from crm_common.logs import method_var, request_id_var
 from crm_common.metrics import RpcMetrics
 
@@ -147,15 +148,7 @@ class ServerInterceptor(_ServerInterceptorBase):
 
     def _wrap(self, handler: _Handler, method: str, request_id: str | None) -> _Handler:
         """``handler`` observed; ``request_id`` None: taken from each call's metadata."""
-        behavior: Any
-        if handler.request_streaming and handler.response_streaming:
-            behavior, make = handler.stream_stream, grpc.stream_stream_rpc_method_handler
-        elif handler.request_streaming:
-            behavior, make = handler.stream_unary, grpc.stream_unary_rpc_method_handler
-        elif handler.response_streaming:
-            behavior, make = handler.unary_stream, grpc.unary_stream_rpc_method_handler
-        else:
-            behavior, make = handler.unary_unary, grpc.unary_unary_rpc_method_handler
+        behavior, make = handler_parts(handler)
 
         def call_id(context: _Context) -> str:
             if request_id is not None:

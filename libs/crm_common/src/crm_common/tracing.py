@@ -53,6 +53,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from crm_common.handlers import handler_parts
 from crm_common.logs import request_id_var
 from crm_common.metrics import split_method
 
@@ -203,15 +204,7 @@ def trace_server_handler(
     tracer = _state.tracer
     if tracer is None:
         return handler
-    behavior: Any
-    if handler.request_streaming and handler.response_streaming:
-        behavior, make = handler.stream_stream, grpc.stream_stream_rpc_method_handler
-    elif handler.request_streaming:
-        behavior, make = handler.stream_unary, grpc.stream_unary_rpc_method_handler
-    elif handler.response_streaming:
-        behavior, make = handler.unary_stream, grpc.unary_stream_rpc_method_handler
-    else:
-        behavior, make = handler.unary_unary, grpc.unary_unary_rpc_method_handler
+    behavior, make = handler_parts(handler)
     if not inspect.iscoroutinefunction(behavior):
         return handler
     parent = _parent(metadata)
