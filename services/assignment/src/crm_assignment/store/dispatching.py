@@ -72,7 +72,8 @@ left waiting for the next poll."""
 _LOCK_ROUNDS = 16
 """Match-and-lock rounds per line and batch (each loses only to concurrent dispatchers)."""
 
-_WAITING_SQL = ", ".join(f"'{s.name}'" for s in sorted(WAITING_STATUSES))
+_WAITING_NAMES = tuple(s.name for s in sorted(WAITING_STATUSES))
+_WAITING_SQL = ", ".join(f"'{name}'" for name in _WAITING_NAMES)
 _ACTIVE_SQL = ", ".join(f"'{s.name}'" for s in sorted(ACTIVE_STATUSES))
 _CANDIDATE_SELECT = (
     "SELECT JSON_ARRAY(id, priority, star, due_at, JSON_QUERY(brands, '$'), "
@@ -93,10 +94,23 @@ def _lock_tasks(n: int) -> str:
     )
 
 
-_LINE_CANDIDATES = (
-    f"{_CANDIDATE_SELECT} WHERE business_line = %s AND status IN ({_WAITING_SQL}) "
-    f"AND due_at <= %s {_QUEUE_ORDER} LIMIT %s"
-)
+def _waiting(
+    raw: RawSQL, where: str, params: Sequence[Any], limit: int
+) -> list[dispatch.Candidate]:
+    """The first ``limit`` waiting tasks (``where`` and ``params``: one line's, due, maybe
+    more filters) in queue order.
+
+    One read per waiting status, each a walk of ``ix_task_queue`` (business_line, status,
+    priority DESC, star DESC, due_at, id) in queue order that stops after ``limit`` rows,
+    merged here. A single ``status IN (...)`` read cannot walk one index in that order:
+    MariaDB sorted the line's whole backlog on every read (about 40 ms a read with 18,000
+    tasks waiting on one line, against under 1 ms this way)."""
+    sql = " UNION ALL ".join(
+        f"({_CANDIDATE_SELECT} WHERE status = '{status}' AND {where} {_QUEUE_ORDER} LIMIT %s)"
+        for status in _WAITING_NAMES
+    )
+    rows = raw.json_rows(sql, [*params, limit] * len(_WAITING_NAMES))
+    return _in_queue_order([_candidate(r) for r in rows])[:limit]
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,9 +270,12 @@ def _serve_line(
                 break
             reads += 1
             limit = cfg.candidate_limit + len(asks) - 1 + len(lost)
-            rows = raw.json_rows(_LINE_CANDIDATES, (line_to_db(line), to_db_time(now), limit))
-            full = len(rows) >= limit
-            pool = {r[0]: _candidate(r) for r in rows} | {i: pool[i] for i in held}
+            found = _waiting(
+                raw, "business_line = %s AND due_at <= %s", (line_to_db(line), to_db_time(now)),
+                limit,
+            )  # fmt: skip
+            full = len(found) >= limit
+            pool = {c.id: c for c in found} | {i: pool[i] for i in held}
             own_read.clear()
             read_again = False
         choice = dispatch.match(
@@ -331,10 +348,14 @@ def _read_own(
 
 
 def _queue_order(pool: dict[int, dispatch.Candidate], lost: set[int]) -> list[dispatch.Candidate]:
-    """The candidates not lost, in queue order (priority, star, due time, id)."""
-    free = [x for x in pool.values() if x.id not in lost]
-    free.sort(key=lambda x: (-x.priority, -int(x.star), x.due_at, x.id))
-    return free
+    """The candidates not lost, in queue order."""
+    return _in_queue_order([x for x in pool.values() if x.id not in lost])
+
+
+def _in_queue_order(candidates: list[dispatch.Candidate]) -> list[dispatch.Candidate]:
+    """``candidates`` sorted in queue order (priority, star, due time, id: _QUEUE_ORDER)."""
+    candidates.sort(key=lambda x: (-x.priority, -int(x.star), x.due_at, x.id))
+    return candidates
 
 
 def _own_candidates(
@@ -346,10 +367,9 @@ def _own_candidates(
     more: int,
 ) -> list[dispatch.Candidate]:
     """The agent's own candidates (its skills and the revisit reservation in SQL)."""
-    sql = (
-        f"{_CANDIDATE_SELECT} WHERE business_line = %s AND status IN ({_WAITING_SQL}) "
-        "AND due_at <= %s AND (preferred_agent_id IS NULL OR preferred_agent_id = %s "
-        "OR due_at <= %s)"
+    where = (
+        "business_line = %s AND due_at <= %s AND (preferred_agent_id IS NULL "
+        "OR preferred_agent_id = %s OR due_at <= %s)"
     )
     params: list[Any] = [
         line_to_db(line),
@@ -358,14 +378,12 @@ def _own_candidates(
         to_db_time(now - timedelta(seconds=cfg.revisit_same_agent_window_s)),
     ]
     if seeker.categories:
-        sql += f" AND category IN ({placeholders(len(seeker.categories), 1)})"
+        where += f" AND category IN ({placeholders(len(seeker.categories), 1)})"
         params += [x.name for x in seeker.categories]
     if seeker.cities:
-        sql += f" AND city IN ({placeholders(len(seeker.cities), 1)})"
+        where += f" AND city IN ({placeholders(len(seeker.cities), 1)})"
         params += seeker.cities
-    sql += f" {_QUEUE_ORDER} LIMIT %s"
-    params.append(cfg.candidate_limit + more)
-    return [_candidate(r) for r in raw.json_rows(sql, params)]
+    return _waiting(raw, where, params, cfg.candidate_limit + more)
 
 
 def _why_nothing(

@@ -151,6 +151,17 @@ class TaskRow(Base):
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
+Index(  # one line's waiting tasks in queue order, per status (store.dispatching._waiting)
+    "ix_task_queue",
+    TaskRow.business_line,
+    TaskRow.status,
+    TaskRow.priority.desc(),
+    TaskRow.star.desc(),
+    TaskRow.due_at,
+    TaskRow.id,
+)
+
+
 class ClueRow(Base):
     __tablename__ = "clue"
     __table_args__ = (Index("ix_clue_task_id", "task_id", "id"), TABLE_ARGS)
