@@ -122,7 +122,6 @@ class CustomerRow(Base):
 class TaskRow(Base):
     __tablename__ = "task"
     __table_args__ = (
-        Index("ix_task_dispatch", "business_line", "status", "due_at"),
         Index("ix_task_merge", "customer_id", "business_line", "status"),
         Index("ix_task_listing", "created_at", "id"),
         Index("ix_task_recycle", "status", "offer_deadline"),
