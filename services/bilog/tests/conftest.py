@@ -4,12 +4,25 @@ against the shared Tansu broker (each test has topics of its own)."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 from bilog_testlib import RegistryThread, scratch_registry, settings_for
 from crm_bilog.app import App, build_app
 from crm_bilog.settings import BilogSettings
-from crm_devstack.stack import Stack
+from crm_devstack.stack import Proc, Stack, start_tansu
+
+
+@pytest.fixture
+def tansu(tmp_path: Path) -> Iterator[Proc]:
+    """A Tansu broker of the test's own, to pause (SIGSTOP) or kill without touching the
+    shared one; resumed and killed afterwards."""
+    proc = start_tansu(tmp_path / "tansu")
+    try:
+        yield proc
+    finally:
+        proc.resume()
+        proc.kill()
 
 
 @pytest.fixture(scope="module")

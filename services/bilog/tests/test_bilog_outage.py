@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -14,17 +12,7 @@ from bilog_testlib import RegistryThread, call_record, read_topic, settings_for
 from crm.bilog.v1 import bilog_pb2 as pb
 from crm.bilog.v1 import bilog_pb2_grpc
 from crm_bilog.app import build_app
-from crm_devstack.stack import Proc, Stack, start_tansu
-
-
-@pytest.fixture
-def tansu(tmp_path: Path) -> Iterator[Proc]:
-    proc = start_tansu(tmp_path / "tansu")
-    try:
-        yield proc
-    finally:
-        proc.resume()
-        proc.kill()
+from crm_devstack.stack import Proc, Stack
 
 
 def batch(start: int, n: int) -> pb.LogBatchRequest:

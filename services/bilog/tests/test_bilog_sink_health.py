@@ -9,7 +9,6 @@ import asyncio
 import json
 import threading
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -22,21 +21,11 @@ from crm_bilog.sink.process import SINK_HEALTH_NAME, sink_config, sink_health
 from crm_bilog.sink.runner import Sink
 from crm_bilog.sink.storage import LocalStorage
 from crm_devstack import wait_until
-from crm_devstack.stack import Proc, start_tansu
+from crm_devstack.stack import Proc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-@pytest.fixture
-def tansu(tmp_path: Path) -> Iterator[Proc]:
-    proc = start_tansu(tmp_path / "tansu")
-    try:
-        yield proc
-    finally:
-        proc.resume()
-        proc.kill()
 
 
 def status(port: int, name: str) -> int:

@@ -184,7 +184,27 @@ class ClueRow(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
-class TaskEventRow(Base):
+class _OutboxColumns:
+    """The columns of a BI outbox row (``clients/bilog_outbox.py`` relays them): whether
+    and how bilog took the event, and the request that made it."""
+
+    published_at: Mapped[datetime | None] = mapped_column(
+        UtcDateTime, comment="when bilog acknowledged the BI event; NULL: not yet"
+    )
+    publish_error: Mapped[str | None] = mapped_column(
+        String(500), comment="why bilog rejected the BI event (it is skipped until cleared)"
+    )
+    request_id: Mapped[str | None] = mapped_column(
+        String(128, collation=ASCII_KEY),
+        comment="x-request-id of the request that made the event (sent to bilog)",
+    )
+    traceparent: Mapped[str | None] = mapped_column(
+        String(64, collation=ASCII_KEY),
+        comment="W3C traceparent of that request (tracing on): the relay links to it",
+    )
+
+
+class TaskEventRow(_OutboxColumns, Base):
     """Audit of every task transition; also the outbox of the BI events (``published_at``
     is set once bilog acknowledged the event, see ``clients/bilog_outbox.py``), with the
     request id and trace context of the request that made it."""
@@ -204,20 +224,6 @@ class TaskEventRow(Base):
     agent_id: Mapped[int | None] = mapped_column(BigInteger)
     reason: Mapped[str] = mapped_column(String(500), default="")
     at: Mapped[datetime] = mapped_column(UtcDateTime)
-    published_at: Mapped[datetime | None] = mapped_column(
-        UtcDateTime, comment="when bilog acknowledged the BI event; NULL: not yet"
-    )
-    publish_error: Mapped[str | None] = mapped_column(
-        String(500), comment="why bilog rejected the BI event (it is skipped until cleared)"
-    )
-    request_id: Mapped[str | None] = mapped_column(
-        String(128, collation=ASCII_KEY),
-        comment="x-request-id of the request that made the event (sent to bilog)",
-    )
-    traceparent: Mapped[str | None] = mapped_column(
-        String(64, collation=ASCII_KEY),
-        comment="W3C traceparent of that request (tracing on): the relay links to it",
-    )
 
 
 class AgentRow(Base):
@@ -258,7 +264,7 @@ class CallRecordRow(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
-class BiOutboxRow(Base):
+class BiOutboxRow(_OutboxColumns, Base):
     """Outbox of the BI events that are not task transitions (call records, presence
     changes): the payload is built and written in the transaction of the change, and
     ``published_at`` is set once bilog acknowledged it (``clients/bilog_outbox.py``)."""
@@ -272,17 +278,3 @@ class BiOutboxRow(Base):
     )
     payload: Mapped[dict[str, Any]] = mapped_column(JSON, comment="the event, as bilog takes it")
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
-    published_at: Mapped[datetime | None] = mapped_column(
-        UtcDateTime, comment="when bilog acknowledged the BI event; NULL: not yet"
-    )
-    publish_error: Mapped[str | None] = mapped_column(
-        String(500), comment="why bilog rejected the BI event (it is skipped until cleared)"
-    )
-    request_id: Mapped[str | None] = mapped_column(
-        String(128, collation=ASCII_KEY),
-        comment="x-request-id of the request that made the event (sent to bilog)",
-    )
-    traceparent: Mapped[str | None] = mapped_column(
-        String(64, collation=ASCII_KEY),
-        comment="W3C traceparent of that request (tracing on): the relay links to it",
-    )
