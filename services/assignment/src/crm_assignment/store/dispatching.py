@@ -103,8 +103,8 @@ def _waiting(
     One read per waiting status, each a walk of ``ix_task_queue`` (business_line, status,
     priority DESC, star DESC, due_at, id) in queue order that stops after ``limit`` rows,
     merged here. A single ``status IN (...)`` read cannot walk one index in that order:
-    MariaDB sorted the line's whole backlog on every read (about 40 ms a read with 18,000
-    tasks waiting on one line, against under 1 ms this way)."""
+    MariaDB sorted the line's whole backlog on every read (21.7 ms a read with 18,000
+    tasks waiting on one line, against 0.84 ms this way)."""
     sql = " UNION ALL ".join(
         f"({_CANDIDATE_SELECT} WHERE status = '{status}' AND {where} {_QUEUE_ORDER} LIMIT %s)"
         for status in _WAITING_NAMES
