@@ -19,9 +19,11 @@ from crm_assignment.domain.model import (
 )
 from crm_assignment.domain.phone import PhoneProtector
 from crm_assignment.store import AssignmentStore, NoOffer
-from crm_assignment.store.schema import TaskEventRow, TaskRow
+from crm_assignment.store.dispatching import _waiting
+from crm_assignment.store.schema import TaskEventRow, TaskRow, line_to_db
+from crm_common.db import RawSQL, to_db_time
 from crm_common.errors import NotFound
-from sqlalchemy import Engine, select, text
+from sqlalchemy import Connection, Engine, select, text
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 PROTECTOR = PhoneProtector(b"k" * 32, b"e" * 32)
@@ -185,3 +187,66 @@ def test_a_revisit_stays_with_its_agent_in_a_batch(store: AssignmentStore) -> No
     assert out[0] is NoOffer.LINE_EMPTY  # once agent 1 has it, nothing waits any more
     assert isinstance(out[1], Offer)
     assert out[1].task.id == revisit.id
+
+
+def _session_counters(conn: Connection) -> dict[str, int]:
+    rows = conn.exec_driver_sql(
+        "SHOW SESSION STATUS WHERE Variable_name IN ('Handler_read_next', 'Handler_read_prev', "
+        "'Handler_read_rnd_next')"
+    ).all()
+    return {name: int(value) for name, value in rows}
+
+
+def test_the_candidate_read_walks_the_queue_index_not_the_backlog(
+    store: AssignmentStore, engine: Engine
+) -> None:
+    """A dispatch read costs its limit, not the line's backlog: with 3,000 tasks waiting
+    on the line (in both waiting statuses), the candidate read walks a few index entries
+    per status. Counted in MariaDB's session counters, not timed: the single read that
+    ordered ``status IN (...)`` (before ix_task_queue) walked all 3,000 entries of the
+    line to sort them, on every dispatch (Handler_read_next 3000 here)."""
+    backlog = 3000
+    requests = [
+        (
+            NewClue(
+                idempotency_key=f"backlog{n}",
+                phone=PROTECTOR.protect(f"1390000{n:04d}"),
+                business_line=BusinessLine.SALE,
+                source="app",
+                city="beijing",
+                intent_car_ids=(),
+                brands=(),
+                budget_min_yuan=0,
+                budget_max_yuan=0,
+                priority=n % 10,
+                request_hash=f"hb{n}",
+            ),
+            NOW - timedelta(seconds=backlog - n),
+            LineConfig(),
+        )
+        for n in range(backlog)
+    ]
+    for start in range(0, backlog, 500):
+        assert all(
+            not isinstance(r, Exception) for r in store.create_clues(requests[start : start + 500])
+        )
+    with engine.begin() as conn:  # a third of them back in the queue after a reject
+        conn.exec_driver_sql("UPDATE task SET status = 'RECYCLED' WHERE MOD(id, 3) = 0")
+        conn.exec_driver_sql("ANALYZE TABLE task")
+    limit = 20
+    with engine.begin() as conn:
+        before = _session_counters(conn)
+        found = _waiting(
+            RawSQL(conn),
+            "business_line = %s AND due_at <= %s",
+            (line_to_db(BusinessLine.SALE), to_db_time(NOW)),
+            limit,
+        )
+        after = _session_counters(conn)
+    assert len(found) == limit
+    assert [c.priority for c in found] == [9] * limit  # the queue's head
+    examined = {k: after[k] - before[k] for k in before}
+    # a walk of at most the limit per waiting status, never the backlog
+    walked = examined["Handler_read_next"] + examined["Handler_read_prev"]
+    assert walked <= 4 * limit, examined
+    assert examined["Handler_read_rnd_next"] < backlog // 10, examined
