@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 import pytest
-from assignment_testlib import OfferReader, Service, settings_for
+from assignment_testlib import OfferReader, Service, put_config, settings_for
 from crm.assignment.v1 import assignment_pb2 as pb
 from crm_assignment.clients.scheduler_timeouts import (
     EXPIRE_OFFER_JOB,
@@ -224,3 +224,43 @@ def test_scheduler_down_safety_sweep_recycles(
             assert timeouts.scheduled_total == 0
         finally:
             svc.close()
+
+
+def test_revisit_offered_to_others_when_its_reservation_ends(
+    migrated_db: str, etcd_endpoint: str, config_prefix: str
+) -> None:
+    """A due revisit stays reserved for its agent ``revisit_same_agent_window_s``; another
+    agent's stream that looked meanwhile is woken when the reservation ends, not by its
+    60 s poll. (WakeRevisit is called here as the scheduler would call it.)"""
+    window_s = 2
+    svc = _service(migrated_db, etcd_endpoint, config_prefix, 30, dispatch_poll_s=60.0)
+    first: OfferReader | None = None
+    other: OfferReader | None = None
+    try:
+        put_config(svc, "SALE", {"accept_timeout_s": 30, "revisit_same_agent_window_s": window_s})
+        svc.agent(1)
+        task_id = svc.clue("sch-reserved", "13800138709").task.id
+        first = OfferReader(svc.stub, 1)
+        assert first.next().task.id == task_id
+        svc.stub.AcceptTask(pb.AcceptTaskRequest(task_id=task_id, agent_id=1))
+        revisit_at = datetime.now(UTC) + timedelta(seconds=1)
+        ts = Timestamp()
+        ts.FromDatetime(revisit_at)
+        revisit_id = svc.stub.CompleteTask(
+            pb.CompleteTaskRequest(task_id=task_id, agent_id=1, revisit_at=ts)
+        ).revisit.id
+        first.close()  # agent 1 is away: its revisit waits for it during the window
+        first = None
+        svc.agent(2)
+        other = OfferReader(svc.stub, 2)
+        time.sleep(max((revisit_at - datetime.now(UTC)).total_seconds(), 0) + 0.2)
+        assert svc.stub.WakeRevisit(pb.WakeRevisitRequest(task_id=revisit_id)).woken
+        offer = other.next(timeout=20)  # the poll alone would take 60 s
+        offered_at = datetime.now(UTC)
+        assert offer.task.id == revisit_id
+        assert offered_at >= revisit_at + timedelta(seconds=window_s)  # the reservation held
+    finally:
+        for reader in (first, other):
+            if reader is not None:
+                reader.close()
+        svc.close()

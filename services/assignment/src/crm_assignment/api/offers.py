@@ -31,8 +31,9 @@ that cannot use it passes it on (at most once around the line, and not when the 
 empty), and so does a stream that ended before using it (:meth:`OfferHub.close`). A stream
 whose candidates were all held by another transaction (``NoOffer.CONTENDED``: nobody may
 wake it when that transaction ends) looks again after ``CONTENDED_RETRY_S``. The
-``dispatch_poll_s`` poll stays as the backstop (changes through other replicas, a revisit
-reserved for its agent becoming free for others).
+``dispatch_poll_s`` poll stays as the backstop (changes through other replicas, revisits
+when no scheduler calls WakeRevisit, and the end of a revisit's reservation for its agent
+after a restart: WakeRevisit wakes the line again when the reservation ends).
 """
 
 from __future__ import annotations

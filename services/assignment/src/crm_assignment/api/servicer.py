@@ -9,6 +9,7 @@ interceptor turns them into statuses with field details.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import socket
@@ -65,6 +66,10 @@ else:
 __all__ = ["AssignmentServicer"]
 
 log = logging.getLogger("crm.assignment.api")
+
+RESERVATION_SLACK_S = 0.05
+"""How long after a revisit's reservation ends its line is woken (the dispatch must see
+the reservation over by its own clock)."""
 
 
 class AssignmentServicer(assignment_pb2_grpc.AssignmentServiceServicer):
@@ -433,8 +438,22 @@ class AssignmentServicer(assignment_pb2_grpc.AssignmentServiceServicer):
             raise Unavailable(f"task {task.id} is not due yet", reason="REVISIT_NOT_DUE")
         if task.preferred_agent_id is not None:
             self._hub.wake_agent(task.preferred_agent_id)  # reserved first for this agent
+            self._wake_when_reservation_ends(task)
         self._hub.task_waiting(task.business_line)
         return pb.WakeRevisitResponse(woken=True)
+
+    def _wake_when_reservation_ends(self, task: Task) -> None:
+        """A revisit stays reserved for its agent ``revisit_same_agent_window_s`` after it
+        fell due; the streams that looked meanwhile wait for a wake-up, so the line is
+        woken again when the reservation ends (an in-process timer: after a restart, the
+        streams' ``dispatch_poll_s`` poll finds the task)."""
+        window = self._routing().line(task.business_line).revisit_same_agent_window_s
+        ends = task.due_at + timedelta(seconds=window)
+        delay = (ends - self._clock()).total_seconds()
+        if delay > 0:
+            asyncio.get_running_loop().call_later(
+                delay + RESERVATION_SLACK_S, self._hub.task_waiting, task.business_line
+            )
 
     async def CancelTask(
         self, request: pb.CancelTaskRequest, context: Context
