@@ -13,6 +13,8 @@ from crm.assignment.v1 import assignment_pb2 as pb
 from crm.assignment.v1 import assignment_pb2_grpc
 from crm.common.v1 import common_pb2
 from crm_assignment.app import App, build_app
+from crm_assignment.domain.model import BusinessLine, NewClue
+from crm_assignment.domain.phone import PhoneProtector
 from crm_assignment.settings import AssignmentSettings
 from crm_common.config_watch import delete_key, put_json
 from crm_devstack.apps import AppThread
@@ -22,6 +24,36 @@ T = TypeVar("T")
 SALE = common_pb2.BUSINESS_LINE_SALE
 AFTER_SALE = common_pb2.BUSINESS_LINE_AFTER_SALE
 FINANCE = common_pb2.BUSINESS_LINE_FINANCE
+
+PROTECTOR = PhoneProtector(b"k" * 32, b"e" * 32)
+"""The phone keys of the store-level tests."""
+
+
+def new_clue(
+    key: str,
+    phone: str,
+    request_hash: str,
+    *,
+    priority: int = 0,
+    city: str = "beijing",
+    brands: tuple[str, ...] = (),
+    intent_car_ids: tuple[int, ...] = (),
+) -> NewClue:
+    """A SALE clue from the app, as validation makes it (phone protected by PROTECTOR),
+    for the store-level tests."""
+    return NewClue(
+        idempotency_key=key,
+        phone=PROTECTOR.protect(phone),
+        business_line=BusinessLine.SALE,
+        source="app",
+        city=city,
+        intent_car_ids=intent_car_ids,
+        brands=brands,
+        budget_min_yuan=0,
+        budget_max_yuan=0,
+        priority=priority,
+        request_hash=request_hash,
+    )
 
 
 class ManualClock:

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 
 import grpc
 import pytest
-from assignment_testlib import SALE, ManualClock, Service
+from assignment_testlib import SALE, ManualClock, Service, new_clue
 from crm.assignment.v1 import assignment_pb2 as pb
 from crm_assignment.api.clue_batcher import ClueBatcher
 from crm_assignment.config import LineConfig
@@ -27,7 +27,6 @@ from crm_assignment.domain.model import (
     Status,
     Task,
 )
-from crm_assignment.domain.phone import PhoneProtector
 from crm_assignment.store import AssignmentStore
 from crm_assignment.store.schema import ClueRow, TaskEventRow, TaskRow
 from crm_common.aio import BlockingExecutor
@@ -239,24 +238,8 @@ def test_plan_respects_the_merge_window_per_request() -> None:
 # --------------------------------------------------------------------------- store
 
 
-def _protector() -> PhoneProtector:
-    return PhoneProtector(b"k" * 32, b"e" * 32)
-
-
 def _real(key: str, phone: str, h: str | None = None) -> NewClue:
-    return NewClue(
-        idempotency_key=key,
-        phone=_protector().protect(phone),
-        business_line=BusinessLine.SALE,
-        source="app",
-        city="beijing",
-        intent_car_ids=(1,),
-        brands=("BMW",),
-        budget_min_yuan=0,
-        budget_max_yuan=0,
-        priority=0,
-        request_hash=h or f"h-{key}",
-    )
+    return new_clue(key, phone, h or f"h-{key}", intent_car_ids=(1,), brands=("BMW",))
 
 
 def test_store_batch_matches_one_by_one(store: AssignmentStore, engine: Engine) -> None:

@@ -10,17 +10,15 @@ from collections import Counter, defaultdict
 from datetime import timedelta
 
 import grpc
-from assignment_testlib import ManualClock, Service
+from assignment_testlib import ManualClock, Service, new_clue
 from crm.assignment.v1 import assignment_pb2 as pb
 from crm_assignment.config import LineConfig, RoutingConfig
 from crm_assignment.domain.model import (
     AgentSpec,
     BusinessLine,
-    NewClue,
     Presence,
     Status,
 )
-from crm_assignment.domain.phone import PhoneProtector
 from crm_assignment.store import AssignmentStore
 from crm_assignment.store.schema import TaskEventRow, TaskRow
 from crm_common.errors import FailedPrecondition
@@ -68,21 +66,14 @@ def _check_invariants(engine: Engine, n_tasks: int, capacity: dict[int, int]) ->
 def test_many_store_dispatchers_on_one_queue(store: AssignmentStore, engine: Engine) -> None:
     clock = ManualClock()
     n_tasks, n_agents = 100, 24
-    protector = PhoneProtector(b"k" * 32, b"e" * 32)
     for i in range(n_tasks):
         store.create_clue(
-            NewClue(
-                idempotency_key=f"k{i}",
-                phone=protector.protect(f"1380000{i:04d}"),
-                business_line=BusinessLine.SALE,
-                source="app",
-                city="beijing",
-                intent_car_ids=(),
-                brands=("BMW",) if i % 3 == 0 else (),
-                budget_min_yuan=0,
-                budget_max_yuan=0,
+            new_clue(
+                f"k{i}",
+                f"1380000{i:04d}",
+                f"h{i}",
                 priority=i % 10,
-                request_hash=f"h{i}",
+                brands=("BMW",) if i % 3 == 0 else (),
             ),
             clock(),
             LineConfig(),

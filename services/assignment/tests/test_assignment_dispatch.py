@@ -6,7 +6,7 @@ from datetime import timedelta
 
 import grpc
 import pytest
-from assignment_testlib import ManualClock, OfferReader, Service
+from assignment_testlib import ManualClock, OfferReader, Service, new_clue
 from crm.assignment.v1 import assignment_pb2 as pb
 from crm_assignment.api.convert import timestamp
 from crm_assignment.config import RoutingConfig
@@ -183,29 +183,9 @@ def test_accept_after_deadline_is_offer_expired(store: AssignmentStore, clock: M
 
 def _seed_tasks(store: AssignmentStore, clock: ManualClock, n: int) -> None:
     from crm_assignment.config import LineConfig
-    from crm_assignment.domain.model import BusinessLine, NewClue
-    from crm_assignment.domain.phone import PhoneProtector
 
-    protector = PhoneProtector(b"k" * 32, b"e" * 32)
     for i in range(n):
-        phone = protector.protect(f"1390000{i:04d}")
-        store.create_clue(
-            NewClue(
-                idempotency_key=f"seed-{i}",
-                phone=phone,
-                business_line=BusinessLine.SALE,
-                source="app",
-                city="beijing",
-                intent_car_ids=(),
-                brands=(),
-                budget_min_yuan=0,
-                budget_max_yuan=0,
-                priority=0,
-                request_hash=f"h{i}",
-            ),
-            clock(),
-            LineConfig(),
-        )
+        store.create_clue(new_clue(f"seed-{i}", f"1390000{i:04d}", f"h{i}"), clock(), LineConfig())
 
 
 def test_fail_cancel_and_illegal_transitions(service: Service) -> None:

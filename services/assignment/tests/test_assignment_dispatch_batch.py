@@ -7,17 +7,16 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+from assignment_testlib import new_clue
 from crm_assignment.config import LineConfig, RoutingConfig
 from crm_assignment.domain.model import (
     AgentSpec,
     BusinessLine,
     Category,
-    NewClue,
     Offer,
     Presence,
     Status,
 )
-from crm_assignment.domain.phone import PhoneProtector
 from crm_assignment.store import AssignmentStore, NoOffer
 from crm_assignment.store.dispatching import _waiting
 from crm_assignment.store.schema import TaskEventRow, TaskRow, line_to_db
@@ -26,25 +25,12 @@ from crm_common.errors import NotFound
 from sqlalchemy import Connection, Engine, select, text
 
 NOW = datetime.now(UTC).replace(microsecond=0)
-PROTECTOR = PhoneProtector(b"k" * 32, b"e" * 32)
 ROUTING = RoutingConfig.from_values({"SALE": LineConfig(candidate_limit=3)}, 1)
 
 
 def _clue(store: AssignmentStore, n: int, *, priority: int = 5, city: str = "beijing") -> int:
     result = store.create_clue(
-        NewClue(
-            idempotency_key=f"k{n}",
-            phone=PROTECTOR.protect(f"1380000{n:04d}"),
-            business_line=BusinessLine.SALE,
-            source="app",
-            city=city,
-            intent_car_ids=(),
-            brands=(),
-            budget_min_yuan=0,
-            budget_max_yuan=0,
-            priority=priority,
-            request_hash=f"h{n}",
-        ),
+        new_clue(f"k{n}", f"1380000{n:04d}", f"h{n}", priority=priority, city=city),
         NOW - timedelta(seconds=100 - n),  # older clues first
         LineConfig(),
     )
@@ -208,19 +194,7 @@ def test_the_candidate_read_walks_the_queue_index_not_the_backlog(
     backlog = 3000
     requests = [
         (
-            NewClue(
-                idempotency_key=f"backlog{n}",
-                phone=PROTECTOR.protect(f"1390000{n:04d}"),
-                business_line=BusinessLine.SALE,
-                source="app",
-                city="beijing",
-                intent_car_ids=(),
-                brands=(),
-                budget_min_yuan=0,
-                budget_max_yuan=0,
-                priority=n % 10,
-                request_hash=f"hb{n}",
-            ),
+            new_clue(f"backlog{n}", f"1390000{n:04d}", f"hb{n}", priority=n % 10),
             NOW - timedelta(seconds=backlog - n),
             LineConfig(),
         )

@@ -75,6 +75,23 @@ def _offer_once(svc: Service, agent_id: int, key: str, phone: str) -> tuple[int,
     return task_id, offered.id
 
 
+def _revisit_of(
+    svc: Service, reader: OfferReader, agent_id: int, key: str, phone: str, in_s: float
+) -> tuple[int, datetime]:
+    """A new task offered to the agent on ``reader``, accepted and completed with a revisit
+    due ``in_s`` from now: (revisit task id, its due time)."""
+    task_id = svc.clue(key, phone).task.id
+    assert reader.next().task.id == task_id
+    svc.stub.AcceptTask(pb.AcceptTaskRequest(task_id=task_id, agent_id=agent_id))
+    revisit_at = datetime.now(UTC) + timedelta(seconds=in_s)
+    ts = Timestamp()
+    ts.FromDatetime(revisit_at)
+    done = svc.stub.CompleteTask(
+        pb.CompleteTaskRequest(task_id=task_id, agent_id=agent_id, revisit_at=ts)
+    )
+    return done.revisit.id, revisit_at
+
+
 def test_unaccepted_offer_recycled_by_scheduler_job(
     scheduler: RealScheduler, migrated_db: str, etcd_endpoint: str, config_prefix: str
 ) -> None:
@@ -172,17 +189,8 @@ def test_due_revisit_offered_when_wake_job_fires(
     reader: OfferReader | None = None
     try:
         svc.agent(1)
-        task_id = svc.clue("sch-4", "13800138703").task.id
         reader = OfferReader(svc.stub, 1)
-        assert reader.next().task.id == task_id
-        svc.stub.AcceptTask(pb.AcceptTaskRequest(task_id=task_id, agent_id=1))
-        revisit_at = datetime.now(UTC) + timedelta(seconds=2)
-        ts = Timestamp()
-        ts.FromDatetime(revisit_at)
-        done = svc.stub.CompleteTask(
-            pb.CompleteTaskRequest(task_id=task_id, agent_id=1, revisit_at=ts)
-        )
-        revisit_id = done.revisit.id
+        revisit_id, revisit_at = _revisit_of(svc, reader, 1, "sch-4", "13800138703", 2)
         offer = reader.next(timeout=10)
         offered_at = datetime.now(UTC)
         assert offer.task.id == revisit_id
@@ -239,16 +247,8 @@ def test_revisit_offered_to_others_when_its_reservation_ends(
     try:
         put_config(svc, "SALE", {"accept_timeout_s": 30, "revisit_same_agent_window_s": window_s})
         svc.agent(1)
-        task_id = svc.clue("sch-reserved", "13800138709").task.id
         first = OfferReader(svc.stub, 1)
-        assert first.next().task.id == task_id
-        svc.stub.AcceptTask(pb.AcceptTaskRequest(task_id=task_id, agent_id=1))
-        revisit_at = datetime.now(UTC) + timedelta(seconds=1)
-        ts = Timestamp()
-        ts.FromDatetime(revisit_at)
-        revisit_id = svc.stub.CompleteTask(
-            pb.CompleteTaskRequest(task_id=task_id, agent_id=1, revisit_at=ts)
-        ).revisit.id
+        revisit_id, revisit_at = _revisit_of(svc, first, 1, "sch-reserved", "13800138709", 1)
         first.close()  # agent 1 is away: its revisit waits for it during the window
         first = None
         svc.agent(2)
