@@ -100,6 +100,26 @@ async def add_agent(
     await stub.UpsertAgent(pb.UpsertAgentRequest(agent=agent))
 
 
+async def add_clue(
+    stub: pb_grpc.AssignmentServiceAsyncStub, key: str, phone: str, source: str = "web"
+) -> int:
+    """A SALE clue from Beijing; its task's id."""
+    clue = pb.CreateClueRequest(
+        idempotency_key=key, phone=phone, business_line=SALE, source=source, city="beijing"
+    )
+    return (await stub.CreateClue(clue)).task.id
+
+
+async def first_offer(r: httpx.Response) -> pb.Offer:
+    """The first offer of a StreamOffers response read as it streams in."""
+    buf = b""
+    async for chunk in r.aiter_bytes():
+        buf += chunk
+        if len(buf) >= 5 and len(buf) >= 5 + struct.unpack(">BI", buf[:5])[1]:
+            break
+    return pb.StreamOffersResponse.FromString(unframe(buf)[0][0]).offer
+
+
 async def sign_in(http: httpx.AsyncClient, agent_id: int) -> dict[str, str]:
     """SignIn through the gateway (no credential needed yet): the headers of that agent."""
     r = await http.post(
@@ -199,20 +219,8 @@ async def test_offer_stream_opens_at_once_and_pushes_offers(
             # headers arrive before any offer exists
             assert r.status_code == 200
             assert "grpc-status" not in r.headers
-            clue = pb.CreateClueRequest(
-                idempotency_key="web-1",
-                phone="13812341234",
-                business_line=common_pb2.BUSINESS_LINE_SALE,
-                source="app",
-                city="beijing",
-            )
-            task_id = (await stub.CreateClue(clue)).task.id
-            buf = b""
-            async for chunk in r.aiter_bytes():
-                buf += chunk
-                if len(buf) >= 5 and len(buf) >= 5 + struct.unpack(">BI", buf[:5])[1]:
-                    break
-            offer = pb.StreamOffersResponse.FromString(unframe(buf)[0][0]).offer
+            task_id = await add_clue(stub, "web-1", "13812341234", source="app")
+            offer = await first_offer(r)
             assert offer.task.id == task_id
             assert offer.customer.phone.masked == "138****1234"
 
@@ -267,14 +275,7 @@ async def test_calls_without_authorization_are_refused_at_the_gateway(
     """The service trusts a call without ``authorization`` as a service's: the gateway
     must never let a browser's header-less call through."""
     await add_agent(stub, 21)
-    clue = pb.CreateClueRequest(
-        idempotency_key="web-anon",
-        phone="13912345678",
-        business_line=SALE,
-        source="web",
-        city="beijing",
-    )
-    task_id = (await stub.CreateClue(clue)).task.id
+    task_id = await add_clue(stub, "web-anon", "13912345678")
     async with httpx.AsyncClient(base_url=gateway, timeout=30) as http:
         for method, msg in [
             ("GetTask", pb.GetTaskRequest(id=task_id)),
@@ -302,14 +303,7 @@ async def test_service_rpcs_are_not_served_to_browsers(
     gateway: str, stub: pb_grpc.AssignmentServiceAsyncStub
 ) -> None:
     await add_agent(stub, 22)
-    clue = pb.CreateClueRequest(
-        idempotency_key="web-svc",
-        phone="13912345679",
-        business_line=SALE,
-        source="web",
-        city="beijing",
-    )
-    task_id = (await stub.CreateClue(clue)).task.id
+    task_id = await add_clue(stub, "web-svc", "13912345679")
     evil = pb.Agent(id=23, name="evil", business_line=SALE, capacity=9)
     async with httpx.AsyncClient(base_url=gateway, timeout=30) as http:
         auth = await sign_in(http, 22)
@@ -344,23 +338,11 @@ async def test_an_agent_token_never_reads_another_agents_task(
         b = await sign_in(http, 32)
         idle = pb.SetPresenceRequest(agent_id=32, presence=pb.PRESENCE_IDLE)
         assert (await call(http, "SetPresence", idle, b))[0] == "0"
-        clue = pb.CreateClueRequest(
-            idempotency_key="web-b",
-            phone="13812345678",
-            business_line=SALE,
-            source="web",
-            city="beijing",
-        )
         req = frame(pb.StreamOffersRequest(agent_id=32))
         async with http.stream("POST", f"/{SVC}/StreamOffers", content=req, headers=b) as r:
             assert r.status_code == 200
-            task_id = (await stub.CreateClue(clue)).task.id
-            buf = b""
-            async for chunk in r.aiter_bytes():  # 32's console gets the offer
-                buf += chunk
-                if len(buf) >= 5 and len(buf) >= 5 + struct.unpack(">BI", buf[:5])[1]:
-                    break
-            offer = pb.StreamOffersResponse.FromString(unframe(buf)[0][0]).offer
+            task_id = await add_clue(stub, "web-b", "13812345678")
+            offer = await first_offer(r)  # 32's console gets the offer
             assert offer.task.id == task_id
 
         async def state() -> pb.Status.ValueType:

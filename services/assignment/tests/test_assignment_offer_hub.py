@@ -19,6 +19,21 @@ async def _waiter(hub: OfferHub, stream: OfferStream) -> asyncio.Task[bool]:
     return task
 
 
+async def _line_woke_the_first_of_two() -> tuple[
+    OfferHub, OfferStream, OfferStream, asyncio.Task[bool]
+]:
+    """Streams ``a`` then ``b`` wait on one line and a task enters it: ``a``, waiting
+    longest, is woken (checked); returns the hub, ``a``, ``b`` and ``b``'s wait."""
+    hub = OfferHub()
+    a, b = await hub.open(1, SALE), await hub.open(2, SALE)
+    wait_a = await _waiter(hub, a)
+    wait_b = await _waiter(hub, b)
+    hub.task_waiting(SALE)
+    async with asyncio.timeout(5):
+        assert await wait_a is True
+    return hub, a, b, wait_b
+
+
 async def test_a_wake_up_while_the_stream_asks_is_kept() -> None:
     hub = OfferHub()
     stream = await hub.open(1, SALE)
@@ -39,13 +54,7 @@ async def test_a_line_wake_up_with_nobody_waiting_goes_to_the_next_stream_to_wai
 
 
 async def test_the_longest_waiting_stream_is_woken_and_passes_on_what_it_cannot_take() -> None:
-    hub = OfferHub()
-    a, b = await hub.open(1, SALE), await hub.open(2, SALE)
-    wait_a = await _waiter(hub, a)
-    wait_b = await _waiter(hub, b)
-    hub.task_waiting(SALE)
-    async with asyncio.timeout(5):
-        assert await wait_a is True
+    hub, a, b, wait_b = await _line_woke_the_first_of_two()
     assert not wait_b.done()
     a.arm()
     hub.found_nothing(a)  # skills, presence: not a task for agent 1
@@ -57,13 +66,7 @@ async def test_the_longest_waiting_stream_is_woken_and_passes_on_what_it_cannot_
 
 
 async def test_an_empty_line_ends_the_round() -> None:
-    hub = OfferHub()
-    a, b = await hub.open(1, SALE), await hub.open(2, SALE)
-    wait_a = await _waiter(hub, a)
-    wait_b = await _waiter(hub, b)
-    hub.task_waiting(SALE)
-    async with asyncio.timeout(5):
-        assert await wait_a is True
+    hub, a, _, wait_b = await _line_woke_the_first_of_two()
     a.arm()
     hub.found_nothing(a, line_empty=True)  # taken by another stream meanwhile
     await asyncio.sleep(0)
@@ -72,13 +75,7 @@ async def test_an_empty_line_ends_the_round() -> None:
 
 
 async def test_a_stream_ending_before_it_used_a_line_wake_up_passes_it_on() -> None:
-    hub = OfferHub()
-    a, b = await hub.open(1, SALE), await hub.open(2, SALE)
-    wait_a = await _waiter(hub, a)
-    wait_b = await _waiter(hub, b)
-    hub.task_waiting(SALE)
-    async with asyncio.timeout(5):
-        assert await wait_a is True
+    hub, a, b, wait_b = await _line_woke_the_first_of_two()
     hub.close(a)  # replaced, its client gone, an error: it never asked the store
     async with asyncio.timeout(5):
         assert await wait_b is True
